@@ -1,0 +1,126 @@
+"""The shared training loop and checkpoints, on a tiny noisy quadratic (no model needed)."""
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from wsram_jax import checkpoints
+from wsram_jax import errors
+from wsram_jax import loop
+from wsram_jax import metric_writers
+
+
+def _config(**overrides):
+  c = ml_collections.ConfigDict(dict(
+      num_steps=20, log_every=5, eval_every=10, checkpoint_every=5, keep_checkpoints=2, diag_every=0,
+      jit=True, lr=0.1, poison_at=-1))
+  c.update(overrides)
+  return c
+
+
+def _task(config):
+  opt = optax.adam(config.lr)
+
+  def init_state():
+    params = {"w": jnp.ones((3,))}
+    return loop.TrainState.create(params=params, opt_state=opt.init(params), key=jax.random.PRNGKey(0))
+
+  @jax.jit
+  def train_step(state):
+    key = jax.random.fold_in(state.key, state.step)
+    target = jax.random.normal(key, (3,))
+
+    def loss_fn(p):
+      loss = jnp.sum((p["w"] - target) ** 2)
+      return jnp.where(state.step == config.poison_at, jnp.nan, loss)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+
+    def apply(params, opt_state):
+      updates, opt_state = opt.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    return loop.guarded_update(state, grads, apply, loss), {"train/loss": loss}
+
+  evaluate = lambda state: {"eval/w_norm": jnp.linalg.norm(state.params["w"])}
+  return dict(init_state=init_state, train_step=train_step, evaluate=evaluate)
+
+
+def test_runs_and_writes_metrics(tmp_path):
+  config = _config()
+  state, last = loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  assert int(state.step) == 20
+  records = metric_writers.read_metrics(str(tmp_path))
+  steps, _ = metric_writers.series(records, "train/loss")
+  np.testing.assert_array_equal(steps, [5, 10, 15, 20])
+  assert "eval/w_norm" in last
+  assert glob.glob(str(tmp_path / "tensorboard" / "events*"))
+
+
+def test_resume_is_bit_identical(tmp_path):
+  config = _config()
+  full, _ = loop.run(config=config, workdir=str(tmp_path / "a"), **_task(config))
+  half = _config(num_steps=10)
+  loop.run(config=half, workdir=str(tmp_path / "b"), **_task(half))
+  resumed, _ = loop.run(config=config, workdir=str(tmp_path / "b"), **_task(config))
+  np.testing.assert_array_equal(full.params["w"], resumed.params["w"])
+  np.testing.assert_array_equal(full.opt_state[0].mu["w"], resumed.opt_state[0].mu["w"])
+
+
+def test_changed_config_is_refused_on_resume(tmp_path):
+  config = _config(num_steps=5)
+  loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  other = _config(num_steps=10, lr=0.5)
+  with pytest.raises(errors.ConfigError, match="lr"):
+    loop.run(config=other, workdir=str(tmp_path), **_task(other))
+  longer = _config(num_steps=10)  # A schedule key may change: the run continues.
+  state, _ = loop.run(config=longer, workdir=str(tmp_path), **_task(longer))
+  assert int(state.step) == 10
+
+
+def test_nan_stops_the_run_and_is_never_checkpointed(tmp_path):
+  config = _config(poison_at=7)  # The 8th update's loss is NaN.
+  with pytest.raises(errors.NonFiniteError, match=r"at step 8;.*last good checkpoint is step 5"):
+    loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+  assert ckpt.steps() == [5]
+  state, _ = ckpt.restore_latest(_task(config)["init_state"]())
+  assert checkpoints.all_finite(state)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+  config = _config(num_steps=10)
+  loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  ckpt_dir = tmp_path / "checkpoints"
+  # Corrupt every file of the newest step (10).
+  for f in glob.glob(str(ckpt_dir / "10" / "**" / "*"), recursive=True):
+    if os.path.isfile(f):
+      with open(f, "wb") as fh:
+        fh.write(b"garbage")
+  ckpt = checkpoints.Checkpointer(str(ckpt_dir))
+  state, step = ckpt.restore_latest(_task(config)["init_state"]())
+  assert step == 5 and int(state.step) == 5
+  assert "cannot be read" in caplog.text
+
+
+def test_all_checkpoints_corrupt_is_one_clear_error(tmp_path):
+  config = _config(num_steps=5)
+  loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  for f in glob.glob(str(tmp_path / "checkpoints" / "**" / "*"), recursive=True):
+    if os.path.isfile(f):
+      with open(f, "wb") as fh:
+        fh.write(b"garbage")
+  with pytest.raises(errors.CheckpointError, match="can be read"):
+    loop.run(config=config, workdir=str(tmp_path), **_task(config))
+
+
+def test_refuses_to_save_nonfinite_state(tmp_path):
+  ckpt = checkpoints.Checkpointer(str(tmp_path))
+  with pytest.raises(errors.NonFiniteError):
+    ckpt.save(1, {"w": jnp.array([1.0, jnp.nan])})
+  assert ckpt.steps() == []

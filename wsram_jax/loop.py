@@ -1,0 +1,238 @@
+"""The training loop shared by every experiment: resume, progress, metrics, evaluation, checkpoints, NaN stop.
+
+A task hands the loop four pure pieces and the loop does the rest:
+
+    init_state()            -> TrainState                 fresh state (used as the restore target too)
+    train_step(state)       -> (state, metrics)           jitted by the task; its randomness and its data
+                                                          come from fold_in(state.key, state.step), so a
+                                                          resumed run repeats an uninterrupted one exactly
+    evaluate(state)         -> {name: value}              periodic, on fixed test data
+    diagnose(state)         -> {name: value}              periodic and optional (gradient variance, ESS)
+
+`TrainState.nonfinite_step` is set by the task's step to the first step whose loss or gradients were not
+finite; that step and all after it leave the parameters unchanged. The loop looks at it when it logs and
+before it saves, and stops with a message naming the step and the last good checkpoint: no NaN is ever
+checkpointed and no host round-trip is added to every step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wsram_jax import checkpoints
+from wsram_jax import errors
+from wsram_jax import metric_writers
+
+log = logging.getLogger(__name__)
+
+# Config keys that may change when a run is resumed; any other difference is refused.
+SCHEDULE_KEYS = frozenset({
+    "num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "diag_every", "jit",
+    "progress"})
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue: the checkpoint is exactly this pytree.
+
+  Attributes:
+    step: [] int32, the number of updates applied.
+    params: model parameters (theta and eta).
+    opt_state: optax state.
+    extra: task state beyond the optimiser (e.g. a moving-average baseline); any pytree.
+    key: [2] uint32, the run's base PRNG key; step t uses fold_in(key, t).
+    nonfinite_step: [] int32, the first step whose loss or gradients were not finite, or -1.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  extra: Any
+  key: jax.Array
+  nonfinite_step: jax.Array
+
+  @classmethod
+  def create(cls, *, params, opt_state, key, extra=()):
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, extra=extra,
+               key=key, nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def guarded_update(state: TrainState, grads: Any, apply_updates: Callable[[Any, Any], tuple[Any, Any]],
+                   loss: jax.Array, new_extra: Any = None) -> TrainState:
+  """Applies `apply_updates(params, opt_state) -> (params, opt_state)` only if loss and grads are finite.
+
+  Records the first non-finite step in `nonfinite_step`; from then on the state stays as it was (except for
+  `step`), so what the loop may later save is the last good state. For use inside a jitted step.
+  """
+  finite = jnp.isfinite(loss) & jnp.all(jnp.array(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+  ok = finite & (state.nonfinite_step < 0)
+  params, opt_state = apply_updates(state.params, state.opt_state)
+  extra = state.extra if new_extra is None else new_extra
+  pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+  return state.replace(
+      step=state.step + 1,
+      params=pick(params, state.params),
+      opt_state=pick(opt_state, state.opt_state),
+      extra=pick(extra, state.extra),
+      nonfinite_step=jnp.where(finite | (state.nonfinite_step >= 0), state.nonfinite_step, state.step))
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in config.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + k + "."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _config_dict(config) -> dict[str, Any]:
+  return json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
+
+
+def check_resume_compatible(workdir: str, config) -> None:
+  """Writes WORKDIR/config.json on the first start; on a resume refuses a config that changes the run.
+
+  Only schedule keys (`SCHEDULE_KEYS`: step counts, logging periods) may differ from the recorded config.
+  """
+  path = os.path.join(workdir, "config.json")
+  current = _config_dict(config)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      recorded = json.load(f)
+    a, b = _flatten(recorded), _flatten(current)
+    changed = sorted(k for k in set(a) | set(b)
+                     if a.get(k) != b.get(k) and k.split(".")[-1] not in SCHEDULE_KEYS)
+    if changed:
+      raise errors.ConfigError(
+          f"{workdir} holds a run with a different configuration ({', '.join(changed[:6])} differ); "
+          "resume it with the same configuration or choose a new --workdir.")
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(current, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _mean_metrics(history: list[Mapping[str, jax.Array]]) -> dict[str, float]:
+  if not history:
+    return {}
+  stacked = jax.device_get(history)
+  return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}
+
+
+@dataclasses.dataclass
+class Progress:
+  """Prints a progress line (steps/s, ETA, a few metrics) and measures throughput after compilation."""
+  num_steps: int
+  out: Any = sys.stderr
+  _t0: Optional[float] = None
+  _s0: int = 0
+
+  @property
+  def started(self) -> bool:
+    return self._t0 is not None
+
+  def start(self, step: int) -> None:
+    self._t0, self._s0 = time.perf_counter(), step
+
+  def line(self, step: int, metrics: Mapping[str, float], keys: tuple[str, ...]) -> str:
+    elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+    rate = (step - self._s0) / elapsed if elapsed > 0 and step > self._s0 else float("nan")
+    eta = (self.num_steps - step) / rate if rate == rate and rate > 0 else float("nan")
+    shown = " | ".join(f"{k.split('/', 1)[-1]} {metrics[k]:.4g}" for k in keys if k in metrics)
+    text = (f"step {step}/{self.num_steps} | {shown} | {rate:.1f} steps/s | "
+            f"ETA {_format_eta(eta) if eta == eta else '?'}")
+    print(text, file=self.out, flush=True)
+    return text
+
+
+def run(*, config, workdir: str, init_state: Callable[[], TrainState],
+        train_step: Callable[[TrainState], tuple[TrainState, Mapping[str, jax.Array]]],
+        evaluate: Optional[Callable[[TrainState], Mapping[str, Any]]] = None,
+        diagnose: Optional[Callable[[TrainState], Mapping[str, Any]]] = None,
+        progress_keys: tuple[str, ...] = ("train/loss",)) -> tuple[TrainState, dict[str, Any]]:
+  """Trains to `config.num_steps`, resuming from the newest readable checkpoint in `workdir`.
+
+  Uses config keys: num_steps, log_every, eval_every, checkpoint_every, keep_checkpoints, diag_every,
+  and jit (False runs everything op by op, for debugging).
+
+  Returns:
+    The final state and the last value written of every metric.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  check_resume_compatible(workdir, config)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+  writer = metric_writers.MetricWriter(workdir)
+  writer.write_hparams(_flatten(_config_dict(config)))
+  last: dict[str, Any] = {}
+
+  def record(step, metrics):
+    metrics = {k: v for k, v in metrics.items()}
+    writer.write_scalars(step, metrics)
+    last.update({k: np.asarray(v).tolist() for k, v in metrics.items()})
+
+  def check_finite(state):
+    bad = int(state.nonfinite_step)
+    if bad >= 0:
+      raise errors.NonFiniteError(
+          f"The loss or gradients became NaN or inf at step {bad + 1}; training stopped, and the last good "
+          f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory} (try a lower learning rate).")
+
+  with jax.disable_jit(not config.jit):
+    state = init_state()
+    restored, restored_step = ckpt.restore_latest(state)
+    if restored is not None:
+      state = restored
+      log.info("Resuming from the checkpoint of step %d in %s.", restored_step, ckpt.directory)
+    step = int(state.step)
+    progress = Progress(config.num_steps)
+    history = []
+    try:
+      while step < config.num_steps:
+        state, metrics = train_step(state)
+        history.append(metrics)
+        step += 1
+        if not progress.started:
+          jax.block_until_ready(state.params)
+          progress.start(step)  # Throughput counts from after this process's first (compiling) step.
+        if step % config.log_every == 0 or step == config.num_steps:
+          check_finite(state)
+          means = _mean_metrics(history)
+          history = []
+          record(step, means)
+          progress.line(step, means, progress_keys)
+        if evaluate is not None and (step % config.eval_every == 0 or step == config.num_steps):
+          check_finite(state)
+          record(step, evaluate(state))
+        if diagnose is not None and config.diag_every > 0 and (
+            step % config.diag_every == 0 or step == config.num_steps):
+          record(step, diagnose(state))
+        if step % config.checkpoint_every == 0 or step == config.num_steps:
+          check_finite(state)
+          ckpt.save(step, state)
+    except KeyboardInterrupt:
+      # Keep what was done: save the state reached (if it is good) before leaving.
+      if int(state.nonfinite_step) < 0 and int(state.step) != ckpt.latest_step():
+        ckpt.save(int(state.step), state)
+        print(f"Interrupted; saved step {int(state.step)} in {ckpt.directory}.", file=sys.stderr)
+      raise
+    finally:
+      writer.close()
+      ckpt.close()
+  return state, last
