@@ -1,4 +1,62 @@
-"""Shared test settings: tests run on the CPU, single-threaded XLA per worker, no network."""
+"""Shared test settings and fixtures: tests run on the CPU and never reach the network."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+
+def synthetic_digits(n: int, seed: int = 0):
+  """`n` 28x28 uint8 'digits' whose class is readable from the image (a bar and a class-length stroke)."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 10, n).astype(np.uint8)
+  images = np.zeros((n, 28, 28), np.uint8)
+  for i, label in enumerate(labels):
+    images[i, 6:22, 12:16] = 255
+    images[i, 6, 4:4 + 2 * int(label)] = 200
+  return images, labels
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist_dir(tmp_path_factory):
+  """A directory of IDX files (128 train, 32 test synthetic digits) for `--config.data.source=idx`."""
+  from wsram_jax.data import mnist  # pylint: disable=g-import-not-at-top
+  directory = tmp_path_factory.mktemp("tiny_mnist")
+  for split, n, seed in (("train", 128, 0), ("test", 32, 1)):
+    mnist.write_idx_split(directory, split, *synthetic_digits(n, seed))
+  return directory
+
+
+def tiny_overrides(data_dir) -> dict:
+  """Config overrides that make the MNIST trainer small enough for a test: 40 px canvas, 2 scales, D=16."""
+  return {
+      "data.source": "idx", "data.data_dir": str(data_dir), "data.canvas_size": 40, "data.min_size": 14,
+      "data.max_size": 24, "data.num_test": 32, "data.eval_batch_size": 16, "model.glimpse_size": 6,
+      "model.num_scales": 2, "model.lowres_size": 4, "model.hidden_size": 16, "batch_size": 8,
+      "num_samples": 3, "num_glimpses": 2, "num_steps": 6, "log_every": 2, "eval_every": 3,
+      "checkpoint_every": 3, "diag_every": 3, "diag_num_estimates": 4,
+  }
+
+
+def apply_overrides(config, overrides: dict):
+  for dotted, value in overrides.items():
+    *path, last = dotted.split(".")
+    node = config
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+@pytest.fixture
+def tiny_config(tiny_mnist_dir):
+  """`tiny_config(variant, **overrides)` -> a small MNIST ConfigDict on the synthetic IDX data."""
+  from experiments.configs import mnist as mnist_configs  # pylint: disable=g-import-not-at-top
+
+  def make(variant="wsram_q_cv", **overrides):
+    config = mnist_configs.get_config(variant)
+    apply_overrides(config, tiny_overrides(tiny_mnist_dir))
+    return apply_overrides(config, {k.replace("__", "."): v for k, v in overrides.items()})
+
+  return make

@@ -5,6 +5,7 @@ missing data, ...). `run_main(main)` runs it under absl and turns such an error 
 stderr and the error's `exit_code`, without a traceback. Any other exception is a bug and keeps its traceback.
 """
 import functools
+import logging
 import sys
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -18,6 +19,10 @@ def report_user_errors(fn: F) -> F:
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
+    # Orbax and jax log every checkpoint write and backend probe at INFO through absl; keep the console for
+    # progress lines and warnings.
+    for name in ("absl", "jax"):
+      logging.getLogger(name).setLevel(logging.WARNING)
     try:
       return fn(*args, **kwargs)
     except UserError as e:
@@ -27,8 +32,21 @@ def report_user_errors(fn: F) -> F:
   return wrapped  # type: ignore[return-value]
 
 
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag or config override (`--config.nope=1`, an unknown config variant, a
+  value of the wrong type) reported as `error: <message>` and exit code 2 instead of a traceback."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, ValueError, KeyError, AttributeError, TypeError) as e:
+    message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    print(f"error: invalid flags: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_main(main: Callable[[Sequence[str]], Any]) -> None:
   """`absl.app.run(main)`, with `UserError`s reported as one sentence and an exit code (see module docstring)."""
   from absl import app  # pylint: disable=g-import-not-at-top
 
-  app.run(report_user_errors(main))
+  app.run(report_user_errors(main), flags_parser=parse_flags)

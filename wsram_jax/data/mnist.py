@@ -230,6 +230,30 @@ def _read_maybe_gzip(path: pathlib.Path) -> bytes:
   return raw
 
 
+def write_idx(path: PathLike, array: np.ndarray) -> None:
+  """Writes `array` as one IDX file (the inverse of `read_idx`), gzipped if `path` ends in '.gz'.
+
+  For exporting canvases or labels, and for tests that need an IDX dataset (`write_idx_split`).
+  """
+  a = np.asarray(array)
+  codes = {np.dtype(t): c for c, t in _IDX_DTYPES.items()}
+  if a.dtype not in codes:
+    raise ValueError(f"IDX cannot store dtype {a.dtype}; use one of {sorted(str(d) for d in codes)}.")
+  data = bytes([0, 0, codes[a.dtype], a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape)
+  data += a.astype(a.dtype.newbyteorder(">")).tobytes()
+  path = os.fspath(path)
+  with (gzip.open(path, "wb") if path.endswith(".gz") else open(path, "wb")) as f:
+    f.write(data)
+
+
+def write_idx_split(directory: PathLike, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+  """Writes `images [N, h, w]` and `labels [N]` as the gzipped IDX files of `split` that `load_mnist` reads."""
+  os.makedirs(directory, exist_ok=True)
+  prefix = _IDX_PREFIX[split]
+  write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"), np.asarray(images, np.uint8))
+  write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), np.asarray(labels, np.uint8))
+
+
 def read_idx(path: PathLike) -> np.ndarray:
   """Reads one IDX file (gzipped or plain) into a native-endian numpy array.
 

@@ -1,0 +1,123 @@
+"""The MNIST trainer: a whole run on a tiny config, exact resume after SIGKILL, and bad input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import tiny_overrides
+from wsram_jax import checkpoints
+from wsram_jax import errors
+from wsram_jax import metric_writers
+from wsram_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_train_and_evaluate_smoke(tiny_config, tmp_path):
+  config = tiny_config("wsram_q_cv")
+  last = train.train_and_evaluate(config, str(tmp_path))
+  for key in ("train/loss", "train/ess", "train/bound", "train/error", "train/scale_usage_0",
+              "eval/error_greedy", "eval/error_sampled", "eval/log_p_y", "diag/grad_var/theta",
+              "diag/grad_var/eta", "diag/grad_var_normalized/theta", "diag/ess/mean"):
+    assert key in last, key
+  assert 1.0 <= last["train/ess"] <= config.num_samples + 1e-5
+  assert 0.0 <= last["eval/error_greedy"] <= 1.0
+  assert last["eval/log_p_y"] <= 0.0
+  steps, _ = metric_writers.series(metric_writers.read_metrics(str(tmp_path)), "train/loss")
+  np.testing.assert_array_equal(steps, [2, 4, 6])
+  assert "test error" in train.summary(last)
+
+
+def test_evaluation_is_deterministic(tiny_config):
+  config = tiny_config("var_cv")
+  images, labels, test_canvases, test_labels = train.load_data(config)
+  model = train.build_model(config)
+  state = train.create_train_state(config, model, train.make_optimizer(config))
+  evaluate = train.make_evaluator(config, model, test_canvases, test_labels)
+  assert evaluate(state) == evaluate(state)
+  del images, labels
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"num_samples": 0}, "num_samples"),
+    ({"model.glimpse_size": 25}, "largest glimpse window"),
+    ({"method": "reinforce"}, "Unknown --config.method"),
+    ({"proposal": "oracle"}, "Unknown --config.proposal"),
+    ({"learning_rate": -1e-3}, "learning_rate must be positive"),
+    ({"method": "var", "proposal": "inference_network"}, "samples from the prior"),
+    ({"baseline": "moving"}, "VAR's control variate"),
+    ({"heuristics.temperature": 0.0}, "temperature must be positive"),
+    ({"data.source": "s3"}, "Unknown --config.data.source"),
+])
+def test_invalid_config_is_one_clear_error(tiny_config, overrides, match):
+  config = tiny_config("wsram_q_cv", **{k.replace(".", "__"): v for k, v in overrides.items()})
+  with pytest.raises(errors.ConfigError, match=match):
+    train.validate_config(config)
+
+
+def _train_cmd(workdir, data_dir, *extra):
+  flags = [f"--config.{k}={v}" for k, v in tiny_overrides(data_dir).items()]
+  return [sys.executable, "-m", "experiments.train", "--config=experiments/configs/mnist.py:wsram_q_cv",
+          f"--workdir={workdir}", *flags, *extra]
+
+
+def test_binary_rejects_bad_config_with_exit_code_2(tiny_mnist_dir, tmp_path):
+  for extra, match in (("--config.num_samples=0", "num_samples"),
+                       ("--config.no_such_key=1", "no_such_key")):
+    proc = subprocess.run(_train_cmd(tmp_path / "w", tiny_mnist_dir, extra), cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert match in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()  # Nothing was started.
+
+
+def test_binary_reports_missing_data_in_one_sentence(tmp_path):
+  proc = subprocess.run(_train_cmd(tmp_path / "w", tmp_path / "nowhere"), cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr and "error:" in proc.stderr
+
+
+def _final_params(config, workdir):
+  model = train.build_model(config)
+  target = train.create_train_state(config, model, train.make_optimizer(config))
+  state, step = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(target)
+  return state, step
+
+
+def test_sigkill_and_resume_gives_bit_identical_parameters(tiny_config, tiny_mnist_dir, tmp_path):
+  extra = ["--config.num_steps=400", "--config.checkpoint_every=20", "--config.eval_every=400",
+           "--config.log_every=20", "--config.diag_every=0"]
+  # Uninterrupted reference run.
+  ref = subprocess.run(_train_cmd(tmp_path / "ref", tiny_mnist_dir, *extra), cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  # The same run, killed with SIGKILL once it has written a checkpoint, then started again.
+  killed_dir = tmp_path / "killed"
+  proc = subprocess.Popen(_train_cmd(killed_dir, tiny_mnist_dir, *extra), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  ckpt_dir = killed_dir / "checkpoints"
+  while time.time() < deadline and proc.poll() is None:
+    if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
+  steps_at_kill = checkpoints.Checkpointer(str(ckpt_dir)).steps()
+  assert steps_at_kill and steps_at_kill[-1] < 400
+  resumed = subprocess.run(_train_cmd(killed_dir, tiny_mnist_dir, *extra), cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+  config = tiny_config("wsram_q_cv", num_steps=400)
+  a, step_a = _final_params(config, str(tmp_path / "ref"))
+  b, step_b = _final_params(config, str(killed_dir))
+  assert step_a == step_b == 400
+  for x, y in zip(*(__import__("jax").tree_util.tree_leaves(s) for s in (a, b))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -1,0 +1,312 @@
+"""Training and evaluation of the attention classifier on translated and scaled MNIST (paper Sec. 5.1).
+
+    train_and_evaluate(config, workdir) -> final metrics
+
+One update (`make_train_step`), all inside one `jax.jit`:
+
+    key_t              = fold_in(state.key, t)                  the data order and the samples of step t
+    canvases, labels   = data.canvas.sample_batch(key_t, ...)   digits drawn from the device-resident train set
+    loss, grads        = value_and_grad(objectives loss)(...)   rollout [B, M, N] + estimator
+    state              = loop.guarded_update(state, ...)        Adam (after global-norm clipping), unless non-finite
+
+Evaluation (`make_evaluator`) uses the fixed test canvases (`data.canvas.fixed_test_set`, a function of
+`config.data.test_seed`) and forms the prediction two ways:
+
+* ``eval/error_greedy``: one trajectory taking the prior's most probable action at each glimpse (the location
+  mean and the most probable scale), classified after the last glimpse;
+* ``eval/error_sampled``: M trajectories sampled from the prior; the class with the highest average
+  probability over the M (a fixed evaluation key, so the number is a deterministic function of the params).
+
+``eval/log_p_y`` is the mean Eqn 9 bound with the prior as proposal, a lower bound on log p(y | I).
+
+Diagnostics (`make_diagnose`) draw K independent gradient estimates of one fixed minibatch at the current
+parameters (Figure 2's gradient variance, per parameter group theta / eta) and the ESS of that minibatch.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from wsram_jax import baselines
+from wsram_jax import diagnostics
+from wsram_jax import errors
+from wsram_jax import estimators
+from wsram_jax import loop
+from wsram_jax import networks
+from wsram_jax import objectives
+from wsram_jax import proposals
+from wsram_jax.data import canvas as canvas_lib
+from wsram_jax.data import mnist
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration.
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise errors.ConfigError(message)
+
+
+def canvas_kwargs(config) -> dict[str, int]:
+  """The canvas generator's sizes; 0 in the config means the generator's documented default."""
+  d = config.data
+  return dict(canvas_size=int(d.canvas_size),
+              min_size=int(d.min_size) or min(canvas_lib.DEFAULT_MIN_SIZE, int(d.canvas_size)),
+              max_size=int(d.max_size) or min(canvas_lib.DEFAULT_MAX_SIZE, int(d.canvas_size)))
+
+
+def validate_config(config) -> None:
+  """Raises `errors.ConfigError` (one sentence) for any invalid value, before anything is compiled."""
+  def positive_int(name, value, minimum=1):
+    _require(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum,
+             f"--config.{name} must be an integer >= {minimum}, got {value!r}.")
+
+  _require(config.method in objectives.METHODS,
+           f"Unknown --config.method {config.method!r}; choose one of {', '.join(objectives.METHODS)}.")
+  _require(config.proposal in objectives.PROPOSALS,
+           f"Unknown --config.proposal {config.proposal!r}; choose one of {', '.join(objectives.PROPOSALS)}.")
+  _require(config.baseline in objectives.BASELINES,
+           f"Unknown --config.baseline {config.baseline!r}; choose one of {', '.join(objectives.BASELINES)}.")
+  positive_int("num_samples", config.num_samples)
+  positive_int("num_glimpses", config.num_glimpses)
+  positive_int("batch_size", config.batch_size)
+  positive_int("num_steps", config.num_steps, 0)
+  for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    positive_int(name, config[name])
+  positive_int("diag_every", config.diag_every, 0)
+  if config.diag_every > 0:
+    positive_int("diag_num_estimates", config.diag_num_estimates, 2)
+  _require(float(config.learning_rate) > 0, f"--config.learning_rate must be positive, got {config.learning_rate}.")
+  _require(float(config.grad_clip_norm) >= 0, f"--config.grad_clip_norm must be >= 0, got {config.grad_clip_norm}.")
+  if config.method != "wsram":
+    _require(config.proposal == "prior",
+             f"--config.method={config.method} samples from the prior; set --config.proposal=prior "
+             "(use --config.heuristics.temperature to temper it).")
+  if config.method != "var":
+    _require(config.baseline == "none",
+             f"--config.baseline={config.baseline} is VAR's control variate; with --config.method="
+             f"{config.method} set it to none (WS-RAM's control variates are --config.control_variates).")
+  if config.method == "vimco" or config.baseline == "loo":
+    _require(config.num_samples >= 2, "VIMCO and the leave-one-out baseline need --config.num_samples >= 2.")
+  h = config.heuristics
+  _require(float(h.temperature) > 0, f"--config.heuristics.temperature must be positive, got {h.temperature}.")
+  _require(float(h.coverage_weight) >= 0 and float(h.entropy_weight) >= 0,
+           "The heuristic weights --config.heuristics.coverage_weight and entropy_weight must be >= 0.")
+  _require(0.0 <= float(config.mixture_alpha) <= 1.0,
+           f"--config.mixture_alpha must be in [0, 1], got {config.mixture_alpha}.")
+  _require(0.0 <= float(config.baseline_decay) < 1.0,
+           f"--config.baseline_decay must be in [0, 1), got {config.baseline_decay}.")
+  m = config.model
+  positive_int("model.glimpse_size", m.glimpse_size)
+  positive_int("model.num_scales", m.num_scales)
+  positive_int("model.lowres_size", m.lowres_size)
+  positive_int("model.hidden_size", m.hidden_size)
+  positive_int("model.num_classes", m.num_classes, 2)
+  _require(float(m.loc_std) > 0, f"--config.model.loc_std must be positive, got {m.loc_std}.")
+  d = config.data
+  _require(d.source in mnist.SOURCES if hasattr(mnist, "SOURCES") else d.source in ("offline", "idx", "tfds"),
+           f"Unknown --config.data.source {d.source!r}; choose offline, idx or tfds.")
+  positive_int("data.canvas_size", d.canvas_size)
+  window = m.glimpse_size * 2 ** (m.num_scales - 1)
+  _require(window <= d.canvas_size,
+           f"The largest glimpse window ({m.glimpse_size} * 2^{m.num_scales - 1} = {window} px) is larger than "
+           f"the {d.canvas_size} px canvas; lower --config.model.glimpse_size or --config.model.num_scales.")
+  _require(m.lowres_size <= d.canvas_size,
+           f"--config.model.lowres_size ({m.lowres_size}) cannot exceed the canvas size ({d.canvas_size}).")
+  canvas_lib.check_sizes(**canvas_kwargs(config))
+  positive_int("data.num_test", d.num_test)
+  positive_int("data.eval_batch_size", d.eval_batch_size)
+  positive_int("mesh_devices", config.mesh_devices)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model, optimiser, state.
+
+
+def build_model(config) -> networks.AttentionModel:
+  m = config.model
+  return networks.AttentionModel(
+      num_classes=m.num_classes, glimpse_size=m.glimpse_size, num_scales=m.num_scales,
+      lowres_size=m.lowres_size, hidden_size=m.hidden_size, loc_std=m.loc_std, learn_loc_std=m.learn_std)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  adam = optax.adam(config.learning_rate)
+  if config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam)
+  return adam
+
+
+def baseline_transform(config) -> baselines.BaselineTransform:
+  if config.method == "var" and config.baseline == "moving":
+    return baselines.moving_average(config.baseline_decay, init_value=-float(np.log(config.model.num_classes)))
+  return baselines.no_baseline()
+
+
+def create_train_state(config, model, optimizer) -> loop.TrainState:
+  key = jax.random.PRNGKey(config.seed)
+  k_init, k_run = jax.random.split(key)
+  params = networks.init_params(model, k_init)
+  return loop.TrainState.create(params=params, opt_state=optimizer.init(params), key=k_run,
+                                extra=baseline_transform(config).init())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps.
+
+
+def make_train_step(config, model, optimizer) -> Callable[..., tuple[loop.TrainState, dict]]:
+  """`step(state, images, labels) -> (state, metrics)`, jitted; images uint8 [N, 28, 28], labels [N]."""
+  loss_fn = objectives.make_loss_fn(objectives.ObjectiveConfig.from_config(config), model)
+  btx = baseline_transform(config)
+  sizes = canvas_kwargs(config)
+
+  @jax.jit
+  def step(state: loop.TrainState, images, labels):
+    key = jax.random.fold_in(state.key, state.step)
+    k_data, k_loss = jax.random.split(key)
+    canvases, ys, _ = canvas_lib.sample_batch(k_data, images, labels, config.batch_size, **sizes)
+    # The baseline's value before this batch does not depend on the rewards passed here.
+    value, _ = btx.update(jnp.zeros(()), state.extra)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, (canvases, ys), k_loss,
+                                                                      value)
+    _, new_extra = btx.update(metrics["reward"], state.extra)
+
+    def apply(params, opt_state):
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    metrics = {f"train/{k}": v for k, v in metrics.items()}
+    metrics["train/grad_norm"] = optax.global_norm(grads)
+    return loop.guarded_update(state, grads, apply, loss, new_extra), metrics
+
+  return step
+
+
+def make_eval_batch(config, model) -> Callable[..., dict]:
+  """`(params, canvases uint8 [E, H, W, 1], labels [E], mask [E], key) -> sums` for the evaluator (jitted)."""
+  m_ = config.num_samples
+
+  @jax.jit
+  def eval_batch(params, canvases, labels, mask, key):
+    canvases = canvas_lib.to_float(canvases)
+    greedy = objectives.batched_rollout(params, canvases, labels, key, model=model, proposal=proposals.prior,
+                                        num_glimpses=config.num_glimpses, num_samples=1, greedy=True)
+    sampled = objectives.batched_rollout(params, canvases, labels, key, model=model,
+                                         proposal=proposals.prior, num_glimpses=config.num_glimpses,
+                                         num_samples=m_)
+    mean_probs = jnp.mean(jax.nn.softmax(sampled.logits), axis=1)  # [E, C]
+    wrong_greedy = (jnp.argmax(greedy.logits[:, 0], -1) != labels).astype(jnp.float32)
+    wrong_sampled = (jnp.argmax(mean_probs, -1) != labels).astype(jnp.float32)
+    # Prior proposal: log w = log p(y|a), so Eqn 9 is log mean_m p(y|a^m).
+    bound = estimators.log_marginal_bound(sampled.log_p_y)
+    return {"error_greedy": jnp.sum(wrong_greedy * mask), "error_sampled": jnp.sum(wrong_sampled * mask),
+            "log_p_y": jnp.sum(bound * mask)}
+
+  return eval_batch
+
+
+def make_evaluator(config, model, test_canvases, test_labels) -> Callable[[loop.TrainState], dict]:
+  """Evaluates on the fixed test canvases in batches of `config.data.eval_batch_size` (the last one padded)."""
+  eval_batch = make_eval_batch(config, model)
+  e = config.data.eval_batch_size
+  n = test_canvases.shape[0]
+  key = jax.random.PRNGKey(config.data.test_seed + 1)
+
+  def evaluate(state):
+    totals = {}
+    for start in range(0, n, e):
+      stop = min(start + e, n)
+      index = np.minimum(np.arange(start, start + e), n - 1)
+      mask = (np.arange(start, start + e) < n).astype(np.float32)
+      out = eval_batch(state.params, test_canvases[index], test_labels[index], mask,
+                       jax.random.fold_in(key, start))
+      for k, v in out.items():
+        totals[k] = totals.get(k, 0.0) + v
+      del stop
+    return {f"eval/{k}": float(v) / n for k, v in totals.items()}
+
+  return evaluate
+
+
+def make_diagnose(config, model, images, labels) -> Callable[[loop.TrainState], dict]:
+  """Gradient variance over `config.diag_num_estimates` estimates of one fixed minibatch, and its ESS."""
+  loss_fn = objectives.make_loss_fn(objectives.ObjectiveConfig.from_config(config), model)
+  btx = baseline_transform(config)
+  diag_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2 ** 30)
+  canvases, ys, _ = canvas_lib.sample_batch(diag_key, images, labels, config.batch_size,
+                                            **canvas_kwargs(config))
+  batch = (canvases, ys)
+
+  @jax.jit
+  def diagnose_jit(state):
+    value, _ = btx.update(jnp.zeros(()), state.extra)
+    grad_fn = lambda p, b, k: jax.grad(lambda q: loss_fn(q, b, k, value)[0])(p)
+    labels_tree = networks.param_labels(state.params, baseline="baseline")
+    out = diagnostics.gradient_variance(grad_fn, state.params, batch, jax.random.fold_in(diag_key, state.step),
+                                        num_estimates=config.diag_num_estimates, labels=labels_tree)
+    _, metrics = loss_fn(state.params, batch, jax.random.fold_in(diag_key, 2 ** 31), value)
+    out["ess/mean"] = metrics["ess"]
+    return out
+
+  def diagnose(state):
+    return {f"diag/{k}": v for k, v in jax.device_get(diagnose_jit(state)).items()}
+
+  return diagnose
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole run.
+
+
+def load_data(config):
+  """(train images, train labels, test canvases uint8, test labels) for `config.data`."""
+  d = config.data
+  data_dir = d.data_dir or None
+  images, labels = mnist.load_mnist("train", source=d.source, data_dir=data_dir)
+  test_images, test_labels = mnist.load_mnist("test", source=d.source, data_dir=data_dir)
+  num_test = min(int(d.num_test), test_images.shape[0])
+  test_canvases, test_labels, _ = canvas_lib.fixed_test_set(test_images, test_labels, seed=d.test_seed,
+                                                            num=num_test, **canvas_kwargs(config))
+  return images, labels, test_canvases, test_labels
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds a run) and returns the last value of every metric."""
+  validate_config(config)
+  images, labels, test_canvases, test_labels = load_data(config)
+  model = build_model(config)
+  optimizer = make_optimizer(config)
+  step = make_train_step(config, model, optimizer)
+  images_dev, labels_dev = jnp.asarray(images), jnp.asarray(labels)
+  _, last = loop.run(
+      config=config, workdir=workdir,
+      init_state=functools.partial(create_train_state, config, model, optimizer),
+      train_step=lambda state: step(state, images_dev, labels_dev),
+      evaluate=make_evaluator(config, model, test_canvases, test_labels),
+      diagnose=(make_diagnose(config, model, images_dev, labels_dev) if config.diag_every > 0 else None),
+      progress_keys=("train/loss", "train/error", "train/ess"))
+  return last
+
+
+def summary(last: dict[str, Any]) -> str:
+  """One line with the numbers a run ends on: test errors, log-likelihood bound, ESS, gradient variance."""
+  parts = []
+  for name, key, fmt in (("test error (greedy)", "eval/error_greedy", "{:.2%}"),
+                         ("test error (M samples)", "eval/error_sampled", "{:.2%}"),
+                         ("test log p(y|I) >=", "eval/log_p_y", "{:.4f}"),
+                         ("ESS", "diag/ess/mean", "{:.2f}"),
+                         ("grad var (theta)", "diag/grad_var/theta", "{:.3g}"),
+                         ("grad var (eta)", "diag/grad_var/eta", "{:.3g}")):
+    if key in last:
+      parts.append(f"{name} {fmt.format(last[key])}")
+  return "; ".join(parts)
