@@ -123,6 +123,53 @@ def trajectory_metrics(traj: rollout_lib.Trajectory, labels: jax.Array, num_scal
   return metrics
 
 
+def method_loss(cfg: ObjectiveConfig, log_p_a: jax.Array, log_p_y: jax.Array, log_q_a: jax.Array, *,
+                baseline_value=0.0, learned_baseline=None) -> tuple[jax.Array, dict]:
+  """The estimator part of `cfg.method`'s loss, from per-sample log-probabilities `[B, M]` of any model.
+
+  Shared by every model trained with these estimators (the classifier here, the captioner in
+  `wsram_jax.captioning`): ``wsram`` -> `estimators.wsram_losses` (``loss_q`` added unless the proposal is the
+  prior), ``vimco`` -> `estimators.vimco_loss`, ``var`` -> `estimators.variational_loss` with the baseline
+  `cfg.baseline` (``moving``: ``baseline_value``; ``learned``: ``learned_baseline`` `[B, M]`, also regressed
+  with weight `cfg.baseline_weight`; ``loo``: leave-one-out). The sleep update and the exploration
+  heuristics need the rollout and stay with the caller.
+
+  Returns:
+    `(loss, metrics)`: the scalar loss and its parts (``loss_p``, ``loss_q``, ``baseline_mse``).
+  """
+  metrics = {}
+  if cfg.method == "wsram":
+    loss_p, loss_q = estimators.wsram_losses(log_p_a, log_p_y, log_q_a, control_variates=cfg.control_variates)
+    loss = loss_p
+    metrics["loss_p"] = loss_p
+    if cfg.proposal != "prior":
+      loss = loss + loss_q
+      metrics["loss_q"] = loss_q
+  elif cfg.method == "vimco":
+    loss = estimators.vimco_loss(log_p_a, log_p_y)
+  elif cfg.method == "var":
+    if cfg.baseline == "none":
+      baseline = 0.0
+    elif cfg.baseline == "moving":
+      baseline = baseline_value
+    elif cfg.baseline == "learned":
+      if learned_baseline is None:
+        raise ValueError("baseline='learned' needs the model's learned_baseline [B, M].")
+      baseline = learned_baseline
+    elif cfg.baseline == "loo":
+      baseline = estimators.leave_one_out_baseline(log_p_y)
+    else:
+      raise ValueError(f"Unknown baseline {cfg.baseline!r}; choose one of {BASELINES}.")
+    loss = estimators.variational_loss(log_p_a, log_p_y, baseline)
+    if cfg.baseline != "none":
+      metrics["baseline_mse"] = jnp.mean((jax.lax.stop_gradient(baseline) - log_p_y) ** 2)
+    if cfg.baseline == "learned":
+      loss = loss + cfg.baseline_weight * baselines.baseline_loss(learned_baseline, log_p_y)
+  else:
+    raise ValueError(f"Unknown method {cfg.method!r}; choose one of {METHODS}.")
+  return loss, metrics
+
+
 def make_loss_fn(cfg: ObjectiveConfig, model: networks.AttentionModel) -> LossFn:
   """The loss of `cfg.method` for `model`; see the module docstring. Pure; jit it (with `model` closed over)."""
   if cfg.method not in METHODS:
@@ -139,35 +186,14 @@ def make_loss_fn(cfg: ObjectiveConfig, model: networks.AttentionModel) -> LossFn
     traj = roll(params, canvases, labels, k_roll)
     metrics = trajectory_metrics(traj, labels, model.num_scales)
 
-    if cfg.method == "wsram":
-      loss_p, loss_q = estimators.wsram_losses(traj.log_p_a, traj.log_p_y, traj.log_q_a,
-                                               control_variates=cfg.control_variates)
-      loss = loss_p
-      metrics["loss_p"] = loss_p
-      if cfg.proposal != "prior":
-        loss = loss + loss_q
-        metrics["loss_q"] = loss_q
-      if cfg.sleep_weight > 0:
-        sleep = sleep_loss(params, canvases, k_sleep, model=model, num_glimpses=cfg.num_glimpses,
-                           num_samples=cfg.num_samples)
-        loss = loss + cfg.sleep_weight * sleep
-        metrics["loss_sleep"] = sleep
-    elif cfg.method == "vimco":
-      loss = estimators.vimco_loss(traj.log_p_a, traj.log_p_y)
-    else:  # var
-      if cfg.baseline == "none":
-        baseline = 0.0
-      elif cfg.baseline == "moving":
-        baseline = baseline_value
-      elif cfg.baseline == "learned":
-        baseline = traj.baseline
-      else:  # loo
-        baseline = estimators.leave_one_out_baseline(traj.log_p_y)
-      loss = estimators.variational_loss(traj.log_p_a, traj.log_p_y, baseline)
-      if cfg.baseline != "none":
-        metrics["baseline_mse"] = jnp.mean((jax.lax.stop_gradient(baseline) - traj.log_p_y) ** 2)
-      if cfg.baseline == "learned":
-        loss = loss + cfg.baseline_weight * baselines.baseline_loss(traj.baseline, traj.log_p_y)
+    loss, estimator_metrics = method_loss(cfg, traj.log_p_a, traj.log_p_y, traj.log_q_a,
+                                          baseline_value=baseline_value, learned_baseline=traj.baseline)
+    metrics.update(estimator_metrics)
+    if cfg.method == "wsram" and cfg.sleep_weight > 0:
+      sleep = sleep_loss(params, canvases, k_sleep, model=model, num_glimpses=cfg.num_glimpses,
+                         num_samples=cfg.num_samples)
+      loss = loss + cfg.sleep_weight * sleep
+      metrics["loss_sleep"] = sleep
 
     if cfg.coverage_weight > 0:
       loss = loss + cfg.coverage_weight * exploration.coverage_regularizer(traj.prior_scale_probs,
