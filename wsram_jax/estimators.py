@@ -39,11 +39,11 @@ With a^m ~ q(a | y, I):
   dl/dtheta ~= sum_m w_m [ d log p(y|a^m)/dtheta + d log p(a^m)/dtheta ]                      (Eqn 8)
 Eqn 8 is the gradient, with q and the samples held fixed, of the multi-sample bound
   E[ log 1/M sum_m w~_m ] <= log E[ w~ ] = l                  (Eqn 9; `log_marginal_bound`)
-which is at least as tight as F = E[log w~] (Eqn 10; the paper prints the same expression on both sides of
-that inequality: its left side should read E[log w~_m]). When q does not depend on theta the expectation of
-Eqn 8 equals the gradient of the Eqn 9 bound exactly; with the prior as proposal (q depends on theta) it drops
-the bound's score-function term and is instead a self-normalised, consistent (bias O(1/M)) estimate of
-dl/dtheta in the form of Eqn 6. `vimco_loss` below is the unbiased gradient of the bound itself.
+which is at least as tight as the variational bound F = E[log w~] of Eqn 2 (Eqn 10; the paper prints
+log 1/M sum_m w~_m on both sides of that inequality: the middle term should read E[1/M sum_m log w~_m]).
+When q does not depend on theta the expectation of Eqn 8 equals the gradient of the Eqn 9 bound exactly; with
+the prior as proposal (q depends on theta) it drops the bound's score-function term and is instead a
+self-normalised, consistent (bias O(1/M)) estimate of dl/dtheta in the form of Eqn 6. `vimco_loss` below is the unbiased gradient of the bound itself.
 
 Inference network (Eqns 11-14, wake-q)
 --------------------------------------
@@ -83,7 +83,7 @@ Beyond the paper
   function of each sample baselined by the bound recomputed with that sample's log-weight replaced by the
   mean of the other log-weights (the geometric mean of the others' weights).
 * `leave_one_out_baseline`: b_m = mean of log p(y|a^j) over j != m, a multi-sample baseline for VAR.
-* `sleep_q_loss`: the sleep-phase q update of reweighted wake-sleep (Bornschein & Bengio, 2015).
+* `sleep_q_loss`: the sleep-phase q update of reweighted wake-sleep (Bornschein & Bengio, ICLR 2015).
 
 Numerics
 --------
