@@ -1,0 +1,186 @@
+"""Tables and figures of a sweep of runs: our Table 1 beside the paper's, Figures 2 and 3.
+
+Every number comes from the runs' own `metrics.jsonl` (`metric_writers.read_metrics`); nothing is typed in
+except the paper's published Table 1, which is shown beside ours and labelled as the paper's.
+
+A run is a directory; runs of one variant over several seeds are averaged (mean and standard deviation of the
+final test error; curves averaged step by step over the seeds that reached the step).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Mapping, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from wsram_jax import metric_writers  # pylint: disable=g-import-not-at-top
+
+# The paper's Table 1: test error (%) after 10 million updates with 5 samples.
+PAPER_TABLE1 = {"var": 3.11, "var_cv": 1.81, "wsram": 4.23, "wsram_cv": 1.85, "wsram_q": 2.59,
+                "wsram_q_cv": 1.62}
+TABLE1_ROWS = (("no c.v.", ("var", "wsram", "wsram_q")), ("+c.v.", ("var_cv", "wsram_cv", "wsram_q_cv")))
+TABLE1_COLUMNS = ("VAR", "WS-RAM", "WS-RAM + q")
+LABELS = {"var": "VAR", "var_cv": "VAR+c", "wsram": "WS-RAM", "wsram_cv": "WS-RAM+c", "wsram_q": "WS-RAM+q",
+          "wsram_q_cv": "WS-RAM+q+c"}
+
+
+def final_metrics(workdir: str) -> dict:
+  """The last value written of every metric of one run, plus 'step' (the last step logged)."""
+  last = {}
+  for record in metric_writers.read_metrics(workdir):
+    last.update(record)
+  return last
+
+
+def summarize(groups: Mapping[str, Sequence[str]], key: str = "eval/error_sampled") -> dict[str, dict]:
+  """For each group (variant -> its runs' workdirs): mean/std of `key` at each run's end, steps, seeds."""
+  out = {}
+  for name, workdirs in groups.items():
+    finals = [final_metrics(w) for w in workdirs]
+    finals = [f for f in finals if key in f]
+    values = np.array([float(f[key]) for f in finals])
+    out[name] = {
+        "mean": float(values.mean()) if values.size else None,
+        "std": float(values.std(ddof=1)) if values.size > 1 else None,
+        "values": values.tolist(),
+        "steps": [int(f["step"]) for f in finals],
+        "runs": len(finals),
+    }
+  return out
+
+
+def _cell(summary: Optional[dict]) -> str:
+  if not summary or summary["mean"] is None:
+    return "not run"
+  text = f"{100 * summary['mean']:.2f}%"
+  if summary["std"] is not None:
+    text += f" ± {100 * summary['std']:.2f}"
+  return text + f" (n={summary['runs']})"
+
+
+def table1_markdown(summaries: Mapping[str, dict], *, key_name: str) -> str:
+  """Our Table 1 and the paper's, side by side, as markdown."""
+  lines = [f"| test error | " + " | ".join(f"{c} (ours)" for c in TABLE1_COLUMNS) + " | "
+           + " | ".join(f"{c} (paper)" for c in TABLE1_COLUMNS) + " |",
+           "|---" * (1 + 2 * len(TABLE1_COLUMNS)) + "|"]
+  for row_name, variants in TABLE1_ROWS:
+    ours = [_cell(summaries.get(v)) for v in variants]
+    paper = [f"{PAPER_TABLE1[v]:.2f}%" for v in variants]
+    lines.append(f"| {row_name} | " + " | ".join(ours) + " | " + " | ".join(paper) + " |")
+  lines.append("")
+  lines.append(f"Ours: `{key_name}` on the 10,000 fixed test canvases at the end of each run, mean ± standard "
+               "deviation over seeds (n runs). Paper: after 10 million updates.")
+  return "\n".join(lines)
+
+
+def _averaged(workdirs: Iterable[str], key: str) -> tuple[np.ndarray, np.ndarray]:
+  per_run = [metric_writers.series(metric_writers.read_metrics(w), key) for w in workdirs]
+  per_run = [(s, v) for s, v in per_run if s.size]
+  if not per_run:
+    return np.array([]), np.array([])
+  steps = sorted(set().union(*(set(s.tolist()) for s, _ in per_run)))
+  means = []
+  for step in steps:
+    vals = [v[np.searchsorted(s, step)] for s, v in per_run if step in set(s.tolist())]
+    means.append(np.mean(vals))
+  return np.array(steps), np.array(means)
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+  if window <= 1 or values.size < window:
+    return values
+  kernel = np.ones(window) / window
+  padded = np.concatenate([np.full(window - 1, values[0]), values])
+  return np.convolve(padded, kernel, mode="valid")
+
+
+def figure2(groups: Mapping[str, Sequence[str]], path: str, *, smooth: int = 5) -> str:
+  """Figure 2: training error, gradient variance (theta) and ESS against thousands of updates."""
+  panels = (("train/error", "training error"), ("diag/grad_var/theta", "gradient variance (theta)"),
+            ("train/ess", "effective sample size (max = M)"))
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  for ax, (key, title) in zip(axes, panels):
+    for name, workdirs in groups.items():
+      steps, values = _averaged(workdirs, key)
+      if steps.size:
+        ax.plot(steps / 1000, _smooth(values, smooth if key.startswith("train/") else 1),
+                label=LABELS.get(name, name))
+    ax.set_title(title)
+    ax.set_xlabel("thousands of updates")
+    if key.startswith("diag/"):
+      ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_scales: int = 3,
+            smooth: int = 5) -> str:
+  """Figure 3: each method with the exploration heuristics on and off: training error, and each scale's use.
+
+  Args:
+    pairs: method label -> {'heuristics on': workdirs, 'heuristics off': workdirs}.
+  """
+  fig, axes = plt.subplots(1, 1 + len(pairs), figsize=(5 * (1 + len(pairs)), 4.2))
+  ax = axes[0]
+  for method, settings in pairs.items():
+    for setting, workdirs in settings.items():
+      steps, values = _averaged(workdirs, "train/error")
+      if steps.size:
+        ax.plot(steps / 1000, _smooth(values, smooth), label=f"{method}, {setting}",
+                linestyle="-" if setting.endswith("on") else "--")
+  ax.set_title("training error")
+  ax.set_xlabel("thousands of updates")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  for ax, (method, settings) in zip(axes[1:], pairs.items()):
+    for setting, workdirs in settings.items():
+      for s in range(num_scales):
+        steps, values = _averaged(workdirs, f"train/scale_usage_{s}")
+        if steps.size:
+          ax.plot(steps / 1000, _smooth(values, smooth), color=f"C{s}",
+                  linestyle="-" if setting.endswith("on") else "--", label=f"scale {s}, {setting}")
+    ax.set_title(f"{method}: fraction of glimpses at each scale")
+    ax.set_xlabel("thousands of updates")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def write_between_markers(path: str, name: str, text: str) -> None:
+  """Replaces the text between `<!-- name:begin -->` and `<!-- name:end -->` in `path` (appends if absent)."""
+  begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+  content = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+  block = f"{begin}\n{text.rstrip()}\n{end}"
+  if begin in content and end in content:
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    content = head + block + tail
+  else:
+    content = content.rstrip() + ("\n\n" if content else "") + block + "\n"
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(content)
+  os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
