@@ -43,7 +43,8 @@ which is at least as tight as the variational bound F = E[log w~] of Eqn 2 (Eqn 
 log 1/M sum_m w~_m on both sides of that inequality: the middle term should read E[1/M sum_m log w~_m]).
 When q does not depend on theta the expectation of Eqn 8 equals the gradient of the Eqn 9 bound exactly; with
 the prior as proposal (q depends on theta) it drops the bound's score-function term and is instead a
-self-normalised, consistent (bias O(1/M)) estimate of dl/dtheta in the form of Eqn 6. `vimco_loss` below is the unbiased gradient of the bound itself.
+self-normalised, consistent (bias O(1/M)) estimate of dl/dtheta in the form of Eqn 6. `vimco_loss` below is
+the unbiased gradient of the bound itself.
 
 Inference network (Eqns 11-14, wake-q)
 --------------------------------------
