@@ -90,3 +90,12 @@ def test_binary_reports_config_error_without_traceback(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: The idx source needs data_dir (--data_dir), the directory holding the IDX files.")
   assert "Traceback" not in proc.stderr
+
+
+def test_run_quickstart_trains_and_draws(tiny_config, tmp_path):
+  config = tiny_config("quick")
+  line = quickstart.run_quickstart(config, str(tmp_path))
+  for name in ("canvases.png", "curves.png", "glimpses.png", "metrics.jsonl"):
+    assert (tmp_path / name).exists(), name
+  assert (tmp_path / "glimpses.png").read_bytes()[:8] == PNG_MAGIC
+  assert "test error" in line and "ESS" in line and "grad var" in line

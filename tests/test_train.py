@@ -52,6 +52,7 @@ def test_evaluation_is_deterministic(tiny_config):
     ({"baseline": "moving"}, "VAR's control variate"),
     ({"heuristics.temperature": 0.0}, "temperature must be positive"),
     ({"data.source": "s3"}, "Unknown --config.data.source"),
+    ({"method": "vimco", "proposal": "prior", "heuristics.temperature": 2.0}, "untempered prior"),
 ])
 def test_invalid_config_is_one_clear_error(tiny_config, overrides, match):
   config = tiny_config("wsram_q_cv", **{k.replace(".", "__"): v for k, v in overrides.items()})

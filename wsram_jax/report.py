@@ -161,6 +161,33 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
   return path
 
 
+def training_curves(workdir: str, path: str, *, smooth: int = 5) -> str:
+  """One run's curves: training loss and error, test errors, ESS and gradient variance against updates."""
+  records = metric_writers.read_metrics(workdir)
+  panels = ((("train/loss",), "training loss"),
+            (("train/error", "eval/error_greedy", "eval/error_sampled"), "error"),
+            (("train/ess", "diag/ess/mean"), "effective sample size"),
+            (("diag/grad_var/theta", "diag/grad_var/eta"), "gradient variance"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+  for ax, (keys, title) in zip(axes, panels):
+    for key in keys:
+      steps, values = metric_writers.series(records, key)
+      if steps.size:
+        ax.plot(steps, _smooth(values, smooth if key.startswith("train/") else 1), marker="." if
+                steps.size < 20 else None, label=key)
+    if title == "gradient variance":
+      ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("updates")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def write_between_markers(path: str, name: str, text: str) -> None:
   """Replaces the text between `<!-- name:begin -->` and `<!-- name:end -->` in `path` (appends if absent)."""
   begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"

@@ -95,6 +95,10 @@ def validate_config(config) -> None:
     _require(config.baseline == "none",
              f"--config.baseline={config.baseline} is VAR's control variate; with --config.method="
              f"{config.method} set it to none (WS-RAM's control variates are --config.control_variates).")
+  if config.method == "vimco":
+    _require(float(config.heuristics.temperature) == 1.0,
+             "VIMCO's learning signal assumes samples from the untempered prior; set "
+             "--config.heuristics.temperature=1.")
   if config.method == "vimco" or config.baseline == "loo":
     _require(config.num_samples >= 2, "VIMCO and the leave-one-out baseline need --config.num_samples >= 2.")
   h = config.heuristics
@@ -296,6 +300,35 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       diagnose=(make_diagnose(config, model, images_dev, labels_dev) if config.diag_every > 0 else None),
       progress_keys=("train/loss", "train/error", "train/ess"))
   return last
+
+
+def restore_state(config, workdir: str) -> loop.TrainState:
+  """The newest readable checkpoint of the run in `workdir` (raises CheckpointError if there is none)."""
+  from wsram_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  model = build_model(config)
+  target = create_train_state(config, model, make_optimizer(config))
+  ckpt = checkpoints.Checkpointer(f"{workdir}/checkpoints", max_to_keep=config.keep_checkpoints)
+  state, step = ckpt.restore_latest(target)
+  ckpt.close()
+  if state is None:
+    raise errors.CheckpointError(f"{workdir} holds no checkpoint; train a model there first.")
+  return state
+
+
+def glimpse_figure(config, params, canvases, labels, path: str, *, num: int = 16) -> str:
+  """Draws the glimpse paths of the prior's mean glimpses (the greedy policy) on `num` test canvases."""
+  from wsram_jax import plots  # pylint: disable=g-import-not-at-top
+  model = build_model(config)
+  canvases, labels = canvases[:num], labels[:num]
+  traj = jax.jit(functools.partial(objectives.batched_rollout, model=model, proposal=proposals.prior,
+                                   num_glimpses=config.num_glimpses, num_samples=1, greedy=True))(
+                                       params, canvas_lib.to_float(canvases), jnp.asarray(labels),
+                                       jax.random.PRNGKey(0))
+  predicted = np.asarray(jnp.argmax(traj.logits[:, 0], -1))
+  titles = [f"label {int(y)}, predicted {int(p)}" for y, p in zip(labels, predicted)]
+  return plots.glimpse_paths(np.asarray(canvases), np.asarray(traj.locations[:, 0]),
+                             np.asarray(traj.scales[:, 0]), glimpse_size=config.model.glimpse_size, path=path,
+                             labels=titles, title="greedy glimpse paths (1 = first glimpse)")
 
 
 def summary(last: dict[str, Any]) -> str:
