@@ -10,6 +10,8 @@ import pytest
 from wsram_jax import actions
 
 NUM = 20000  # Monte Carlo samples; standard errors below are computed from it.
+# Jitted once per input shape: op-by-op dispatch would compile every primitive separately.
+log_prob = jax.jit(actions.log_prob)
 
 
 def _dist():
@@ -93,8 +95,8 @@ def test_mixture_samples_and_log_prob():
   np.testing.assert_allclose(np.mean(np.asarray(s.scale)[~from_a] == 2), jax.nn.softmax(b.scale_logits[0])[2],
                              atol=0.02)
   # log_prob is the logaddexp of the weighted components.
-  lp = actions.log_prob(mix, s)
-  manual = jnp.logaddexp(math.log(alpha) + actions.log_prob(a, s), math.log(1 - alpha) + actions.log_prob(b, s))
+  lp = log_prob(mix, s)
+  manual = jnp.logaddexp(math.log(alpha) + log_prob(a, s), math.log(1 - alpha) + log_prob(b, s))
   np.testing.assert_allclose(lp, manual, rtol=1e-5, atol=1e-5)
   # Marginals.
   np.testing.assert_allclose(actions.scale_probs(mix),
@@ -107,13 +109,13 @@ def test_mixture_samples_and_log_prob():
 def test_mixture_with_zero_weight_is_the_other_part():
   mix, a, _ = _mixture(1.0)
   s = _samples(a, key=2)
-  np.testing.assert_allclose(actions.log_prob(mix, s), actions.log_prob(a, s), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(log_prob(mix, s), log_prob(a, s), rtol=1e-6, atol=1e-6)
 
 
 def test_entropy_matches_monte_carlo():
   dist = _dist()
   s = _samples(dist, key=3)
-  neg_lp = -np.asarray(actions.log_prob(dist, s))
+  neg_lp = -np.asarray(log_prob(dist, s))
   np.testing.assert_allclose(actions.entropy(dist), neg_lp.mean(), atol=4 * neg_lp.std() / np.sqrt(NUM))
 
 

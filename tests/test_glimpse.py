@@ -130,3 +130,33 @@ class GlimpseTest(chex.TestCase):
 
 if __name__ == "__main__":
   pytest.main([__file__])
+
+
+def test_glimpse_paths_draws_the_extracted_windows(tmp_path):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
+
+  from wsram_jax import plots  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  locs = rng.uniform(-1.2, 1.2, size=(2, 3, 2)).astype(np.float32)
+  scales = rng.integers(0, 3, size=(2, 3))
+  starts = np.stack([np.asarray(glimpse.window_starts(jnp.asarray(l), (40, 40), size=4, num_scales=3))
+                     for l in locs.reshape(-1, 2)]).reshape(2, 3, 3, 2)
+  canvases = rng.uniform(size=(2, 40, 40, 1)).astype(np.float32)
+  fig = Figure()
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, 3)
+  assert plots.glimpse_paths(canvases, locs, scales, glimpse_size=4, ax=axes, labels=[3, 5]) is axes
+  for b in range(2):
+    rects = [p for p in axes[b].patches if isinstance(p, Rectangle)]
+    assert len(rects) == 3
+    for n, r in enumerate(rects):
+      top, left = starts[b, n, scales[b, n]]
+      side = 4 * 2**scales[b, n]
+      assert (r.get_y(), r.get_x(), r.get_width(), r.get_height()) == (top - 0.5, left - 0.5, side, side)
+  assert not axes[2].axison  # the spare Axes is switched off
+  path = plots.glimpse_paths(canvases, locs, scales, glimpse_size=4, path=tmp_path / "paths.png", ncols=2)
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert isinstance(plots.glimpse_paths(canvases[0], locs[0], scales[0], glimpse_size=4), Figure)

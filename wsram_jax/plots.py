@@ -63,3 +63,115 @@ def canvas_grid(canvases, labels, boxes, path: Union[str, os.PathLike], *, ncols
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, format="png")
   return path
+
+
+def _glimpse_window(loc, scale, canvas_hw, glimpse_size):
+  """(top, left, side) in pixels of the window `wsram_jax.glimpse.extract_glimpse` reads (same clipping and
+  rounding: first pixel `floor((clip(loc) + 1) / 2 * (H, W) - side / 2 + 1/2)`)."""
+  side = glimpse_size * 2**int(scale)
+  loc = np.clip(np.asarray(loc, np.float32), np.float32(-1), np.float32(1))
+  centre = (loc + np.float32(1)) * np.float32(0.5) * np.asarray(canvas_hw, np.float32)
+  top, left = (int(v) for v in np.floor(centre - np.float32(side / 2) + np.float32(0.5)))
+  return top, left, side
+
+
+def _draw_glimpse_path(ax, canvas, locations, scales, glimpse_size, vmax, cmap, label):
+  ax.imshow(canvas, cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
+  h, w = canvas.shape
+  num = locations.shape[0]
+  colours = [cmap(0.15 + 0.7 * n / max(num - 1, 1)) for n in range(num)]
+  centres = []
+  for n in range(num):
+    top, left, side = _glimpse_window(locations[n], scales[n], (h, w), glimpse_size)
+    ax.add_patch(Rectangle((left - 0.5, top - 0.5), side, side, fill=False, edgecolor=colours[n], linewidth=1.2))
+    # The number sits in the window's top-left corner, moved inside the canvas when the corner is outside it.
+    ax.text(min(max(left, 0), w - 4) + 0.5, min(max(top, 0), h - 6) + 0.5, str(n + 1), color=colours[n],
+            fontsize=7, ha="left", va="top", fontweight="bold", clip_on=True)
+    loc = np.clip(locations[n], -1, 1)
+    centres.append(((loc[1] + 1) / 2 * w - 0.5, (loc[0] + 1) / 2 * h - 0.5))
+  xs, ys = zip(*centres) if centres else ((), ())
+  ax.plot(xs, ys, color="white", linewidth=0.6, alpha=0.7)
+  ax.scatter(xs, ys, c=colours, s=6, zorder=3)
+  ax.set_xlim(-0.5, w - 0.5)
+  ax.set_ylim(h - 0.5, -0.5)
+  ax.set_xticks([])
+  ax.set_yticks([])
+  if label is not None:
+    ax.set_title(str(label), fontsize=9)
+
+
+def glimpse_paths(canvases, locations, scales, *, glimpse_size: int, path: Optional[Union[str, os.PathLike]] = None,
+                  ax=None, labels=None, ncols: int = 4, title: Optional[str] = None, cmap: str = "autumn"):
+  """Draws glimpse sequences on their canvases: one square per glimpse, numbered in order, joined by a line.
+
+  Each square is the window `wsram_jax.glimpse.extract_glimpse` reads: side `glimpse_size * 2**scale` pixels,
+  centred at the (clipped) location, with the same rounding; colours run along `cmap` from the first glimpse
+  to the last. The window may extend past the canvas (zero padding), and the axes are clipped to the canvas.
+
+  Args:
+    canvases: `[B, H, W(, 1)]` (or one canvas `[H, W(, 1)]`), uint8 0..255 or float in [0, 1].
+    locations: `[B, N, 2]` (or `[N, 2]`) `(y, x)` in [-1, 1], e.g. `Trajectory.locations` for one sample m.
+    scales: `[B, N]` (or `[N]`) int scales.
+    glimpse_size: the glimpse side at scale 0 (`AttentionModel.glimpse_size`).
+    path: write a PNG grid there (its directory is created) and return the path.
+    ax: draw on these matplotlib Axes instead of a new figure: one Axes for one canvas, or an array of at least B
+      Axes (e.g. from `plt.subplots`), one per canvas in order; spare Axes are switched off.
+    labels: optional `[B]` titles (class labels).
+    ncols: canvases per row of the grid.
+    title: optional figure title.
+    cmap: matplotlib colormap name for the glimpse order.
+
+  Returns:
+    `ax` if given; else the path written if `path` is given; else the matplotlib `Figure`.
+  """
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+
+  canvases, locations, scales = np.asarray(canvases), np.asarray(locations), np.asarray(scales)
+  if locations.ndim == 2:
+    canvases, locations, scales = canvases[None], locations[None], scales[None]
+  if canvases.ndim == 4 and canvases.shape[-1] == 1:
+    canvases = canvases[..., 0]
+  if (canvases.ndim != 3 or locations.ndim != 3 or locations.shape[-1] != 2
+      or locations.shape[0] != canvases.shape[0] or scales.shape != locations.shape[:2]):
+    raise ConfigError(f"glimpse_paths needs canvases [B, H, W(, 1)], locations [B, N, 2] and scales [B, N], got "
+                      f"{canvases.shape}, {locations.shape} and {scales.shape}.")
+  num = canvases.shape[0]
+  if labels is not None:
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape != (num,):
+      raise ConfigError(f"glimpse_paths needs one label per canvas, got {labels.shape[0]} for {num} canvases.")
+  vmax = 255 if np.issubdtype(canvases.dtype, np.integer) else 1.0
+  colour_map = colormaps[cmap]
+  if ax is not None:
+    axes = np.asarray(ax, dtype=object).reshape(-1)
+    if axes.size < num:
+      raise ConfigError(f"glimpse_paths got {axes.size} axes for {num} canvases; pass one Axes per canvas.")
+    for j, a in enumerate(axes):
+      if j >= num:
+        a.set_axis_off()
+        continue
+      _draw_glimpse_path(a, canvases[j], locations[j], scales[j], glimpse_size, vmax, colour_map,
+                         None if labels is None else labels[j])
+    return ax
+  if ncols < 1:
+    raise ConfigError(f"glimpse_paths needs ncols >= 1, got {ncols}.")
+  ncols = min(ncols, max(num, 1))
+  nrows = max(1, math.ceil(num / ncols))
+  fig = Figure(figsize=(2.2 * ncols, 2.35 * nrows + (0.4 if title else 0.0)), dpi=100)
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(nrows, ncols, squeeze=False)
+  for j, a in enumerate(axes.flat):
+    if j >= num:
+      a.set_axis_off()
+      continue
+    _draw_glimpse_path(a, canvases[j], locations[j], scales[j], glimpse_size, vmax, colour_map,
+                       None if labels is None else labels[j])
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  if path is None:
+    return fig
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, format="png")
+  return path
