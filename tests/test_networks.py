@@ -30,6 +30,8 @@ def _inputs(seed=0):
 
 @functools.partial(jax.jit, static_argnames=("method",))
 def _apply(params, *args, method):
+  if method == "bottom_first":
+    return MODEL.apply({"params": params}, *args, first=True, method=MODEL.bottom)
   return MODEL.apply({"params": params}, *args, method=getattr(MODEL, method))
 
 
@@ -152,3 +154,13 @@ def test_activations_stay_bounded_over_glimpses():
   patches = jnp.asarray(rng.uniform(size=(4, 12, 12, 1)), jnp.float32)
   norms = np.asarray(run(lowres, patches))
   assert np.all(np.isfinite(norms)) and norms.max() < 20.0 and norms.min() > 0.01, norms
+
+
+def test_step_is_bottom_then_top(params):
+  lowres, patch, action = _inputs()
+  state = _apply(params, lowres, method="init_state")
+  full = _apply(params, state, patch, action, method="step")
+  first = _apply(params, state, patch, action, method="bottom_first")  # h1 = 0: the recurrent half is skipped
+  np.testing.assert_allclose(first.h1, full.h1, rtol=1e-6)
+  np.testing.assert_array_equal(first.h2, state.h2)
+  np.testing.assert_allclose(_apply(params, first, method="top").h2, full.h2, rtol=1e-6)

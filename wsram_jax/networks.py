@@ -7,8 +7,8 @@ Prediction network (parameters theta):
   "where", concatenated) with the clipped location, i.e. where the glimpse was actually taken. RAM adds the two
   through one more ``relu(Dense)`` of width D; here the core's input layer combines them directly, which saves a
   D x D matmul per glimpse (a fifth of the model's FLOPs).
-- two-layer ReLU core: ``h1_n = relu(W1 [g_n, h1_{n-1}] + b1)``, ``h2_n = relu(W2 [h1_n, h2_{n-1}] + b2)``;
-  ``h1_0 = 0``. Layer 1 never sees layer 2, so the class prediction can use the low-resolution image only
+- two-layer ReLU core: ``h1_n = relu(W1 [g_n, h1_{n-1}] + b1)`` (`AttentionModel.bottom`),
+  ``h2_n = relu(W2 [h1_n, h2_{n-1}] + b2)`` (`AttentionModel.top`); ``h1_0 = 0``. Layer 1 never sees layer 2, so the class prediction can use the low-resolution image only
   through the chosen glimpses. The recurrent blocks are initialised to ``recurrent_scale * identity``
   (IRNN, Le et al. 2015), the input blocks with He-normal, so activations stay of order one over the glimpses.
 - prior head ``p(a_{n+1} | a_{1:n}, I)`` on h2_n: location mean ``tanh(Dense(h2))``, location std ``loc_std``
@@ -67,6 +67,24 @@ def _block_identity_init(in_features: int, scale: float):
     return jnp.concatenate([w_in, scale * jnp.eye(d, dtype=dtype)], axis=0)
 
   return init
+
+
+class _RecurrentDense(nn.Module):
+  """``x @ K[:in] + h @ K[in:] + b`` with one kernel ``K [in + D, D]`` (the Dense of ``[x, h]``); ``h=None`` is a
+  zero state and skips its half of the matmul (the first glimpse)."""
+  features: int
+  in_features: int
+  recurrent_scale: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, h: jax.Array | None) -> jax.Array:
+    kernel = self.param("kernel", _block_identity_init(self.in_features, self.recurrent_scale),
+                        (self.in_features + self.features, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    y = x @ kernel[:self.in_features] + bias
+    if h is not None:
+      y = y + h @ kernel[self.in_features:]
+    return y
 
 
 class _ActionHead(nn.Module):
@@ -150,9 +168,8 @@ class AttentionModel(nn.Module):
     self.context = nn.Dense(d, kernel_init=_he, name="context")
     self.glimpse_what = nn.Dense(self.glimpse_hidden, kernel_init=_he, name="glimpse_what")
     self.glimpse_where = nn.Dense(self.glimpse_hidden, kernel_init=_he, name="glimpse_where")
-    self.core1 = nn.Dense(d, kernel_init=_block_identity_init(2 * self.glimpse_hidden, self.recurrent_scale),
-                          name="core1")
-    self.core2 = nn.Dense(d, kernel_init=_block_identity_init(d, self.recurrent_scale), name="core2")
+    self.core1 = _RecurrentDense(d, 2 * self.glimpse_hidden, self.recurrent_scale, name="core1")
+    self.core2 = _RecurrentDense(d, d, self.recurrent_scale, name="core2")
     self.prior_head = _ActionHead(**head_kw, name="prior")
     self.inference = _InferenceNet(num_classes=self.num_classes, hidden=self.inference_hidden, head_kw=head_kw,
                                    name=INFERENCE_KEY)
@@ -176,16 +193,26 @@ class AttentionModel(nn.Module):
     where = jnp.concatenate([loc, jax.nn.one_hot(action.scale, self.num_scales, dtype=loc.dtype)], -1)
     return jnp.concatenate([nn.relu(self.glimpse_what(x)), nn.relu(self.glimpse_where(where))], -1)
 
+  def bottom(self, state: CoreState, patch: jax.Array, action: actions_lib.Action, *,
+             first: bool = False) -> CoreState:
+    """Layer 1 reads glimpse ``patch`` taken at ``action``: ``h1 = relu(W1 [g, h1] + b1)``; h2 unchanged.
+
+    ``first=True`` treats h1 as the zero initial state and skips its half of the matmul.
+    """
+    g = self.glimpse_features(patch, action)
+    h1 = nn.relu(self.core1(g, None if first else state.h1))
+    return CoreState(h1=h1, h2=state.h2)
+
+  def top(self, state: CoreState) -> CoreState:
+    """Layer 2 reads layer 1: ``h2 = relu(W2 [h1, h2] + b2)``; h1 unchanged."""
+    return CoreState(h1=state.h1, h2=nn.relu(self.core2(state.h1, state.h2)))
+
   def step(self, state: CoreState, patch: jax.Array, action: actions_lib.Action, *,
            update_top: bool = True) -> CoreState:
-    """One core update with glimpse ``patch`` taken at ``action``. ``update_top=False`` skips layer 2 (after
-    the last glimpse only layer 1 is read, by the classifier)."""
-    g = self.glimpse_features(patch, action)
-    h1 = nn.relu(self.core1(jnp.concatenate([g, state.h1], -1)))
-    if not update_top:
-      return CoreState(h1=h1, h2=state.h2)
-    h2 = nn.relu(self.core2(jnp.concatenate([h1, state.h2], -1)))
-    return CoreState(h1=h1, h2=h2)
+    """One full core update (`bottom` then `top`) with glimpse ``patch`` taken at ``action``. ``update_top=False``
+    skips layer 2 (after the last glimpse only layer 1 is read, by the classifier)."""
+    state = self.bottom(state, patch, action)
+    return self.top(state) if update_top else state
 
   def classify(self, state: CoreState) -> jax.Array:
     """Class logits ``[..., C]`` from layer 1."""

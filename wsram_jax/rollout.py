@@ -106,14 +106,16 @@ def rollout(params, canvas: jax.Array, label: jax.Array, key: jax.Array, *, mode
   canvas = jnp.asarray(canvas, jnp.float32)
   label = jnp.asarray(label, jnp.int32)
 
-  # Once per canvas (outside the scan and the vmap over M): padding, low-res input, initial state, baseline.
+  # Once per canvas (outside the scan and the vmap over M): padding, low-res input, initial state, baseline, and
+  # the heads of the first glimpse, which read only the initial state.
   prepared = glimpse_lib.prepare_canvas(canvas, size=size, num_scales=num_scales)
   hw = canvas.shape[:2]
   state0 = model.apply(variables, glimpse_lib.lowres(canvas, model.lowres_size), method=model.init_state)
   baseline = model.apply(variables, state0, method=model.baseline)
+  heads0 = model.apply(variables, state0, label, method=model.heads)
 
-  def glimpse_step(state, n, noise_n, given_n, update_top):
-    heads = model.apply(variables, state, label, method=model.heads)
+  def glimpse_step(state, heads, n, noise_n, given_n, first):
+    """Glimpse n from the heads on h2_n: choose a_n, take x_n, update layer 1 (layer 2 is updated lazily)."""
     ctx = proposals_lib.ProposalContext(prior=actions_lib.stop_gradient(heads.prior), inference=heads.inference,
                                         h=jax.lax.stop_gradient(state.h2), label=label, step=n)
     dist = proposal(ctx)
@@ -127,7 +129,7 @@ def rollout(params, canvas: jax.Array, label: jax.Array, key: jax.Array, *, mode
     loc = jnp.clip(action.loc, -1.0, 1.0)
     patch = glimpse_lib.extract_prepared(prepared, loc, action.scale, size=size, num_scales=num_scales,
                                          canvas_hw=hw)
-    new_state = model.apply(variables, state, patch, action, update_top=update_top, method=model.step)
+    new_state = model.apply(variables, state, patch, action, first=first, method=model.bottom)
     out = dict(
         action=action,
         log_p=actions_lib.log_prob(heads.prior, action),
@@ -140,15 +142,21 @@ def rollout(params, canvas: jax.Array, label: jax.Array, key: jax.Array, *, mode
     )
     return new_state, out
 
+  def body(state, xs):
+    state = model.apply(variables, state, method=model.top)  # h2_n from h1_n and h2_{n-1}
+    heads = model.apply(variables, state, label, method=model.heads)
+    return glimpse_step(state, heads, *xs, first=False)
+
   def one_sample(noise, given):
-    steps = jnp.arange(n_, dtype=jnp.int32)
-    xs = (steps, noise, given)
-    head = jax.tree_util.tree_map(lambda x: x[:-1], xs)
-    last = jax.tree_util.tree_map(lambda x: x[-1], xs)
-    # Glimpses 0..N-2 in a scan; the last one outside it, skipping the top layer's update that nothing reads.
-    state, outs = jax.lax.scan(lambda st, x: glimpse_step(st, *x, update_top=True), state0, head)
-    state, out_last = glimpse_step(state, *last, update_top=False)
-    outs = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b[None]], axis=0), outs, out_last)
+    xs = (jnp.arange(n_, dtype=jnp.int32), noise, given)
+    x0 = jax.tree_util.tree_map(lambda x: x[0], xs)
+    rest = jax.tree_util.tree_map(lambda x: x[1:], xs)
+    # Glimpse 0 outside the scan: its heads are shared by the M samples and h1_0 = 0. Glimpses 1..N-1 in the scan,
+    # each first updating layer 2 from the previous glimpse; no layer-2 update after the last glimpse (unread).
+    state, out0 = glimpse_step(state0, heads0, *x0, first=True)
+    state, outs = jax.lax.scan(body, state, rest)
+    outs = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([jnp.broadcast_to(a, b.shape[1:])[None], b], 0),
+                                  out0, outs)
     logits = model.apply(variables, state, method=model.classify)
     log_p_y = jax.nn.log_softmax(logits)[label]
     return outs, logits, log_p_y
