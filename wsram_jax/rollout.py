@@ -12,7 +12,13 @@ For one canvas ``I`` with label ``y`` and each of M samples, `rollout` runs the 
       h_{n+1}  = step(h_n, x_n, a_n)
     log_p_y = log_softmax(classify(h_N))[y]
 
-so ``log_p_a + log_p_y - log_q_a`` is the log importance weight of Eqn 7. Samples are stop-gradient'ed: gradients
+so ``log_p_a + log_p_y - log_q_a`` is the log importance weight of Eqn 7.
+
+Work done once per canvas, outside the scan and the vmap over M: padding the canvas for extraction, the low-res
+input, h_0, the baseline and the first glimpse's heads (they read only h_0). The first glimpse runs before the scan
+(``h1_0 = 0``, so layer 1 skips its recurrent matmul); inside the scan each glimpse first updates layer 2 from the
+previous one, so no layer-2 update follows the last glimpse (nothing reads it). All random numbers are drawn in two
+PRNG calls per canvas (`actions.draw_noise` for ``[M, N]`` draws). Samples are stop-gradient'ed: gradients
 reach the parameters only through the log-probabilities (and ``log_p_y``). The proposal sees the prediction
 network's outputs stop-gradient'ed, so ``log_q_a``'s gradient reaches only the inference network (eta); ``log_p_a``
 reaches the prior head, core, glimpse and context nets (theta), never eta.
