@@ -13,7 +13,6 @@ import pathlib
 from typing import Optional, Sequence
 
 from absl import flags
-from ml_collections import config_flags
 
 from wsram_jax import cli
 from wsram_jax import data
@@ -28,7 +27,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Defines this binary's flags; called only when it runs as a program, so that importing it (tests, other
   binaries defining their own --workdir) adds nothing to the global absl flags."""
-  config_flags.DEFINE_config_file("config", "experiments/configs/mnist.py:quick", "Experiment configuration.")
+  cli.define_config_file("config", "experiments/configs/mnist.py:quick", "Experiment configuration.")
   flags.DEFINE_string("workdir", "runs/quickstart", "Directory for the outputs.")
 
 

@@ -8,13 +8,12 @@ everything op by op (slow; for debugging). The logic lives in `wsram_jax.train.t
 """
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from wsram_jax import cli
 from wsram_jax import errors
 from wsram_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/mnist.py:wsram_q_cv",
+_CONFIG = cli.define_config_file("config", "experiments/configs/mnist.py:wsram_q_cv",
                                           "Experiment configuration (file.py:variant).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 _JIT = flags.DEFINE_bool("jit", True, "Compile with jax.jit; --nojit runs op by op for debugging.")

@@ -83,13 +83,17 @@ def test_report_user_errors_passes_results_and_bugs_through():
 
 
 def test_binary_reports_config_error_without_traceback(tmp_path):
-  """End to end through absl: the error is raised before jax is imported, so this is quick."""
-  proc = subprocess.run([sys.executable, "-m", "experiments.quickstart", f"--workdir={tmp_path}", "--source=idx"],
-                        cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
-  assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1] == (
-      "error: The idx source needs data_dir (--data_dir), the directory holding the IDX files.")
-  assert "Traceback" not in proc.stderr
+  """End to end through absl: a bad config value is one line and exit code 2, before anything trains."""
+  for flag, message in (("--config.data.source=idx", "The idx source needs data_dir"),
+                        ("--config.num_samples=0", "num_samples must be an integer >= 1"),
+                        ("--config.no_such_key=3", "invalid flags")):
+    proc = subprocess.run([sys.executable, "-m", "experiments.quickstart", f"--workdir={tmp_path}", flag],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_run_quickstart_trains_and_draws(tiny_config, tmp_path):

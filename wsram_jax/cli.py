@@ -32,6 +32,26 @@ def report_user_errors(fn: F) -> F:
   return wrapped  # type: ignore[return-value]
 
 
+def _flag_error(e: BaseException) -> None:
+  message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+  print(f"error: invalid flags: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def define_config_file(name: str, default: str, help_string: str, **kwargs):
+  """`ml_collections.config_flags.DEFINE_config_file`, with a bad default or override reported in one line.
+
+  When no `--config=` is given, ml_collections loads the default and applies `--config.KEY=VALUE` overrides
+  while the flag is being defined, before absl parses anything; a wrong key would then end in a traceback.
+  """
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
+  except (ValueError, KeyError, AttributeError, TypeError) as e:
+    _flag_error(e)
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing, with a bad flag or config override (`--config.nope=1`, an unknown config variant, a
   value of the wrong type) reported as `error: <message>` and exit code 2 instead of a traceback."""
@@ -40,9 +60,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (flags.Error, ValueError, KeyError, AttributeError, TypeError) as e:
-    message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    print(f"error: invalid flags: {message}", file=sys.stderr)
-    sys.exit(2)
+    _flag_error(e)
 
 
 def run_main(main: Callable[[Sequence[str]], Any]) -> None:
