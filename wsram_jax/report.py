@@ -78,6 +78,14 @@ def table1_markdown(summaries: Mapping[str, dict], *, key_name: str) -> str:
   return "\n".join(lines)
 
 
+def _save(fig, path: str, *, dpi: int) -> str:
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+  return path
+
+
 def _averaged(workdirs: Iterable[str], key: str) -> tuple[np.ndarray, np.ndarray]:
   per_run = [metric_writers.series(metric_writers.read_metrics(w), key) for w in workdirs]
   per_run = [(s, v) for s, v in per_run if s.size]
@@ -116,11 +124,7 @@ def figure2(groups: Mapping[str, Sequence[str]], path: str, *, smooth: int = 5) 
       ax.set_yscale("log")
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(fig, path, dpi=110)
 
 
 def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_scales: int = 3,
@@ -154,11 +158,7 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(fig, path, dpi=110)
 
 
 def training_curves(workdir: str, path: str, *, smooth: int = 5) -> str:
@@ -181,11 +181,7 @@ def training_curves(workdir: str, path: str, *, smooth: int = 5) -> str:
     ax.set_xlabel("updates")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path, dpi=100)
 
 
 def write_between_markers(path: str, name: str, text: str) -> None:
