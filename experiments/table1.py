@@ -10,8 +10,8 @@ Runs (each `python -m experiments.train` in its own workdir under --root, so eac
 
 Stop it at any time (or lose the session): started again with the same flags it resumes every run where its
 last checkpoint left it. When the runs are done (or with --report_only, from whatever has been written so far)
-it writes results/table1.json, results/figure2.png, results/figure3.png, results/glimpses.png and the Table 1
-section of RESULTS.md.
+it writes results/table1.json, results/figure2.png, results/figure3.png, results/glimpses.png (the greedy
+glimpse paths of the first seed's WS-RAM+q+c model on test canvases) and the Table 1 section of RESULTS.md.
 """
 import os
 import shlex
@@ -25,6 +25,7 @@ from experiments.configs import mnist as mnist_configs
 from wsram_jax import cli
 from wsram_jax import errors
 from wsram_jax import report
+from wsram_jax import train
 
 _ROOT = flags.DEFINE_string("root", "runs/table1", "Directory holding one workdir per run.")
 _STEPS = flags.DEFINE_integer("steps", 15000, "Updates per run.")
@@ -98,6 +99,13 @@ def write_report(runs: dict[str, list[str]], root: str, seeds, results: str, com
   groups = {v: [wd(f"{v}_s{s}") for s in seeds] for v in TABLE_VARIANTS}
   summaries = report.summarize(groups, key="eval/error_sampled")
   greedy = report.summarize(groups, key="eval/error_greedy")
+  glimpse_run = wd(f"wsram_q_cv_s{seeds[0]}")
+  if os.path.exists(os.path.join(glimpse_run, "config.json")):
+    config = train.load_config(glimpse_run)
+    config.data.num_test = 16
+    state = train.restore_state(config, glimpse_run)
+    _, _, test_canvases, test_labels = train.load_data(config)
+    train.glimpse_figure(config, state.params, test_canvases, test_labels, os.path.join(results, "glimpses.png"))
   report.write_json(os.path.join(results, "table1.json"), {
       "command": command, "error_sampled": summaries, "error_greedy": greedy,
       "final_metrics": {name: report.final_metrics(wd(name)) for name in runs}})

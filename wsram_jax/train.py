@@ -302,6 +302,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   return last
 
 
+def load_config(workdir: str):
+  """The configuration a run in `workdir` was started with (its config.json), as a ConfigDict."""
+  import json  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = f"{workdir}/config.json"
+  try:
+    with open(path, encoding="utf-8") as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise errors.UserError(f"Cannot read the run's configuration {path} ({e}); is {workdir} a run directory?")
+
+
 def restore_state(config, workdir: str) -> loop.TrainState:
   """The newest readable checkpoint of the run in `workdir` (raises CheckpointError if there is none)."""
   from wsram_jax import checkpoints  # pylint: disable=g-import-not-at-top

@@ -1,0 +1,43 @@
+"""The sweep report: Table 1 beside the paper's, Figures 2 and 3, from the runs' metrics files."""
+import json
+
+import numpy as np
+
+from experiments import table1
+from wsram_jax import metric_writers
+from wsram_jax import report
+
+
+def _fake_run(workdir, final_error, steps=(100, 200)):
+  writer = metric_writers.MetricWriter(str(workdir), tensorboard=False)
+  for s in steps:
+    writer.write_scalars(s, {"train/error": 0.5, "train/ess": 3.0, "train/scale_usage_0": 0.2,
+                             "train/scale_usage_1": 0.3, "train/scale_usage_2": 0.5})
+    writer.write_scalars(s, {"diag/grad_var/theta": 1e-4})
+  writer.write_scalars(steps[-1], {"eval/error_sampled": final_error, "eval/error_greedy": final_error + 0.01})
+  writer.close()
+
+
+def test_summarize_means_over_seeds(tmp_path):
+  _fake_run(tmp_path / "a", 0.10)
+  _fake_run(tmp_path / "b", 0.20)
+  s = report.summarize({"var": [str(tmp_path / "a"), str(tmp_path / "b")]})["var"]
+  assert np.isclose(s["mean"], 0.15) and np.isclose(s["std"], np.std([0.1, 0.2], ddof=1))
+  assert s["runs"] == 2 and s["steps"] == [200, 200]
+
+
+def test_write_report_fills_results(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "RESULTS.md").write_text("# Results\n\nintro\n\n<!-- table1:begin -->\nold\n<!-- table1:end -->\n\ntail\n")
+  runs = table1.planned_runs([0], 200, [])
+  for i, name in enumerate(runs):
+    _fake_run(tmp_path / "runs" / name, 0.01 * (i + 1))
+  table1.write_report(runs, str(tmp_path / "runs"), [0], str(tmp_path / "results"), "python -m experiments.table1")
+  text = (tmp_path / "RESULTS.md").read_text()
+  assert "intro" in text and "tail" in text and "old" not in text
+  assert "1.00% (n=1)" in text  # var_s0, the first run, ended at 1% error.
+  assert "3.11%" in text  # The paper's number beside ours.
+  for name in ("figure2.png", "figure3.png", "table1.json"):
+    assert (tmp_path / "results" / name).exists()
+  summary = json.loads((tmp_path / "results" / "table1.json").read_text())
+  assert np.isclose(summary["error_sampled"]["wsram_q_cv"]["mean"], 0.06)
