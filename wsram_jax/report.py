@@ -108,16 +108,23 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def figure2(groups: Mapping[str, Sequence[str]], path: str, *, smooth: int = 5) -> str:
-  """Figure 2: training error, gradient variance (theta) and ESS against thousands of updates."""
-  panels = (("train/error", "training error"), ("diag/grad_var/theta", "gradient variance (theta)"),
+  """Figure 2: training error, gradient variance (theta) and ESS against thousands of updates.
+
+  The training error is that of the trajectories the loss was computed on, drawn from the proposal: for the
+  +q variants the inference network, which sees the label. The test-error panel (the prior's samples on the
+  fixed test canvases) compares every method on the same footing.
+  """
+  panels = (("train/error", "training error (samples from the proposal)"),
+            ("eval/error_sampled", "test error (M samples from the prior)"),
+            ("diag/grad_var/theta", "gradient variance (theta)"),
             ("train/ess", "effective sample size (max = M)"))
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  fig, axes = plt.subplots(1, len(panels), figsize=(19, 4.2))
   for ax, (key, title) in zip(axes, panels):
     for name, workdirs in groups.items():
       steps, values = _averaged(workdirs, key)
       if steps.size:
         ax.plot(steps / 1000, _smooth(values, smooth if key.startswith("train/") else 1),
-                label=LABELS.get(name, name))
+                label=LABELS.get(name, name), marker="." if key.startswith("eval/") else None)
     ax.set_title(title)
     ax.set_xlabel("thousands of updates")
     if key.startswith("diag/"):
