@@ -15,7 +15,7 @@ run: data
 	$(PY) -m experiments.quickstart --workdir=$(WORKDIR)
 
 test: data
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --durations=10 $(PYTEST_ARGS)
 
 setup: $(STAMP)
 
