@@ -1,0 +1,134 @@
+"""The caption trainer: a whole run on a tiny config, resume, Flickr8k end to end, bad configs."""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import apply_overrides
+from experiments.configs import captions as caption_configs
+from test_captioning_data import write_flickr_fixture
+from wsram_jax import errors
+from wsram_jax import metric_writers
+from wsram_jax.captioning import encoders
+from wsram_jax.captioning import plots
+from wsram_jax.captioning import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_caption_overrides(data_dir) -> dict:
+  """A 32 px canvas, a 3-block encoder with 2 levels, D = 8: small enough to compile in seconds."""
+  return {
+      "data.source": "idx", "data.data_dir": str(data_dir), "data.canvas_size": 32, "data.small_min": 8,
+      "data.small_max": 10, "data.large_min": 14, "data.large_max": 16, "data.num_test": 6,
+      "data.eval_batch_size": 4, "model.encoder_channels": (4, 4, 4), "model.num_scales": 2,
+      "model.feature_dim": 4, "model.embed_dim": 4, "model.hidden_size": 8, "model.glimpse_hidden": 4,
+      "model.attention_hidden": 8, "model.context_dim": 4, "model.lowres_size": 4, "batch_size": 4,
+      "num_samples": 2, "num_steps": 4, "log_every": 2, "eval_every": 4, "checkpoint_every": 2,
+  }
+
+
+@pytest.fixture
+def tiny_caption_config(tiny_mnist_dir):
+  def make(variant="wsram_q_cv", **overrides):
+    config = caption_configs.get_config(variant)
+    apply_overrides(config, tiny_caption_overrides(tiny_mnist_dir))
+    return apply_overrides(config, overrides)
+
+  return make
+
+
+def test_train_resume_and_plots(tiny_caption_config, tmp_path):
+  config = tiny_caption_config("wsram_q_cv")
+  last = train.train_and_evaluate(config, str(tmp_path))
+  for key in ("train/loss", "train/nll", "train/bound", "train/ess", "train/loss_q", "train/scale_usage_1",
+              "eval/bleu1", "eval/bleu4", "eval/nll", "eval/log_p_y", "eval/exact_match"):
+    assert key in last, key
+  assert 1.0 <= last["train/ess"] <= config.num_samples + 1e-5
+  assert 0.0 <= last["eval/bleu4"] <= last["eval/bleu1"] <= 1.0
+  assert last["eval/log_p_y"] <= 0.0 and last["eval/nll"] > 0
+  assert "test BLEU-1..4" in train.summary(last)
+  steps, _ = metric_writers.series(metric_writers.read_metrics(str(tmp_path)), "train/nll")
+  np.testing.assert_array_equal(steps, [2, 4])
+
+  # Resume: a longer schedule continues from the step-4 checkpoint (no step is repeated).
+  config.num_steps = 6
+  train.train_and_evaluate(config, str(tmp_path))
+  steps, _ = metric_writers.series(metric_writers.read_metrics(str(tmp_path)), "train/nll")
+  np.testing.assert_array_equal(steps, [2, 4, 6])
+  records = metric_writers.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records if "train/nll" in r] == [2, 4, 6]
+
+  # Restore and plot the greedy captions with their glimpses; and the curves.
+  restored = train.restore(config, str(tmp_path))
+  assert restored.step == 6
+  out = plots.caption_examples(restored, tmp_path / "examples.png", num=2)
+  assert out.exists() and out.stat().st_size > 0
+  curves = plots.training_curves({"wsram_q_cv": str(tmp_path)}, tmp_path / "curves.png")
+  assert curves.exists()
+
+  # A changed model on resume is one clear error.
+  config.model.hidden_size = 16
+  with pytest.raises(errors.ConfigError, match="different configuration"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_flickr8k_task_and_pretrained_encoder(tiny_caption_config, tmp_path):
+  json_path, image_dir = write_flickr_fixture(tmp_path / "flickr")
+  config = tiny_caption_config(
+      "var_cv", **{"data.task": "flickr8k", "data.flickr8k_json": str(json_path),
+                   "data.flickr8k_images": str(image_dir), "data.image_size": 16, "data.max_words": 4,
+                   "data.min_word_count": 1, "model.freeze_encoder": True})
+  train.validate_config(config)
+  task = train.load_task(config)
+  assert task.caption_length == 5 and task.test_images.shape == (1, 16, 16, 3)
+  assert task.test_references == [[["a", "dog", "sits"], ["the", "dog"], ["a", "red", "ball"]]]
+  images, captions = jax.jit(task.sample, static_argnums=2)(jax.random.PRNGKey(0), task.train, 8)
+  assert images.shape == (8, 16, 16, 3) and images.dtype == np.float32 and captions.shape == (8, 6)
+  assert np.all(captions[:, 0] == 1) and np.all(np.any(captions == 2, axis=1))
+  # The sampler only draws existing references: image 1 ("b.jpg") has one, so never the all-<pad> row.
+  assert np.all(captions[:, 1] != 0)
+  # Pretrained encoder weights replace the initial ones.
+  model = train.build_model(config, len(task.vocab))
+  optimizer = train.classifier_train.make_optimizer(config)
+  fresh = train.create_train_state(config, model, optimizer).params
+  other = jax.tree_util.tree_map(lambda x: x + 1.0, fresh["encoder"])
+  config.model.encoder_weights = str(encoders.save_encoder_params(tmp_path / "enc.npz", other))
+  loaded = train.create_train_state(config, model, optimizer).params
+  jax.tree_util.tree_map(np.testing.assert_allclose, loaded["encoder"], other)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["lstm"], fresh["lstm"])
+  config.model.encoder_weights = str(tmp_path / "missing.npz")
+  with pytest.raises(errors.DataError, match="does not exist"):
+    train.create_train_state(config, model, optimizer)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"num_samples": 0}, "num_samples"),
+    ({"method": "reinforce"}, "Unknown --config.method"),
+    ({"method": "var"}, "samples from the prior"),
+    ({"baseline": "moving"}, "VAR's control variate"),
+    ({"model.num_scales": 4}, "cannot exceed the number of encoder blocks"),
+    ({"model.q_word": "caption"}, "q_word"),
+    ({"model.encoder_channels": (4, 4, 4, 4, 4, 4)}, "halve"),
+    ({"data.task": "coco"}, "Unknown --config.data.task"),
+    ({"data.task": "flickr8k"}, "flickr8k_json"),
+    ({"data.small_max": 20}, "must not overlap"),
+    ({"bleu_smoothing": "laplace"}, "bleu_smoothing"),
+    ({"heuristics.temperature": 0.0}, "temperature must be positive"),
+])
+def test_invalid_config_is_one_clear_error(tiny_caption_config, overrides, match):
+  config = tiny_caption_config("wsram_q_cv", **overrides)
+  with pytest.raises(errors.ConfigError, match=match):
+    train.validate_config(config)
+
+
+def test_binary_rejects_bad_config_with_exit_code_2(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.train_captions", "--config=experiments/configs/captions.py:var",
+         f"--workdir={tmp_path / 'w'}", "--config.model.q_word=caption"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert "q_word" in proc.stderr and "Traceback" not in proc.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()

@@ -1,0 +1,88 @@
+"""The captioner's losses: its rollout (`captioning.rollout`) feeds the same estimators as the classifier's.
+
+    loss_fn(params, batch, key, baseline_value) -> (loss, metrics)
+    batch = (images [B, H, W, C] float32, captions [B, T + 1] int32)
+
+The method part is `wsram_jax.objectives.method_loss` on the rollout's per-sample ``log_p_a``, ``log_p_y``,
+``log_q_a`` `[B, M]` (no second copy of the math): ``wsram`` -> `estimators.wsram_losses` (Eqns 8, 14; 16-19
+with control variates), ``var`` -> `estimators.variational_loss` (Eqn 5) with a baseline from
+`wsram_jax.baselines` (none, moving average, learned b(I), leave-one-out), ``vimco``. The proposal is built by
+`wsram_jax.objectives.make_proposal` (prior, inference network, defensive mixture; tempered by heuristic (1)),
+and heuristics (2) and (3) come from `wsram_jax.exploration`. The sleep-phase q update is the classifier's only.
+
+Metrics (means over the batch): ``nll`` = -log p(y|a) per caption (Figure 4's training NLL, for the sampled
+glimpses), ``nll_per_word``, ``bound`` (Eqn 9, the multi-sample bound on log p(y|I)), ``ess``, the prior's
+entropy, and the usage of each pyramid level over the unmasked steps.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from wsram_jax import estimators
+from wsram_jax import exploration
+from wsram_jax import objectives as objectives_lib
+from wsram_jax.captioning import model as model_lib
+from wsram_jax.captioning import rollout as rollout_lib
+
+__all__ = ["batched_rollout", "caption_metrics", "make_loss_fn"]
+
+
+def batched_rollout(params, images, captions, key, *, model, proposal, num_samples, q_word="target",
+                    greedy=False) -> rollout_lib.CaptionTrajectory:
+  """`captioning.rollout.rollout` vmapped over the batch (every field gets a leading B)."""
+  roll = functools.partial(rollout_lib.rollout, model=model, proposal=proposal, num_samples=num_samples,
+                           q_word=q_word, greedy=greedy)
+  keys = jax.random.split(key, images.shape[0])
+  return jax.vmap(roll, in_axes=(None, 0, 0, 0))(params, images, captions, keys)
+
+
+def caption_metrics(traj: rollout_lib.CaptionTrajectory, num_scales: int) -> dict[str, jax.Array]:
+  """Diagnostics of a batch of trajectories (fields ``[B, M, ...]``)."""
+  sg = jax.lax.stop_gradient
+  log_w = estimators.log_importance_weights(sg(traj.log_p_a), sg(traj.log_p_y), sg(traj.log_q_a))
+  mask = traj.mask[:, None, :]  # [B, 1, T]
+  words = jnp.sum(traj.mask, axis=-1)  # [B]
+  steps = jnp.maximum(jnp.sum(mask) * traj.scales.shape[1], 1.0)
+  usage = jnp.sum(jax.nn.one_hot(traj.scales, num_scales) * mask[..., None], axis=(0, 1, 2)) / steps
+  metrics = {
+      "nll": -jnp.mean(sg(traj.log_p_y)),
+      "nll_per_word": -jnp.mean(jnp.mean(sg(traj.log_p_y), axis=-1) / jnp.maximum(words, 1.0)),
+      "bound": jnp.mean(estimators.log_marginal_bound(log_w)),
+      "ess": jnp.mean(estimators.effective_sample_size(log_w)),
+      "entropy": jnp.sum(sg(traj.entropy) * mask) / steps,
+  }
+  for s in range(num_scales):
+    metrics[f"scale_usage_{s}"] = usage[s]
+  return metrics
+
+
+def make_loss_fn(cfg: objectives_lib.ObjectiveConfig, model: model_lib.CaptionModel, *, q_word: str = "target"):
+  """The loss of ``cfg.method`` for the captioner; pure (jit it with ``model`` closed over)."""
+  if cfg.method not in objectives_lib.METHODS:
+    raise ValueError(f"Unknown method {cfg.method!r}; choose one of {objectives_lib.METHODS}.")
+  if cfg.sleep_weight > 0:
+    raise ValueError("The sleep-phase q update is not implemented for the captioner; set sleep_weight=0.")
+  proposal = objectives_lib.make_proposal(cfg)
+  roll = functools.partial(batched_rollout, model=model, proposal=proposal, num_samples=cfg.num_samples,
+                           q_word=q_word)
+
+  def loss_fn(params, batch, key, baseline_value=0.0):
+    images, captions = batch
+    traj = roll(params, images, captions, key)
+    metrics = caption_metrics(traj, model.num_scales)
+    loss, parts = objectives_lib.method_loss(cfg, traj.log_p_a, traj.log_p_y, traj.log_q_a,
+                                             baseline_value=baseline_value, learned_baseline=traj.baseline)
+    metrics.update(parts)
+    if cfg.coverage_weight > 0:
+      loss = loss + cfg.coverage_weight * exploration.coverage_regularizer(traj.prior_scale_probs,
+                                                                           traj.prior_loc_mean)
+    if cfg.entropy_weight > 0:
+      loss = loss + exploration.entropy_bonus(traj.entropy, weight=cfg.entropy_weight)
+    metrics["loss"] = loss
+    metrics["reward"] = jnp.mean(jax.lax.stop_gradient(traj.log_p_y))
+    return loss, metrics
+
+  return loss_fn

@@ -1,0 +1,465 @@
+"""Training and evaluation of the captioner (paper Sec. 5.2) on the shared loop (`wsram_jax.loop`).
+
+    train_and_evaluate(config, workdir) -> final metrics
+
+Everything the classifier's trainer does for a run -- resume from the newest readable checkpoint, progress
+lines, metrics JSONL + TensorBoard, orbax checkpoints with fallback, the NaN guard -- comes from `loop.run`
+and `loop.guarded_update`; this module only supplies the task's pieces:
+
+* one update (`make_train_step`), all in one `jax.jit`: key_t = fold_in(state.key, t) draws the batch (digit
+  canvases generated on the device, or Flickr8k images and one of their captions) and the glimpse samples; the
+  loss is `captioning.objectives.make_loss_fn` (the estimators of `wsram_jax.estimators`); Adam after
+  global-norm clipping (`wsram_jax.train.make_optimizer`).
+* evaluation (`make_evaluator`) on the fixed test split: greedy captions (the prior's mode glimpse, then the
+  most probable word, `rollout.greedy_decode`) scored by corpus BLEU-1..4 (`captioning.bleu`, nltk) against
+  the references, and ``eval/nll`` = -log p(y|a) of the first reference caption under M glimpse sequences
+  from the prior, with ``eval/log_p_y`` its Eqn 9 bound (prior proposal: log mean_m p(y|a^m)).
+* diagnostics (optional, ``diag_every``): K gradient estimates of one fixed minibatch, their variance per
+  parameter group (`wsram_jax.diagnostics.gradient_variance`).
+
+Training metrics logged against updates: ``train/nll`` (-log p(y|a) per caption, Figure 4), ``train/bound``,
+``train/ess``, ``train/nll_per_word``, level usage.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from wsram_jax import baselines
+from wsram_jax import checkpoints
+from wsram_jax import diagnostics
+from wsram_jax import errors
+from wsram_jax import loop
+from wsram_jax import networks
+from wsram_jax import objectives as objectives_lib
+from wsram_jax import proposals
+from wsram_jax import train as classifier_train
+from wsram_jax.captioning import bleu
+from wsram_jax.captioning import data as digits_data
+from wsram_jax.captioning import encoders
+from wsram_jax.captioning import flickr8k
+from wsram_jax.captioning import model as model_lib
+from wsram_jax.captioning import objectives
+from wsram_jax.captioning import rollout as rollout_lib
+from wsram_jax.captioning import vocab as vocab_lib
+from wsram_jax.data import canvas as canvas_lib
+from wsram_jax.data import mnist
+
+log = logging.getLogger(__name__)
+
+TASKS = ("digits", "flickr8k")
+ENCODERS = ("conv_pyramid",)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration.
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise errors.ConfigError(message)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def task_spec(config) -> digits_data.TaskSpec:
+  d = config.data
+  return digits_data.TaskSpec(canvas_size=d.canvas_size, num_digits=d.num_digits, small_min=d.small_min,
+                              small_max=d.small_max, large_min=d.large_min, large_max=d.large_max)
+
+
+def image_side(config) -> int:
+  return int(config.data.canvas_size if config.data.task == "digits" else config.data.image_size)
+
+
+def validate_config(config) -> None:
+  """Raises `errors.ConfigError` (one sentence) for any invalid value, before anything is loaded or compiled."""
+  def positive_int(name, value, minimum=1):
+    _require(_is_int(value) and value >= minimum, f"--config.{name} must be an integer >= {minimum}, got {value!r}.")
+
+  _require(config.method in objectives_lib.METHODS,
+           f"Unknown --config.method {config.method!r}; choose one of {', '.join(objectives_lib.METHODS)}.")
+  _require(config.proposal in objectives_lib.PROPOSALS,
+           f"Unknown --config.proposal {config.proposal!r}; choose one of {', '.join(objectives_lib.PROPOSALS)}.")
+  _require(config.baseline in objectives_lib.BASELINES,
+           f"Unknown --config.baseline {config.baseline!r}; choose one of {', '.join(objectives_lib.BASELINES)}.")
+  if config.method != "wsram":
+    _require(config.proposal == "prior",
+             f"--config.method={config.method} samples from the prior; set --config.proposal=prior "
+             "(use --config.heuristics.temperature to temper it).")
+  if config.method != "var":
+    _require(config.baseline == "none",
+             f"--config.baseline={config.baseline} is VAR's control variate; with --config.method="
+             f"{config.method} set it to none (WS-RAM's control variates are --config.control_variates).")
+  positive_int("num_samples", config.num_samples)
+  if config.method == "vimco" or config.baseline == "loo":
+    _require(config.num_samples >= 2, "VIMCO and the leave-one-out baseline need --config.num_samples >= 2.")
+  positive_int("batch_size", config.batch_size)
+  positive_int("num_steps", config.num_steps, 0)
+  for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    positive_int(name, config[name])
+  positive_int("diag_every", config.diag_every, 0)
+  _require(float(config.learning_rate) > 0, f"--config.learning_rate must be positive, got {config.learning_rate}.")
+  _require(float(config.grad_clip_norm) >= 0, f"--config.grad_clip_norm must be >= 0, got {config.grad_clip_norm}.")
+  h = config.heuristics
+  _require(float(h.temperature) > 0, f"--config.heuristics.temperature must be positive, got {h.temperature}.")
+  _require(float(h.coverage_weight) >= 0 and float(h.entropy_weight) >= 0,
+           "The heuristic weights --config.heuristics.coverage_weight and entropy_weight must be >= 0.")
+  _require(0.0 <= float(config.mixture_alpha) <= 1.0,
+           f"--config.mixture_alpha must be in [0, 1], got {config.mixture_alpha}.")
+  _require(0.0 <= float(config.baseline_decay) < 1.0,
+           f"--config.baseline_decay must be in [0, 1), got {config.baseline_decay}.")
+  _require(config.bleu_smoothing in bleu.SMOOTHING_METHODS,
+           f"Unknown --config.bleu_smoothing {config.bleu_smoothing!r}; choose one of "
+           f"{', '.join(bleu.SMOOTHING_METHODS)}.")
+
+  m = config.model
+  _require(m.encoder in ENCODERS, f"Unknown --config.model.encoder {m.encoder!r}; choose one of {', '.join(ENCODERS)}.")
+  channels = m.encoder_channels
+  _require(isinstance(channels, (tuple, list)) and len(channels) >= 1 and all(_is_int(c) and c >= 1 for c in channels),
+           f"--config.model.encoder_channels must be a non-empty tuple of positive integers, got {channels!r}.")
+  positive_int("model.num_scales", m.num_scales)
+  _require(m.num_scales <= len(channels),
+           f"--config.model.num_scales ({m.num_scales}) cannot exceed the number of encoder blocks "
+           f"({len(channels)}).")
+  for name in ("feature_dim", "read_size", "embed_dim", "hidden_size", "glimpse_hidden", "attention_hidden",
+               "lowres_size"):
+    positive_int(f"model.{name}", m[name])
+  positive_int("model.context_dim", m.context_dim, 0)
+  _require(float(m.loc_std) > 0, f"--config.model.loc_std must be positive, got {m.loc_std}.")
+  _require(m.q_word in model_lib.Q_WORDS,
+           f"Unknown --config.model.q_word {m.q_word!r}; choose one of {', '.join(model_lib.Q_WORDS)}.")
+
+  d = config.data
+  _require(d.task in TASKS, f"Unknown --config.data.task {d.task!r}; choose one of {', '.join(TASKS)}.")
+  if d.task == "digits":
+    _require(d.source in mnist.SOURCES,
+             f"Unknown --config.data.source {d.source!r}; choose one of {', '.join(mnist.SOURCES)}.")
+    task_spec(config).check()
+  else:
+    _require(bool(d.flickr8k_json) and bool(d.flickr8k_images),
+             "--config.data.task=flickr8k needs --config.data.flickr8k_json (Karpathy's dataset_flickr8k.json) "
+             "and --config.data.flickr8k_images (the image folder).")
+    positive_int("data.max_words", d.max_words)
+    positive_int("data.min_word_count", d.min_word_count)
+    positive_int("data.image_size", d.image_size, 8)
+  side = image_side(config)
+  _require(side // 2 ** len(channels) >= 1,
+           f"{len(channels)} encoder blocks halve the {side} px image to nothing; use fewer blocks.")
+  _require(m.lowres_size <= side,
+           f"--config.model.lowres_size ({m.lowres_size}) cannot exceed the image size ({side}).")
+  positive_int("data.num_test", d.num_test)
+  positive_int("data.eval_batch_size", d.eval_batch_size)
+
+
+def objective_config(config) -> objectives_lib.ObjectiveConfig:
+  h = config.heuristics
+  return objectives_lib.ObjectiveConfig(
+      method=config.method, proposal=config.proposal, control_variates=bool(config.control_variates),
+      baseline=config.baseline, num_samples=int(config.num_samples), temperature=float(h.temperature),
+      coverage_weight=float(h.coverage_weight), entropy_weight=float(h.entropy_weight),
+      baseline_weight=float(config.baseline_weight), mixture_alpha=float(config.mixture_alpha))
+
+
+_JIT_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+_JIT_CACHE_SIZE = 32
+
+
+def _cached(kind: str, config, build: Callable[[], Any]) -> Any:
+  """``build()`` once per (kind, configuration): a resumed run, `restore` or a second evaluation in the same
+  process reuse the compiled functions instead of compiling fresh closures (what jit caches is per function
+  object). The key is the configuration without the loop's schedule keys, which the functions do not read."""
+  values = {k: v for k, v in json.loads(config.to_json()).items() if k not in loop.SCHEDULE_KEYS}
+  key = (kind, json.dumps(values, sort_keys=True))
+  if key in _JIT_CACHE:
+    _JIT_CACHE.move_to_end(key)
+    return _JIT_CACHE[key]
+  fn = _JIT_CACHE[key] = build()
+  while len(_JIT_CACHE) > _JIT_CACHE_SIZE:
+    _JIT_CACHE.popitem(last=False)
+  return fn
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data.
+
+
+class TaskData(NamedTuple):
+  """What a run trains and evaluates on.
+
+  Attributes:
+    vocab: the `Vocabulary`.
+    train: device arrays the jitted sampler draws from (a dict).
+    sample: ``(key, train, batch_size) -> (images float32 [B, H, W, C], captions int32 [B, T + 1])`` (jit-able).
+    test_images: ``[E, H, W, C]`` uint8.
+    test_captions: ``[E, T + 1]`` int32, one reference per image (for the NLL).
+    test_references: per test image, its tokenised references (for BLEU).
+    caption_length: T.
+  """
+  vocab: vocab_lib.Vocabulary
+  train: dict
+  sample: Callable[..., tuple[jax.Array, jax.Array]]
+  test_images: np.ndarray
+  test_captions: np.ndarray
+  test_references: list
+  caption_length: int
+
+
+def load_task(config) -> TaskData:
+  d = config.data
+  if d.task == "digits":
+    spec = task_spec(config)
+    data_dir = d.data_dir or None
+    images, labels = mnist.load_mnist("train", source=d.source, data_dir=data_dir)
+    test_images, test_labels = mnist.load_mnist("test", source=d.source, data_dir=data_dir)
+    test = digits_data.fixed_test_set(test_images, test_labels, spec, seed=d.test_seed, num=int(d.num_test))
+
+    def sample(key, train, batch_size):
+      ex = digits_data.sample_batch(key, train["images"], train["labels"], batch_size, spec)
+      return ex.canvas, ex.caption
+
+    refs = [[digits_data.VOCAB.decode(c)] for c in test.caption]
+    return TaskData(vocab=digits_data.VOCAB, train={"images": jnp.asarray(images), "labels": jnp.asarray(labels)},
+                    sample=sample, test_images=test.canvas, test_captions=test.caption, test_references=refs,
+                    caption_length=spec.caption_length)
+
+  ds = flickr8k.load_flickr8k(d.flickr8k_json, d.flickr8k_images, image_size=int(d.image_size),
+                              max_words=int(d.max_words), min_count=int(d.min_word_count),
+                              splits=("train", "test"))
+  tr, te = ds.splits["train"], ds.splits["test"]
+  num = min(int(d.num_test), te.images.shape[0])
+
+  def sample(key, train, batch_size):
+    k_index, k_ref = jax.random.split(key)
+    index = jax.random.randint(k_index, (batch_size,), 0, train["images"].shape[0])
+    refs = train["num_refs"][index]
+    ref = jnp.minimum((jax.random.uniform(k_ref, (batch_size,)) * refs).astype(jnp.int32), refs - 1)
+    return canvas_lib.to_float(train["images"][index]), train["captions"][index, ref]
+
+  train = {"images": jnp.asarray(tr.images), "captions": jnp.asarray(tr.captions),
+           "num_refs": jnp.asarray(tr.num_refs)}
+  return TaskData(vocab=ds.vocab, train=train, sample=sample, test_images=te.images[:num],
+                  test_captions=te.captions[:num, 0], test_references=te.references[:num],
+                  caption_length=int(d.max_words) + 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model, state.
+
+
+def build_model(config, vocab_size: int) -> model_lib.CaptionModel:
+  m = config.model
+  encoder = model_lib.ConvPyramid(channels=tuple(int(c) for c in m.encoder_channels), num_levels=m.num_scales)
+  return model_lib.CaptionModel(
+      vocab_size=vocab_size, encoder=encoder, num_scales=m.num_scales, feature_dim=m.feature_dim,
+      read_size=m.read_size, embed_dim=m.embed_dim, hidden_size=m.hidden_size, glimpse_hidden=m.glimpse_hidden,
+      attention_hidden=m.attention_hidden, context_dim=m.context_dim, lowres_size=m.lowres_size,
+      loc_std=m.loc_std, learn_loc_std=m.learn_std, freeze_encoder=m.freeze_encoder)
+
+
+def baseline_transform(config) -> baselines.BaselineTransform:
+  if config.method == "var" and config.baseline == "moving":
+    return baselines.moving_average(config.baseline_decay)  # debiased: no initial value to guess
+  return baselines.no_baseline()
+
+
+def image_shape(config) -> tuple[int, int, int]:
+  side = image_side(config)
+  return (side, side, 1 if config.data.task == "digits" else 3)
+
+
+def create_train_state(config, model, optimizer) -> loop.TrainState:
+  key = jax.random.PRNGKey(config.seed)
+  k_init, k_run = jax.random.split(key)
+  params = model_lib.init_params(model, k_init, image_shape(config))
+  if config.model.encoder_weights:
+    params = encoders.replace_encoder(params, config.model.encoder_weights)
+  state = loop.TrainState.create(params=params, opt_state=optimizer.init(params), key=k_run,
+                                 extra=baseline_transform(config).init())
+  # Committed to the device, as a state restored from a checkpoint is: jit keys its cache on commitment, so
+  # a fresh and a restored state then share the compiled step (a resume in the same process compiles nothing).
+  return jax.device_put(state, jax.local_devices()[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps.
+
+
+def make_train_step(config, model, optimizer, task: TaskData) -> Callable[..., tuple[loop.TrainState, dict]]:
+  """``step(state, train_arrays) -> (state, metrics)``, jitted (one per configuration, see `_cached`)."""
+  # The step keeps its own copy of the configuration: a later change to `config` cannot leak into a retrace.
+  frozen = config.copy_and_resolve_references()
+  return _cached("train_step", frozen, lambda: _build_train_step(frozen, model, optimizer, task))
+
+
+def _build_train_step(config, model, optimizer, task: TaskData):
+  loss_fn = objectives.make_loss_fn(objective_config(config), model, q_word=config.model.q_word)
+  btx = baseline_transform(config)
+
+  @jax.jit
+  def step(state: loop.TrainState, train):
+    key = jax.random.fold_in(state.key, state.step)
+    k_data, k_loss = jax.random.split(key)
+    batch = task.sample(k_data, train, config.batch_size)
+    value, _ = btx.update(jnp.zeros(()), state.extra)  # the baseline before this batch
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, k_loss, value)
+    _, new_extra = btx.update(metrics["reward"], state.extra)
+
+    def apply(params, opt_state):
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    metrics = {f"train/{k}": v for k, v in metrics.items()}
+    metrics["train/grad_norm"] = optax.global_norm(grads)
+    return loop.guarded_update(state, grads, apply, loss, new_extra), metrics
+
+  return step
+
+
+@functools.lru_cache(maxsize=16)
+def make_decoder(model, max_len: int) -> Callable[[Any, jax.Array], rollout_lib.Decoded]:
+  """``decode(params, images uint8/float [B, H, W, C]) -> Decoded`` (greedy, jitted; one per model)."""
+
+  @jax.jit
+  def decode(params, images):
+    images = canvas_lib.to_float(images)
+    return jax.vmap(lambda im: rollout_lib.greedy_decode(params, im, model=model, max_len=max_len))(images)
+
+  return decode
+
+
+def make_evaluator(config, model, task: TaskData) -> Callable[[loop.TrainState], dict]:
+  """BLEU-1..4 of greedy captions and the NLL of the references on the fixed test split (deterministic)."""
+  decode = make_decoder(model, task.caption_length)
+  nll_batch = _nll_batch(model, int(config.num_samples), config.model.q_word)
+
+  e = int(config.data.eval_batch_size)
+  n = task.test_images.shape[0]
+  key = jax.random.PRNGKey(int(config.data.get("test_seed", 0)) + 1)
+
+  def evaluate(state):
+    hyps, totals = [], {}
+    for start in range(0, n, e):
+      index = np.minimum(np.arange(start, start + e), n - 1)
+      mask = (np.arange(start, start + e) < n).astype(np.float32)
+      dec = jax.device_get(decode(state.params, task.test_images[index]))
+      hyps += [task.vocab.decode(t) for t in dec.tokens[:min(e, n - start)]]
+      out = nll_batch(state.params, task.test_images[index], task.test_captions[index], mask,
+                      jax.random.fold_in(key, start))
+      for k, v in out.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    scores = bleu.corpus_bleu(task.test_references, hyps, smoothing=config.bleu_smoothing)
+    metrics = {f"eval/{k}": v for k, v in scores.items()}
+    metrics.update({f"eval/{k}": v / n for k, v in totals.items()})
+    metrics["eval/exact_match"] = float(np.mean([h in r for h, r in zip(hyps, task.test_references)]))
+    return metrics
+
+  return evaluate
+
+
+@functools.lru_cache(maxsize=16)
+def _nll_batch(model, num_samples: int, q_word: str):
+  """``(params, images, captions, mask, key) -> sums of NLL and of the Eqn 9 bound`` (jitted; one per model)."""
+
+  @jax.jit
+  def nll_batch(params, images, captions, mask, key):
+    traj = objectives.batched_rollout(params, canvas_lib.to_float(images), captions, key, model=model,
+                                      proposal=proposals.prior, num_samples=num_samples, q_word=q_word)
+    bound = jax.nn.logsumexp(traj.log_p_y, axis=-1) - jnp.log(num_samples)  # Eqn 9, prior as proposal
+    return {"nll": jnp.sum(-jnp.mean(traj.log_p_y, -1) * mask), "log_p_y": jnp.sum(bound * mask)}
+
+  return nll_batch
+
+
+def make_diagnose(config, model, task: TaskData) -> Callable[[loop.TrainState], dict]:
+  """Gradient variance over 16 estimates of one fixed minibatch, per parameter group, and its ESS."""
+  loss_fn = objectives.make_loss_fn(objective_config(config), model, q_word=config.model.q_word)
+  btx = baseline_transform(config)
+  diag_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2 ** 30)
+  batch = task.sample(diag_key, task.train, config.batch_size)
+
+  @jax.jit
+  def diagnose_jit(state):
+    value, _ = btx.update(jnp.zeros(()), state.extra)
+    grad_fn = lambda p, b, k: jax.grad(lambda q: loss_fn(q, b, k, value)[0])(p)
+    labels = networks.param_labels(state.params, baseline="baseline")
+    out = diagnostics.gradient_variance(grad_fn, state.params, batch, jax.random.fold_in(diag_key, state.step),
+                                        num_estimates=16, labels=labels)
+    _, metrics = loss_fn(state.params, batch, jax.random.fold_in(diag_key, 2 ** 31), value)
+    out["ess/mean"] = metrics["ess"]
+    return out
+
+  return lambda state: {f"diag/{k}": v for k, v in jax.device_get(diagnose_jit(state)).items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole run.
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds a run) and returns the last value of every metric."""
+  validate_config(config)
+  task = load_task(config)
+  model = build_model(config, len(task.vocab))
+  optimizer = classifier_train.make_optimizer(config)
+  step = make_train_step(config, model, optimizer, task)
+  _, last = loop.run(
+      config=config, workdir=workdir,
+      init_state=functools.partial(create_train_state, config, model, optimizer),
+      train_step=lambda state: step(state, task.train),
+      evaluate=make_evaluator(config, model, task),
+      diagnose=make_diagnose(config, model, task) if config.diag_every > 0 else None,
+      progress_keys=("train/nll", "train/bound", "train/ess"))
+  return last
+
+
+@dataclasses.dataclass
+class Restored:
+  """A trained run, for plots and examples: the model, its state, the task and a jitted greedy decoder."""
+  model: model_lib.CaptionModel
+  state: loop.TrainState
+  task: TaskData
+  decode: Callable[[Any, Any], rollout_lib.Decoded]
+  step: int
+
+
+def restore(config, workdir: str, task: Optional[TaskData] = None) -> Restored:
+  """The newest readable checkpoint of `workdir` (`errors.CheckpointError` if none)."""
+  validate_config(config)
+  task = task or load_task(config)
+  model = build_model(config, len(task.vocab))
+  optimizer = classifier_train.make_optimizer(config)
+  target = create_train_state(config, model, optimizer)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    state, step = ckpt.restore_latest(target)
+  finally:
+    ckpt.close()
+  if state is None:
+    raise errors.CheckpointError(f"No checkpoint to restore in {workdir}/checkpoints.")
+  return Restored(model=model, state=state, task=task, decode=make_decoder(model, task.caption_length),
+                  step=int(step))
+
+
+def summary(last: dict[str, Any]) -> str:
+  """One line: test BLEU-1..4 (x100, as in Table 2), test NLL and the training NLL the run ends on."""
+  parts = []
+  if all(f"eval/bleu{n}" in last for n in (1, 2, 3, 4)):
+    parts.append("test BLEU-1..4 " + " / ".join(f"{100 * last[f'eval/bleu{n}']:.1f}" for n in (1, 2, 3, 4)))
+  for name, key, fmt in (("test NLL", "eval/nll", "{:.3f}"), ("test log p(y|I) >=", "eval/log_p_y", "{:.3f}"),
+                         ("train NLL", "train/nll", "{:.3f}"), ("ESS", "train/ess", "{:.2f}")):
+    if key in last:
+      parts.append(f"{name} {fmt.format(last[key])}")
+  return "; ".join(parts)
