@@ -262,8 +262,12 @@ def make_diagnose(config, model, images, labels) -> Callable[[loop.TrainState], 
     out["ess/mean"] = metrics["ess"]
     return out
 
+  # Without an inference network eta gets no gradient; leave its (zero) group out rather than report it.
+  drop = () if objectives.ObjectiveConfig.from_config(config).uses_inference_network else ("/eta",)
+
   def diagnose(state):
-    return {f"diag/{k}": v for k, v in jax.device_get(diagnose_jit(state)).items()}
+    out = jax.device_get(diagnose_jit(state))
+    return {f"diag/{k}": v for k, v in out.items() if not k.endswith(drop)}
 
   return diagnose
 
