@@ -94,11 +94,12 @@ def run_all(runs: dict[str, list[str]], root: str, steps: int, jobs: int) -> Non
     raise errors.UserError(f"Runs {', '.join(failed)} failed; read their log.txt under {root}.")
 
 
-def write_report(runs: dict[str, list[str]], root: str, seeds, results: str, command: str) -> None:
+def write_report(runs: dict[str, list[str]], root: str, seeds, results: str, command: str,
+                 steps: int = 0) -> None:
   wd = lambda name: os.path.join(root, name)
   groups = {v: [wd(f"{v}_s{s}") for s in seeds] for v in TABLE_VARIANTS}
-  summaries = report.summarize(groups, key="eval/error_sampled")
-  greedy = report.summarize(groups, key="eval/error_greedy")
+  summaries = report.summarize(groups, key="eval/error_sampled", min_step=steps)
+  greedy = report.summarize(groups, key="eval/error_greedy", min_step=steps)
   glimpse_run = wd(f"wsram_q_cv_s{seeds[0]}")
   if os.path.exists(os.path.join(glimpse_run, "config.json")):
     config = train.load_config(glimpse_run)
@@ -119,6 +120,7 @@ def write_report(runs: dict[str, list[str]], root: str, seeds, results: str, com
   text = "\n\n".join([
       "Command: `" + command + "`",
       report.table1_markdown(summaries, key_name="eval/error_sampled"),
+      f"Each run: {steps} updates. A cell counts only the runs that completed them.",
       "Prediction from the prior's mean glimpses (`eval/error_greedy`):",
       report.table1_markdown(greedy, key_name="eval/error_greedy"),
   ])
@@ -136,7 +138,7 @@ def main(argv):
   command = "python -m experiments.table1 " + shlex.join(argv[0:0] + sys.argv[1:])
   if not _REPORT_ONLY.value:
     run_all(runs, _ROOT.value, _STEPS.value, _JOBS.value)
-  write_report(runs, _ROOT.value, seeds, _RESULTS.value, command)
+  write_report(runs, _ROOT.value, seeds, _RESULTS.value, command, _STEPS.value)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ def test_summarize_means_over_seeds(tmp_path):
   s = report.summarize({"var": [str(tmp_path / "a"), str(tmp_path / "b")]})["var"]
   assert np.isclose(s["mean"], 0.15) and np.isclose(s["std"], np.std([0.1, 0.2], ddof=1))
   assert s["runs"] == 2 and s["steps"] == [200, 200]
+  _fake_run(tmp_path / "c", 0.5, steps=(100,))  # An unfinished run does not count.
+  s = report.summarize({"var": [str(tmp_path / w) for w in "abc"]}, min_step=200)["var"]
+  assert s["runs"] == 2 and np.isclose(s["mean"], 0.15)
 
 
 def test_write_report_fills_results(tmp_path, monkeypatch):
@@ -32,7 +35,8 @@ def test_write_report_fills_results(tmp_path, monkeypatch):
   runs = table1.planned_runs([0], 200, [])
   for i, name in enumerate(runs):
     _fake_run(tmp_path / "runs" / name, 0.01 * (i + 1))
-  table1.write_report(runs, str(tmp_path / "runs"), [0], str(tmp_path / "results"), "python -m experiments.table1")
+  table1.write_report(runs, str(tmp_path / "runs"), [0], str(tmp_path / "results"), "python -m experiments.table1",
+                      200)
   text = (tmp_path / "RESULTS.md").read_text()
   assert "intro" in text and "tail" in text and "old" not in text
   assert "1.00% (n=1)" in text  # var_s0, the first run, ended at 1% error.

@@ -30,25 +30,37 @@ LABELS = {"var": "VAR", "var_cv": "VAR+c", "wsram": "WS-RAM", "wsram_cv": "WS-RA
 
 
 def final_metrics(workdir: str) -> dict:
-  """The last value written of every metric of one run, plus 'step' (the last step logged)."""
-  last = {}
+  """The last value written of every metric of one run, plus 'step' (the last step logged) and, under
+  'step_of', the step at which each metric was last written."""
+  last, step_of = {}, {}
   for record in metric_writers.read_metrics(workdir):
     last.update(record)
+    step_of.update({k: record["step"] for k in record if k != "step"})
+  last["step_of"] = step_of
   return last
 
 
-def summarize(groups: Mapping[str, Sequence[str]], key: str = "eval/error_sampled") -> dict[str, dict]:
-  """For each group (variant -> its runs' workdirs): mean/std of `key` at each run's end, steps, seeds."""
+def _step_of(final: dict, key: str) -> int:
+  return int(final.get("step_of", {}).get(key, final.get("step", 0)))
+
+
+def summarize(groups: Mapping[str, Sequence[str]], key: str = "eval/error_sampled", *,
+              min_step: int = 0) -> dict[str, dict]:
+  """For each group (variant -> its runs' workdirs): mean/std of `key` at each run's end, steps, seeds.
+
+  Only runs that logged `key` at step `min_step` or later count, so an unfinished run's early value never
+  enters the table.
+  """
   out = {}
   for name, workdirs in groups.items():
     finals = [final_metrics(w) for w in workdirs]
-    finals = [f for f in finals if key in f]
+    finals = [f for f in finals if key in f and _step_of(f, key) >= min_step]
     values = np.array([float(f[key]) for f in finals])
     out[name] = {
         "mean": float(values.mean()) if values.size else None,
         "std": float(values.std(ddof=1)) if values.size > 1 else None,
         "values": values.tolist(),
-        "steps": [int(f["step"]) for f in finals],
+        "steps": [_step_of(f, key) for f in finals],
         "runs": len(finals),
     }
   return out
