@@ -174,7 +174,7 @@ def objective_config(config) -> objectives_lib.ObjectiveConfig:
 
 
 _JIT_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
-_JIT_CACHE_SIZE = 32
+_JIT_CACHE_SIZE = 8
 
 
 def _cached(kind: str, config, build: Callable[[], Any]) -> Any:
@@ -307,12 +307,13 @@ def make_train_step(config, model, optimizer, task: TaskData) -> Callable[..., t
 def _build_train_step(config, model, optimizer, task: TaskData):
   loss_fn = objectives.make_loss_fn(objective_config(config), model, q_word=config.model.q_word)
   btx = baseline_transform(config)
+  sample = task.sample  # not `task`: the cached step must not keep the test split alive
 
   @jax.jit
   def step(state: loop.TrainState, train):
     key = jax.random.fold_in(state.key, state.step)
     k_data, k_loss = jax.random.split(key)
-    batch = task.sample(k_data, train, config.batch_size)
+    batch = sample(k_data, train, config.batch_size)
     value, _ = btx.update(jnp.zeros(()), state.extra)  # the baseline before this batch
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, k_loss, value)
     _, new_extra = btx.update(metrics["reward"], state.extra)
