@@ -1,16 +1,18 @@
 r"""Tables and figures of finished caption runs (paper Table 2 and Figure 4): BLEU-1..4, training NLL, examples.
 
     python -m experiments.caption_report --out=results/captions \
-        --run=VAR:var_cv:/tmp/cap_var --run=WS-RAM+q:wsram_q_cv:/tmp/cap_wsram [--config.x=... overrides]
+        --run=VAR:var_cv:runs/captions/var_cv --run=WS-RAM+q:wsram_q_cv:runs/captions/wsram_q_cv
 
 Each ``--run`` is ``LABEL:VARIANT:WORKDIR`` (VARIANT of experiments/configs/captions.py; the run's recorded
 config.json is what is restored). Writes to ``--out``:
 
-* ``results.json``: per run, the last test BLEU-1..4 and NLL, and the series against updates
-  (``train/nll``, ``train/bound``, ``train/ess``, ``eval/bleu1..4``, ``eval/nll``);
+* ``results.json``: per run, the last test BLEU-1..4 and NLL, the series against updates
+  (``train/nll``, ``train/bound``, ``train/ess``, ``eval/bleu1..4``, ``eval/nll``) and, for the digit task,
+  a word analysis of the greedy test captions (`word_analysis`: accuracy per word class, levels read);
 * ``results.md``: the BLEU table (x100, as Table 2) and the training NLL at a few updates (as Figure 4);
-* ``curves.png`` (training NLL and test BLEU against updates) and ``examples_<label>.png`` (greedy captions
-  with each word's glimpse: level and location).
+* with ``--figures`` (default): ``curves.png`` (training NLL and test BLEU against updates) and
+  ``examples_<label>.png`` (greedy captions with each word's glimpse: level and location), and the one of
+  ``--examples_run`` (default: the last run) again as ``examples.png``.
 """
 import json
 import os
@@ -28,6 +30,9 @@ from wsram_jax.captioning import train
 _OUT = flags.DEFINE_string("out", "results/captions", "Output directory.")
 _RUNS = flags.DEFINE_multi_string("run", [], "LABEL:VARIANT:WORKDIR of a finished run.")
 _EXAMPLES = flags.DEFINE_integer("examples", 8, "Test images per examples figure.")
+_FIGURES = flags.DEFINE_bool("figures", True, "Write curves.png and examples_<label>.png.")
+_MAIN = flags.DEFINE_string("examples_run", "", "LABEL of the run whose examples are also written as examples.png "
+                            "('' = the last run).")
 
 SERIES = ("train/nll", "train/bound", "train/ess", "train/nll_per_word", "eval/bleu1", "eval/bleu2",
           "eval/bleu3", "eval/bleu4", "eval/nll", "eval/log_p_y", "eval/exact_match")
@@ -42,6 +47,47 @@ def _recorded_config(workdir: str) -> ml_collections.ConfigDict:
   # JSON turned tuples into lists; the encoder channels are a tuple in the config.
   values["model"]["encoder_channels"] = tuple(values["model"]["encoder_channels"])
   return ml_collections.ConfigDict(values)
+
+
+def word_analysis(restored) -> dict:
+  """Digit task only: on the test captions whose greedy caption has the reference's structure (same length),
+  the accuracy of each word class (size, digit, relation) and how often each pyramid level was read before it.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  task = restored.task
+  dec = jax.device_get(restored.decode(restored.state.params, task.test_images))
+  classes = {"size": ("small", "large"), "digit": tuple(str(d) for d in range(10)),
+             "relation": ("left", "above", "below"), "filler": ("a", "of")}
+  right = {c: [] for c in classes}
+  levels = {c: [] for c in classes}
+  same = 0
+  for tokens, scales, refs in zip(dec.tokens, dec.scales, task.test_references):
+    hyp, ref = task.vocab.decode(tokens), refs[0]
+    if len(hyp) != len(ref):
+      continue
+    same += 1
+    for k, (h, r) in enumerate(zip(hyp, ref)):
+      c = next(c for c, words in classes.items() if r in words)
+      right[c].append(h == r)
+      levels[c].append(int(scales[k]))
+  num_levels = restored.model.num_scales
+  return {"same_structure": same / len(task.test_references),
+          "accuracy": {c: float(np.mean(v)) for c, v in right.items() if v},
+          "level_fraction": {c: (np.bincount(v, minlength=num_levels) / len(v)).round(4).tolist()
+                             for c, v in levels.items() if v}}
+
+
+def layout_only_bleu(task, seed: int = 0) -> dict:
+  """Digit task: BLEU of the references with every digit word replaced by a uniformly random digit -- what a
+  captioner scores that gets the layout (sizes, relations, grammar) right and guesses the digits."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from wsram_jax.captioning import bleu  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  hyps = [[str(rng.integers(10)) if w.isdigit() else w for w in refs[0]] for refs in task.test_references]
+  return bleu.corpus_bleu(task.test_references, hyps)
 
 
 def _slug(label: str) -> str:
@@ -61,6 +107,7 @@ def main(argv):
     runs.append(parts)
   os.makedirs(_OUT.value, exist_ok=True)
   report = {}
+  reference_row = None
   for label, variant, workdir in runs:
     records = metric_writers.read_metrics(workdir)
     entry = {"variant": variant, "workdir": workdir, "series": {}}
@@ -73,10 +120,19 @@ def main(argv):
     report[label] = entry
     config = _recorded_config(workdir)
     restored = train.restore(config, workdir)
-    plots.caption_examples(restored, os.path.join(_OUT.value, f"examples_{_slug(label)}.png"),
-                           num=_EXAMPLES.value, title=f"{label} ({variant}), step {restored.step}")
-  plots.training_curves({label: wd for label, _, wd in runs}, os.path.join(_OUT.value, "curves.png"),
-                        title="Digit captions: training NLL and test BLEU against updates")
+    if config.data.task == "digits":
+      entry["words"] = word_analysis(restored)
+      reference_row = layout_only_bleu(restored.task)
+    if _FIGURES.value:
+      names = [f"examples_{_slug(label)}.png"]
+      if label == (_MAIN.value or runs[-1][0]):
+        names.append("examples.png")
+      for name in names:
+        plots.caption_examples(restored, os.path.join(_OUT.value, name), num=_EXAMPLES.value,
+                               title=f"{label} ({variant}), step {restored.step}")
+  if _FIGURES.value:
+    plots.training_curves({label: wd for label, _, wd in runs}, os.path.join(_OUT.value, "curves.png"),
+                          title="Digit captions: training NLL and test BLEU against updates")
   with open(os.path.join(_OUT.value, "results.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=1)
 
@@ -87,6 +143,9 @@ def main(argv):
     lines.append(f"| {label} | {bleus} | {e.get('last/eval/nll', float('nan')):.3f} | "
                  f"{100 * e.get('last/eval/exact_match', float('nan')):.1f}% | "
                  f"{e.get('last_step/eval/bleu1', 0)} |")
+  if reference_row is not None:
+    bleus = " | ".join(f"{100 * reference_row[f'bleu{n}']:.1f}" for n in (1, 2, 3, 4))
+    lines.append(f"| (reference: layout right, digits random) | {bleus} | | | |")
   nll_steps = sorted({s for e in report.values() for s in e["series"].get("train/nll", {}).get("steps", [])})
   shown = [s for s in nll_steps if s in (100, 200, 500, 1000, 1500, 2000, 3000, 5000, 10000)] or nll_steps[-5:]
   lines += ["", "Training NLL -log p(y|a) (nats per caption, mean over the log period) against updates:", "",
@@ -95,6 +154,18 @@ def main(argv):
     series = dict(zip(e["series"].get("train/nll", {}).get("steps", []),
                       e["series"].get("train/nll", {}).get("values", [])))
     lines.append(f"| {label} | " + " | ".join(f"{series[s]:.2f}" if s in series else "" for s in shown) + " |")
+  if any("words" in e for e in report.values()):
+    lines += ["", "Greedy test captions with the reference's structure: accuracy per word class, and the fraction "
+              "of those words read at each pyramid level (0 = finest):", "",
+              "| method | same structure | size acc. | digit acc. | relation acc. | levels (size) | levels (digit) "
+              "| levels (relation) |", "|---|---|---|---|---|---|---|---|"]
+    for label, e in report.items():
+      if "words" not in e:
+        continue
+      wa = e["words"]
+      lines.append(f"| {label} | {100 * wa['same_structure']:.1f}% | " + " | ".join(
+          f"{100 * wa['accuracy'].get(c, float('nan')):.1f}%" for c in ("size", "digit", "relation")) + " | " +
+          " | ".join(str(wa["level_fraction"].get(c)) for c in ("size", "digit", "relation")) + " |")
   with open(os.path.join(_OUT.value, "results.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
