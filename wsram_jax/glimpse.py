@@ -15,8 +15,9 @@ integral, ``w_s`` even) is therefore exactly centred; the rounding error is at m
 Extraction is not differentiated (the paper's g need not be); nothing here carries gradients to ``loc``.
 
 Implementation: the canvas is zero-padded once and laid out channels-first (`prepare_canvas`, padding by half the
-largest window), then every scale's window is read with `lax.dynamic_slice` (static size per scale), mean-pooled
-by pairwise sums of strided slices, and the requested scale is selected with a `where`. Callers that take many
+largest window), then the largest window is read with one `lax.dynamic_slice` (a gather under `vmap`), the
+smaller windows are slices of it (they share its centre pixel), each is mean-pooled by pairwise sums of strided
+slices, and the requested scale is selected with a `where`. Callers that take many
 glimpses of one canvas prepare it once and call `extract_prepared`; `extract_glimpse` does both for one glimpse.
 (Measured on a 2-core CPU for 640 glimpses of 100 x 100 canvases, 3 scales: reshape-mean pooling 3.5 ms,
 strided pairwise pooling 0.5 ms; channels-last 1.1 ms vs channels-first 0.6 ms; a summed-area table costs more
@@ -55,13 +56,18 @@ def window_starts(loc: jax.Array, canvas_hw: tuple[int, int], *, size: int, num_
     num_scales: S.
 
   Returns:
-    ``[S, 2]`` int32: ``floor((loc + 1) / 2 * (H, W) - w_s / 2 + 1/2)`` for ``w_s = size * 2**s``.
+    ``[S, 2]`` int32: ``floor(c - w_s / 2 + 1/2)`` with ``c = (loc + 1) / 2 * (H, W)`` and ``w_s = size * 2**s``,
+    computed exactly as ``floor(c + 1/2) - w_s / 2`` for even ``w_s`` and ``floor(c) - (w_s - 1) / 2`` for odd
+    ``w_s`` (one rounding, not one per scale). Windows of even side therefore share their centre pixel: the
+    smaller ones sit at static offsets inside the largest, which `extract_prepared` relies on.
   """
   loc = jnp.clip(jnp.asarray(loc, jnp.float32), -1.0, 1.0)
   hw = jnp.asarray(canvas_hw, jnp.float32)
   centre = (loc + 1.0) * 0.5 * hw  # [2], continuous pixel position
-  half = jnp.asarray([size * 2**s / 2.0 for s in range(num_scales)], jnp.float32)[:, None]  # [S, 1]
-  return jnp.floor(centre[None, :] - half + 0.5).astype(jnp.int32)
+  even = jnp.floor(centre + 0.5).astype(jnp.int32)
+  odd = jnp.floor(centre).astype(jnp.int32)
+  return jnp.stack([(even if w % 2 == 0 else odd) - w // 2
+                    for w in (size * 2**s for s in range(num_scales))])
 
 
 def _pool(window: jax.Array, halvings: int) -> jax.Array:
@@ -77,10 +83,13 @@ def extract_prepared(prepared: jax.Array, loc: jax.Array, scale: jax.Array, *, s
                      canvas_hw: tuple[int, int]) -> jax.Array:
   """`extract_glimpse` on a canvas preprocessed by `prepare_canvas` (same ``size`` and ``num_scales``).
 
+  One `lax.dynamic_slice` reads the largest window; every smaller one is a slice of it (static when its side is
+  even, see `window_starts`), pooled; the requested scale is selected with `where`.
+
   Args:
     prepared: ``[C, H + 2P, W + 2P]`` from `prepare_canvas`.
     loc: ``[2]`` float ``(y, x)``; clipped to ``[-1, 1]``.
-    scale: ``[]`` int in ``0..num_scales-1`` (other values give an all-zero patch).
+    scale: ``[]`` int in ``0..num_scales-1`` (other values give the largest scale's patch).
     size: glimpse side.
     num_scales: S.
     canvas_hw: static ``(H, W)`` of the unpadded canvas.
@@ -91,12 +100,20 @@ def extract_prepared(prepared: jax.Array, loc: jax.Array, scale: jax.Array, *, s
   p = pad_width(size, num_scales)
   starts = window_starts(loc, canvas_hw, size=size, num_scales=num_scales) + p  # [S, 2] padded coords
   c = prepared.shape[0]
+  big = size * 2 ** (num_scales - 1)
+  window = lax.dynamic_slice(prepared, (0, starts[-1, 0], starts[-1, 1]), (c, big, big))
   scale = jnp.asarray(scale, jnp.int32)
-  out = jnp.zeros((c, size, size), prepared.dtype)
-  for s in range(num_scales):
+  out = None
+  for s in reversed(range(num_scales)):
     w = size * 2**s
-    window = lax.dynamic_slice(prepared, (0, starts[s, 0], starts[s, 1]), (c, w, w))
-    out = out + jnp.where(scale == s, _pool(window, s), 0).astype(prepared.dtype)
+    if w % 2 == 0:  # even windows share the centre pixel: a static slice of the largest
+      off = (big - w) // 2
+      sub = window[:, off:off + w, off:off + w]
+    else:  # odd (scale 0 of an odd size): half a pixel off centre, a dynamic slice
+      off = starts[s] - starts[-1]
+      sub = lax.dynamic_slice(window, (0, off[0], off[1]), (c, w, w))
+    pooled = _pool(sub, s).astype(prepared.dtype)
+    out = pooled if out is None else jnp.where(scale == s, pooled, out)
   return lax.stop_gradient(jnp.moveaxis(out, 0, -1))
 
 
