@@ -24,6 +24,13 @@ network's loss never reaches theta; its parameters live under the top-level key 
 
 Use: ``params = init_params(model, key)`` and ``model.apply({'params': params}, ..., method=model.heads)``; see
 `wsram_jax.rollout` for the loop.
+
+The rollout computes the same functions from `Fused` parameters (`fuse`, the ``fused_*`` functions): layers that
+read the same input share one matmul, ``h2 -> [prior head | core2's recurrent block]`` and ``h1 -> [core2's input
+block | core1's recurrent block]``, the two Dense layers of each action head are one, and the label enters the
+inference MLP as a row of its first layer (once per image) instead of a one-hot column per glimpse. Fewer, larger
+matmuls are faster (the heads' 2- and 3-column matmuls alone cost as much as a 256-column one); the parameter tree
+is the modules' and the tests check the two forms agree.
 """
 from __future__ import annotations
 
@@ -37,7 +44,8 @@ import jax.numpy as jnp
 
 from wsram_jax import actions as actions_lib
 
-__all__ = ["CoreState", "Heads", "AttentionModel", "init_params", "param_labels", "INFERENCE_KEY",
+__all__ = ["CoreState", "Heads", "AttentionModel", "init_params", "param_labels", "INFERENCE_KEY", "Fused", "fuse",
+           "fused_top", "fused_label_rows", "fused_inference", "fused_bottom_input", "fused_glimpse_update",
            "BASELINE_KEY"]
 
 INFERENCE_KEY = "inference"
@@ -99,16 +107,28 @@ class _ActionHead(nn.Module):
   @nn.compact
   def __call__(self, h: jax.Array) -> actions_lib.ActionDist:
     small = nn.initializers.variance_scaling(self.mean_init_scale, "fan_in", "truncated_normal")
-    loc_mean = jnp.tanh(nn.Dense(2, kernel_init=small, name="loc")(h))
-    scale_logits = nn.Dense(self.num_scales, kernel_init=small, name="scale")(h)
-    log_std0 = math.log(self.loc_std)
+    outputs = [nn.Dense(2, kernel_init=small, name="loc")(h),
+               nn.Dense(self.num_scales, kernel_init=small, name="scale")(h)]
     if self.learn_loc_std:
-      raw = nn.Dense(2, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(log_std0),
-                     name="log_std")(h)
-      log_std = jnp.clip(raw, math.log(self.min_loc_std), math.log(self.max_loc_std))
-    else:
-      log_std = jnp.full(loc_mean.shape, log_std0, jnp.float32)
-    return actions_lib.single(loc_mean, log_std, scale_logits)
+      outputs.append(nn.Dense(2, kernel_init=nn.initializers.zeros,
+                              bias_init=nn.initializers.constant(math.log(self.loc_std)), name="log_std")(h))
+    return head_distribution(jnp.concatenate(outputs, -1), num_scales=self.num_scales, loc_std=self.loc_std,
+                             learn_loc_std=self.learn_loc_std, min_loc_std=self.min_loc_std,
+                             max_loc_std=self.max_loc_std)
+
+
+def head_distribution(outputs: jax.Array, *, num_scales: int, loc_std: float, learn_loc_std: bool,
+                      min_loc_std: float, max_loc_std: float, **unused) -> actions_lib.ActionDist:
+  """An action head's K = 1 distribution from its Dense outputs ``[..., 2 + S (+ 2)]``: location mean
+  ``tanh(out[:2])``, scale logits ``out[2:2+S]``, log std ``clip(out[2+S:])`` when learned, else ``log(loc_std)``."""
+  del unused
+  loc_mean = jnp.tanh(outputs[..., :2])
+  scale_logits = outputs[..., 2:2 + num_scales]
+  if learn_loc_std:
+    log_std = jnp.clip(outputs[..., 2 + num_scales:], math.log(min_loc_std), math.log(max_loc_std))
+  else:
+    log_std = jnp.full(loc_mean.shape, math.log(loc_std), jnp.float32)
+  return actions_lib.single(loc_mean, log_std, scale_logits)
 
 
 class _InferenceNet(nn.Module):
@@ -230,6 +250,109 @@ class AttentionModel(nn.Module):
     heads = self.heads(state, label)
     state = self.step(state, patch, action)
     return heads, self.classify(state), b
+
+
+class Fused(NamedTuple):
+  """The parameters arranged for the rollout: layers that read the same input share one matmul.
+
+  Built by `fuse` from the ``'params'`` tree once per rollout (concatenations and slices, so gradients flow back
+  to the tree unchanged). With D = hidden_size, G = 2 * glimpse_hidden, P = 2 + S (+ 2 with a learned std) head
+  outputs and H_q = inference_hidden:
+
+  Attributes:
+    top: ``[D, P + D]``, h2 -> [prior head outputs | core2's recurrent block]; top_bias ``[P + D]``.
+    bottom: ``[D, 2 D]``, h1 -> [core2's input block | core1's recurrent block] (no bias).
+    inference_h2: ``[D, H_q]``, the inference MLP's rows for stop_gradient(h2).
+    inference_label: ``[C, H_q]``, its rows for onehot(y); inference_bias ``[H_q]``.
+    inference_head: ``[H_q, P]``, the inference head's outputs; inference_head_bias ``[P]``.
+    what, what_bias, where, where_bias: the glimpse net's Dense layers.
+    core1_in: ``[G, D]``, core1's input block; core1_bias ``[D]``.
+  """
+  top: jax.Array
+  top_bias: jax.Array
+  bottom: jax.Array
+  inference_h2: jax.Array
+  inference_label: jax.Array
+  inference_bias: jax.Array
+  inference_head: jax.Array
+  inference_head_bias: jax.Array
+  what: jax.Array
+  what_bias: jax.Array
+  where: jax.Array
+  where_bias: jax.Array
+  core1_in: jax.Array
+  core1_bias: jax.Array
+
+
+def _head_params(head, learn_loc_std: bool):
+  names = ("loc", "scale") + (("log_std",) if learn_loc_std else ())
+  return (jnp.concatenate([head[k]["kernel"] for k in names], 1),
+          jnp.concatenate([head[k]["bias"] for k in names], 0))
+
+
+def fuse(model: AttentionModel, params) -> Fused:
+  """`Fused` from the ``'params'`` tree of `model` (see `Fused`)."""
+  d, g = model.hidden_size, 2 * model.glimpse_hidden
+  prior_k, prior_b = _head_params(params["prior"], model.learn_loc_std)
+  inf_head_k, inf_head_b = _head_params(params[INFERENCE_KEY]["head"], model.learn_loc_std)
+  core1, core2, inf = params["core1"]["kernel"], params["core2"]["kernel"], params[INFERENCE_KEY]["hidden"]
+  return Fused(
+      top=jnp.concatenate([prior_k, core2[d:]], 1), top_bias=jnp.concatenate([prior_b, params["core2"]["bias"]]),
+      bottom=jnp.concatenate([core2[:d], core1[g:]], 1),
+      inference_h2=inf["kernel"][:d], inference_label=inf["kernel"][d:], inference_bias=inf["bias"],
+      inference_head=inf_head_k, inference_head_bias=inf_head_b,
+      what=params["glimpse_what"]["kernel"], what_bias=params["glimpse_what"]["bias"],
+      where=params["glimpse_where"]["kernel"], where_bias=params["glimpse_where"]["bias"],
+      core1_in=core1[:g], core1_bias=params["core1"]["bias"])
+
+
+def _head_kw(model: AttentionModel) -> dict:
+  return dict(num_scales=model.num_scales, loc_std=model.loc_std, learn_loc_std=model.learn_loc_std,
+              min_loc_std=model.min_loc_std, max_loc_std=model.max_loc_std)
+
+
+def fused_top(model: AttentionModel, fused: Fused, h2: jax.Array, *, recurrent: bool = True
+              ) -> tuple[actions_lib.ActionDist, jax.Array | None]:
+  """The prior over the next action from ``h2 [..., D]`` and, if ``recurrent``, core2's recurrent term
+  ``h2 @ W2[D:] + b2`` for the next top-layer update: one matmul (`AttentionModel.heads` and `top`)."""
+  p = fused.inference_head.shape[1]
+  if recurrent:
+    out = h2 @ fused.top + fused.top_bias
+    return head_distribution(out[..., :p], **_head_kw(model)), out[..., p:]
+  return head_distribution(h2 @ fused.top[:, :p] + fused.top_bias[:p], **_head_kw(model)), None
+
+
+def fused_label_rows(fused: Fused, label: jax.Array) -> jax.Array:
+  """``onehot(y) @ W_y + b`` ``[..., H_q]``: the label's part of the inference MLP's first layer (once per image)."""
+  return jax.nn.one_hot(label, fused.inference_label.shape[0], dtype=fused.inference_label.dtype) \
+      @ fused.inference_label + fused.inference_bias
+
+
+def fused_inference(model: AttentionModel, fused: Fused, h2: jax.Array, label_rows: jax.Array
+                    ) -> actions_lib.ActionDist:
+  """q(a | y, ...) from ``stop_gradient(h2)`` and `fused_label_rows` (`AttentionModel.heads`' inference part)."""
+  hidden = nn.relu(jax.lax.stop_gradient(h2) @ fused.inference_h2 + label_rows)
+  return head_distribution(hidden @ fused.inference_head + fused.inference_head_bias, **_head_kw(model))
+
+
+def fused_bottom_input(fused: Fused, h1: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(h1 @ W2[:D], h1 @ W1[G:])``: core2's input term and core1's recurrent term, one matmul."""
+  out = h1 @ fused.bottom
+  d = fused.bottom.shape[1] // 2
+  return out[..., :d], out[..., d:]
+
+
+def fused_glimpse_update(model: AttentionModel, fused: Fused, patch: jax.Array, action: actions_lib.Action,
+                         recurrent: jax.Array | None) -> jax.Array:
+  """Layer 1 after glimpse ``patch`` taken at ``action``: ``relu(W1 [g, h1] + b1)`` with ``h1 @ W1[G:]`` given as
+  ``recurrent`` (`fused_bottom_input`; None for h1 = 0). `AttentionModel.bottom`."""
+  x = patch.reshape(patch.shape[:-3] + (-1,))
+  loc = jnp.clip(action.loc, -1.0, 1.0)
+  where = jnp.concatenate([loc, jax.nn.one_hot(action.scale, model.num_scales, dtype=loc.dtype)], -1)
+  g = jnp.concatenate([nn.relu(x @ fused.what + fused.what_bias), nn.relu(where @ fused.where + fused.where_bias)],
+                      -1)
+  y = g @ fused.core1_in + fused.core1_bias
+  return nn.relu(y if recurrent is None else y + recurrent)
 
 
 def init_params(model: AttentionModel, key: jax.Array, *, channels: int = 1) -> dict[str, Any]:

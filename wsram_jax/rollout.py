@@ -3,7 +3,7 @@
 For one canvas ``I`` with label ``y`` and each of M samples, `rollout` runs the attention model for N glimpses::
 
     h_0 = init_state(lowres(I))                          once per canvas, shared by the M samples
-    for n in 0..N-1:                                     lax.scan
+    for n in 0..N-1:                                     unrolled (N is static)
       p_n, q_n = heads(h_n, y)                           prior and inference net on the top layer
       r_n      = proposal(ProposalContext(p_n, q_n, ...))
       a_n      ~ r_n                                     (or given `actions`, or `mode(r_n)` when greedy)
@@ -14,11 +14,14 @@ For one canvas ``I`` with label ``y`` and each of M samples, `rollout` runs the 
 
 so ``log_p_a + log_p_y - log_q_a`` is the log importance weight of Eqn 7.
 
-Work done once per canvas, outside the scan and the vmap over M: padding the canvas for extraction, the low-res
-input, h_0, the baseline and the first glimpse's heads (they read only h_0). The first glimpse runs before the scan
-(``h1_0 = 0``, so layer 1 skips its recurrent matmul); inside the scan each glimpse first updates layer 2 from the
-previous one, so no layer-2 update follows the last glimpse (nothing reads it). All random numbers are drawn in two
-PRNG calls per canvas (`actions.draw_noise` for ``[M, N]`` draws). Samples are stop-gradient'ed: gradients
+Work done once per canvas, outside the loop and the vmap over M: padding the canvas for extraction, the low-res
+input, h_0, the baseline, the label's part of the inference net and the first glimpse's heads (they read only h_0).
+The first glimpse has ``h1_0 = 0``, so layer 1 skips its recurrent matmul; each later glimpse first updates layer 2
+from the previous one, so no layer-2 update follows the last glimpse (nothing reads it). The loop over glimpses is
+a Python loop: the compiled step has no while loop (XLA:CPU ran the loop body's matmuls 3x slower than the same
+matmuls outside a loop), at the price of compile time linear in N. The networks run in their fused form
+(`networks.fuse`): layers that read the same state share one matmul. All random numbers of a canvas come from one
+PRNG call (`actions.draw_noise` for ``[M, N]`` draws). Samples are stop-gradient'ed: gradients
 reach the parameters only through the log-probabilities (and ``log_p_y``). The proposal sees the prediction
 network's outputs stop-gradient'ed, so ``log_q_a``'s gradient reaches only the inference network (eta); ``log_p_a``
 reaches the prior head, core, glimpse and context nets (theta), never eta.
@@ -112,18 +115,27 @@ def rollout(params, canvas: jax.Array, label: jax.Array, key: jax.Array, *, mode
   canvas = jnp.asarray(canvas, jnp.float32)
   label = jnp.asarray(label, jnp.int32)
 
-  # Once per canvas (outside the scan and the vmap over M): padding, low-res input, initial state, baseline, and
-  # the heads of the first glimpse, which read only the initial state.
+  # Once per canvas (outside the loop and the vmap over M): the fused parameters (unbatched under the caller's
+  # vmap, so built once), padding, low-res input, initial state, baseline, the label's rows of the inference MLP,
+  # and the heads of the first glimpse, which read only the initial state.
+  fused = networks.fuse(model, params)
   prepared = glimpse_lib.prepare_canvas(canvas, size=size, num_scales=num_scales)
   hw = canvas.shape[:2]
   state0 = model.apply(variables, glimpse_lib.lowres(canvas, model.lowres_size), method=model.init_state)
   baseline = model.apply(variables, state0, method=model.baseline)
-  heads0 = model.apply(variables, state0, label, method=model.heads)
+  label_rows = networks.fused_label_rows(fused, label)
 
-  def glimpse_step(state, heads, n, noise_n, given_n, first):
+  def heads_and_recurrent(h2, last):
+    """The heads on h2_n and, unless n is the last glimpse, core2's recurrent term for h2_{n+1}."""
+    prior, recurrent = networks.fused_top(model, fused, h2, recurrent=not last)
+    return networks.Heads(prior=prior, inference=networks.fused_inference(model, fused, h2, label_rows)), recurrent
+
+  heads0, top0 = heads_and_recurrent(state0.h2, n_ == 1)
+
+  def glimpse_step(h2, heads, recurrent1, n, noise_n, given_n):
     """Glimpse n from the heads on h2_n: choose a_n, take x_n, update layer 1 (layer 2 is updated lazily)."""
     ctx = proposals_lib.ProposalContext(prior=actions_lib.stop_gradient(heads.prior), inference=heads.inference,
-                                        h=jax.lax.stop_gradient(state.h2), label=label, step=n)
+                                        h=jax.lax.stop_gradient(h2), label=label, step=n)
     dist = proposal(ctx)
     if given_n is not None:
       action = jax.lax.stop_gradient(Action(loc=jnp.asarray(given_n.loc, jnp.float32),
@@ -135,7 +147,7 @@ def rollout(params, canvas: jax.Array, label: jax.Array, key: jax.Array, *, mode
     loc = jnp.clip(action.loc, -1.0, 1.0)
     patch = glimpse_lib.extract_prepared(prepared, loc, action.scale, size=size, num_scales=num_scales,
                                          canvas_hw=hw)
-    new_state = model.apply(variables, state, patch, action, first=first, method=model.bottom)
+    h1 = networks.fused_glimpse_update(model, fused, patch, action, recurrent1)
     out = dict(
         action=action,
         log_p=actions_lib.log_prob(heads.prior, action),
@@ -146,28 +158,26 @@ def rollout(params, canvas: jax.Array, label: jax.Array, key: jax.Array, *, mode
         loc_mean=actions_lib.mean_location(heads.prior),
         location=loc,
     )
-    return new_state, out
-
-  def body(state, xs):
-    state = model.apply(variables, state, method=model.top)  # h2_n from h1_n and h2_{n-1}
-    heads = model.apply(variables, state, label, method=model.heads)
-    return glimpse_step(state, heads, *xs, first=False)
+    return h1, out
 
   def one_sample(noise, given):
-    xs = (jnp.arange(n_, dtype=jnp.int32), noise, given)
-    x0 = jax.tree_util.tree_map(lambda x: x[0], xs)
-    rest = jax.tree_util.tree_map(lambda x: x[1:], xs)
-    # Glimpse 0 outside the scan: its heads are shared by the M samples and h1_0 = 0. Glimpses 1..N-1 in the scan,
-    # each first updating layer 2 from the previous glimpse; no layer-2 update after the last glimpse (unread).
-    state, out0 = glimpse_step(state0, heads0, *x0, first=True)
-    state, outs = jax.lax.scan(body, state, rest)
-    outs = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([jnp.broadcast_to(a, b.shape[1:])[None], b], 0),
-                                  out0, outs)
-    logits = model.apply(variables, state, method=model.classify)
+    at = lambda n: jax.tree_util.tree_map(lambda x: x[n], (noise, given))
+    # Glimpse 0: its heads are shared by the M samples and h1_0 = 0 (no recurrent term). Each later glimpse first
+    # updates layer 2 from the previous one; no layer-2 update after the last glimpse (nothing reads it).
+    h1, out = glimpse_step(state0.h2, heads0, None, jnp.int32(0), *at(0))
+    outs, top = [out], top0
+    for n in range(1, n_):  # N is small and static: unrolled (no loop in the compiled step)
+      core2_in, recurrent1 = networks.fused_bottom_input(fused, h1)
+      h2 = jax.nn.relu(core2_in + top)  # h2_n = relu(W2 [h1_n, h2_{n-1}] + b2)
+      heads, top = heads_and_recurrent(h2, n == n_ - 1)
+      h1, out = glimpse_step(h2, heads, recurrent1, jnp.int32(n), *at(n))
+      outs.append(out)
+    outs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+    logits = model.apply(variables, networks.CoreState(h1=h1, h2=state0.h2), method=model.classify)
     log_p_y = jax.nn.log_softmax(logits)[label]
     return outs, logits, log_p_y
 
-  # All the randomness in two PRNG calls per canvas ([M, N] draws), not one per glimpse.
+  # All the randomness of a canvas in one PRNG call ([M, N] draws), not one per glimpse.
   noise = None if (actions is not None or greedy) else actions_lib.draw_noise(key, (m_, n_))
   outs, logits, log_p_y = jax.vmap(one_sample, axis_size=m_)(noise, actions)
   return Trajectory(
