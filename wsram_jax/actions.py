@@ -129,10 +129,17 @@ class Noise(NamedTuple):
 
 
 def draw_noise(key: jax.Array, shape: tuple[int, ...] = ()) -> Noise:
-  """`Noise` for ``shape`` draws (e.g. ``(M, N)`` for every glimpse of M trajectories in one PRNG call each)."""
-  k_normal, k_uniform = jax.random.split(key)
-  return Noise(normal=jax.random.normal(k_normal, tuple(shape) + (2,), jnp.float32),
-               uniform=jax.random.uniform(k_uniform, tuple(shape) + (2,), jnp.float32))
+  """`Noise` for ``shape`` draws (e.g. ``(M, N)`` for every glimpse of M trajectories) in one PRNG call.
+
+  One ``[..., 4]`` uniform draw: two values become the uniforms, two the normals through the inverse CDF
+  ``sqrt(2) erfinv(2u - 1)`` (what `jax.random.normal` does with its own uniform draw). On the CPU every PRNG call
+  is a loop in the compiled program, so one call instead of three (split, normal, uniform) saves time and compile
+  time.
+  """
+  u = jax.random.uniform(key, tuple(shape) + (4,), jnp.float32)
+  lo = jnp.nextafter(jnp.float32(-1.0), jnp.float32(0.0))
+  normal = jnp.sqrt(jnp.float32(2.0)) * jax.scipy.special.erfinv(jnp.maximum(2.0 * u[..., :2] - 1.0, lo))
+  return Noise(normal=normal, uniform=u[..., 2:])
 
 
 def _inverse_cdf(logits: jax.Array, u: jax.Array) -> jax.Array:

@@ -66,18 +66,24 @@ def _interpolation_matrix(start: chex.Array, side: chex.Array, out_len: int, in_
   return jnp.where(inside[:, None], weights, 0.0)
 
 
-def _sample_placement(key: chex.PRNGKey, canvas_size: int, min_size: int, max_size: int
-                      ) -> Tuple[chex.Array, chex.Array, chex.Array]:
-  """int32 scalars (side, top, left): side uniform on min_size..max_size, then top and left uniform on
-  0..canvas_size - side.
-
-  One draw of three uint32 words reduced modulo the range sizes (bias below canvas_size / 2**32): a third of the
-  compile time of three `randint` calls, which matters in tests and on CPU.
-  """
-  bits = jax.random.bits(key, (3,), jnp.uint32)
+def _placement_from_bits(bits: chex.Array, canvas_size: int, min_size: int, max_size: int
+                         ) -> Tuple[chex.Array, chex.Array, chex.Array]:
+  """int32 scalars (side, top, left) from three uint32 words ``bits [3]``: side uniform on min_size..max_size, then
+  top and left uniform on 0..canvas_size - side, each word reduced modulo its range (bias below
+  canvas_size / 2**32)."""
   side = min_size + (bits[0] % jnp.uint32(max_size - min_size + 1)).astype(jnp.int32)
   room = (canvas_size - side + 1).astype(jnp.uint32)
   return side, (bits[1] % room).astype(jnp.int32), (bits[2] % room).astype(jnp.int32)
+
+
+def _sample_placement(key: chex.PRNGKey, canvas_size: int, min_size: int, max_size: int
+                      ) -> Tuple[chex.Array, chex.Array, chex.Array]:
+  """int32 scalars (side, top, left), see `_placement_from_bits`.
+
+  One draw of three uint32 words reduced modulo the range sizes: a third of the compile time of three `randint`
+  calls, which matters in tests and on CPU.
+  """
+  return _placement_from_bits(jax.random.bits(key, (3,), jnp.uint32), canvas_size, min_size, max_size)
 
 
 def to_float(images: chex.Array) -> chex.Array:
@@ -87,17 +93,23 @@ def to_float(images: chex.Array) -> chex.Array:
   return images.astype(jnp.float32)
 
 
+def _place(digit: chex.Array, side: chex.Array, top: chex.Array, left: chex.Array, canvas_size: int
+           ) -> Tuple[chex.Array, chex.Array]:
+  """`digit [h, w]` resized to `side x side` with its top-left corner at (top, left): (canvas `[H, W, 1]`, box)."""
+  rows = _interpolation_matrix(top, side, canvas_size, digit.shape[0])
+  cols = _interpolation_matrix(left, side, canvas_size, digit.shape[1])
+  canvas = jnp.matmul(jnp.matmul(rows, to_float(digit), precision=_HIGHEST), cols.T, precision=_HIGHEST)
+  box = jnp.stack([top, left, top + side, left + side]).astype(jnp.int32)
+  return jnp.clip(canvas, 0.0, 1.0)[..., None], box
+
+
 def place_digit(key: chex.PRNGKey, digit: chex.Array, *, canvas_size: int = DEFAULT_CANVAS_SIZE,
                 min_size: int = DEFAULT_MIN_SIZE, max_size: int = DEFAULT_MAX_SIZE
                 ) -> Tuple[chex.Array, chex.Array]:
   """One digit `[h, w]` -> (canvas float32 `[H, W, 1]` in [0, 1], box int32 `[4]`); see the module docstring."""
   chex.assert_rank(digit, 2)
   side, top, left = _sample_placement(key, canvas_size, min_size, max_size)
-  rows = _interpolation_matrix(top, side, canvas_size, digit.shape[0])
-  cols = _interpolation_matrix(left, side, canvas_size, digit.shape[1])
-  canvas = jnp.matmul(jnp.matmul(rows, to_float(digit), precision=_HIGHEST), cols.T, precision=_HIGHEST)
-  box = jnp.stack([top, left, top + side, left + side]).astype(jnp.int32)
-  return jnp.clip(canvas, 0.0, 1.0)[..., None], box
+  return _place(digit, side, top, left, canvas_size)
 
 
 @functools.partial(jax.jit, static_argnames=("canvas_size", "min_size", "max_size"))
@@ -137,7 +149,7 @@ def sample_batch(key: chex.PRNGKey, images: chex.Array, labels: chex.Array, batc
   uint8 = 47 MB); `batch_size` and the sizes are static Python ints (this function is jitted with them static).
 
   Args:
-    key: PRNG key (consumed: split for the indices and the canvases).
+    key: PRNG key (consumed: one draw of four uint32 words per canvas).
     images: `[N, h, w]` uint8 (or float in [0, 1]).
     labels: `[N]` integer.
     batch_size: B.
@@ -147,10 +159,14 @@ def sample_batch(key: chex.PRNGKey, images: chex.Array, labels: chex.Array, batc
     canvases float32 `[B, H, W, 1]`, labels int32 `[B]`, boxes int32 `[B, 4]`.
   """
   chex.assert_rank([images, labels], [3, 1])
-  k_index, k_canvas = jax.random.split(key)
-  index = jax.random.randint(k_index, (batch_size,), 0, images.shape[0])
-  canvases, boxes = translate_and_scale(k_canvas, jnp.take(images, index, axis=0), canvas_size=canvas_size,
-                                       min_size=min_size, max_size=max_size)
+  check_sizes(canvas_size, min_size, max_size)
+  # One PRNG call for the whole batch (on the CPU each call is a loop in the compiled step): per canvas four
+  # uint32 words, the digit's index (modulo the training-set size: bias below N / 2**32) and its placement.
+  bits = jax.random.bits(key, (batch_size, 4), jnp.uint32)
+  index = (bits[:, 0] % jnp.uint32(images.shape[0])).astype(jnp.int32)
+  side, top, left = jax.vmap(lambda b: _placement_from_bits(b, canvas_size, min_size, max_size))(bits[:, 1:])
+  place = functools.partial(_place, canvas_size=canvas_size)
+  canvases, boxes = jax.vmap(place)(jnp.take(images, index, axis=0), side, top, left)
   return canvases, jnp.take(labels, index, axis=0).astype(jnp.int32), boxes
 
 
