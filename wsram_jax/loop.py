@@ -67,14 +67,20 @@ class TrainState:
 
 
 def guarded_update(state: TrainState, grads: Any, apply_updates: Callable[[Any, Any], tuple[Any, Any]],
-                   loss: jax.Array, new_extra: Any = None) -> TrainState:
+                   loss: jax.Array, new_extra: Any = None, *, grad_norm: Optional[jax.Array] = None) -> TrainState:
   """Applies `apply_updates(params, opt_state) -> (params, opt_state)` only if loss and grads are finite.
 
   Records the first non-finite step in `nonfinite_step`; from then on the state stays as it was (except for
   `step`), so what the loop may later save is the last good state. For use inside a jitted step.
+
+  The gradients count as finite when their global norm is (pass it as `grad_norm` if the step computes it
+  anyway, e.g. for clipping): one reduction instead of a finiteness test per parameter array, which on the CPU
+  saves dozens of compiled kernels. A gradient so large that its squared norm overflows float32 (about 1.8e19)
+  counts as non-finite too.
   """
-  finite = jnp.isfinite(loss) & jnp.all(jnp.array(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+  if grad_norm is None:
+    grad_norm = sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads))
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   ok = finite & (state.nonfinite_step < 0)
   params, opt_state = apply_updates(state.params, state.opt_state)
   extra = state.extra if new_extra is None else new_extra
