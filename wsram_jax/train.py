@@ -9,6 +9,11 @@ One update (`make_train_step`), all inside one `jax.jit`:
     loss, grads        = value_and_grad(objectives loss)(...)   rollout [B, M, N] + estimator
     state              = loop.guarded_update(state, ...)        Adam (after global-norm clipping), unless non-finite
 
+Data parallel (`config.mesh_devices` = n > 1, `make_mesh`): the same step on a `jax.sharding.Mesh` of n devices
+with one axis ``data``; the batch is sharded over it (`with_sharding_constraint`), parameters, optimiser state and
+the training set are replicated, and XLA inserts the cross-device sum of the gradients. Several hosts: call
+`jax.distributed.initialize()` first (BUILD.md).
+
 Evaluation (`make_evaluator`) uses the fixed test canvases (`data.canvas.fixed_test_set`, a function of
 `config.data.test_seed`) and forms the prediction two ways:
 
@@ -26,12 +31,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from wsram_jax import baselines
 from wsram_jax import diagnostics
@@ -45,6 +51,8 @@ from wsram_jax.data import canvas as canvas_lib
 from wsram_jax.data import mnist
 
 log = logging.getLogger(__name__)
+
+DATA_AXIS = "data"  # The mesh axis the batch is sharded over.
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,6 +138,12 @@ def validate_config(config) -> None:
   positive_int("data.num_test", d.num_test)
   positive_int("data.eval_batch_size", d.eval_batch_size)
   positive_int("mesh_devices", config.mesh_devices)
+  _require(config.batch_size % config.mesh_devices == 0,
+           f"--config.mesh_devices={config.mesh_devices} must divide --config.batch_size={config.batch_size}.")
+  if config.mesh_devices > 1:  # (asking for the devices initialises JAX's backend: only when it matters)
+    _require(config.mesh_devices <= jax.device_count(),
+             f"--config.mesh_devices={config.mesh_devices} exceeds the {jax.device_count()} devices JAX sees "
+             f"({jax.devices()[0].platform}).")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,33 +170,72 @@ def baseline_transform(config) -> baselines.BaselineTransform:
   return baselines.no_baseline()
 
 
+def make_mesh(config) -> Optional[Mesh]:
+  """The data-parallel mesh: the first `config.mesh_devices` devices on one axis named ``data``; None for one
+  device (then nothing is sharded and the step is exactly the single-device one)."""
+  if config.mesh_devices == 1:
+    return None
+  return Mesh(np.asarray(jax.devices()[:config.mesh_devices]), (DATA_AXIS,))
+
+
+def replicate(config, tree):
+  """`tree` placed on every device of `make_mesh(config)` (parameters, optimiser state, the training set);
+  unchanged for one device."""
+  mesh = make_mesh(config)
+  return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
 def create_train_state(config, model, optimizer) -> loop.TrainState:
+  """Fresh parameters and optimiser state (replicated over the mesh when `config.mesh_devices` > 1)."""
   key = jax.random.PRNGKey(config.seed)
   k_init, k_run = jax.random.split(key)
   params = networks.init_params(model, k_init)
-  return loop.TrainState.create(params=params, opt_state=optimizer.init(params), key=k_run,
-                                extra=baseline_transform(config).init())
+  state = loop.TrainState.create(params=params, opt_state=optimizer.init(params), key=k_run,
+                                 extra=baseline_transform(config).init())
+  return replicate(config, state)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Steps.
 
 
-def make_train_step(config, model, optimizer) -> Callable[..., tuple[loop.TrainState, dict]]:
-  """`step(state, images, labels) -> (state, metrics)`, jitted; images uint8 [N, 28, 28], labels [N]."""
+def make_loss_and_grads(config, model) -> Callable[..., tuple[tuple[jax.Array, dict], Any]]:
+  """`(params, extra, key, images, labels) -> ((loss, metrics), grads)` for the step with PRNG key `key`
+  (not jitted): draws the batch (`data.canvas.sample_batch`), shards it over the mesh's ``data`` axis when
+  `config.mesh_devices` > 1, and differentiates the objective. The first half of `make_train_step`."""
   loss_fn = objectives.make_loss_fn(objectives.ObjectiveConfig.from_config(config), model)
   btx = baseline_transform(config)
   sizes = canvas_kwargs(config)
+  mesh = make_mesh(config)
 
-  @jax.jit
-  def step(state: loop.TrainState, images, labels):
-    key = jax.random.fold_in(state.key, state.step)
+  def loss_and_grads(params, extra, key, images, labels):
     k_data, k_loss = jax.random.split(key)
     canvases, ys, _ = canvas_lib.sample_batch(k_data, images, labels, config.batch_size, **sizes)
+    if mesh is not None:  # Data parallel: each device rolls out its slice of the batch; XLA sums the gradients.
+      batch = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+      canvases, ys = jax.lax.with_sharding_constraint((canvases, ys), batch)
     # The baseline's value before this batch does not depend on the rewards passed here.
-    value, _ = btx.update(jnp.zeros(()), state.extra)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, (canvases, ys), k_loss,
-                                                                      value)
+    value, _ = btx.update(jnp.zeros(()), extra)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params, (canvases, ys), k_loss, value)
+
+  return loss_and_grads
+
+
+def make_train_step(config, model, optimizer) -> Callable[..., tuple[loop.TrainState, dict]]:
+  """`step(state, images, labels) -> (state, metrics)`, jitted; images uint8 [N, 28, 28], labels [N].
+
+  With `config.mesh_devices` = n > 1 the step runs on `make_mesh(config)`: the batch sharded over the ``data``
+  axis (each device rolls out B / n canvases), parameters, optimiser state and training set replicated (pass a
+  state from `create_train_state` and the data through `replicate`), gradients summed across devices by XLA.
+  No pmap: the same program, partitioned by the compiler (`jax.sharding`).
+  """
+  loss_and_grads = make_loss_and_grads(config, model)
+  btx = baseline_transform(config)
+  mesh = make_mesh(config)
+
+  def step(state: loop.TrainState, images, labels):
+    key = jax.random.fold_in(state.key, state.step)
+    (loss, metrics), grads = loss_and_grads(state.params, state.extra, key, images, labels)
     _, new_extra = btx.update(metrics["reward"], state.extra)
 
     def apply(params, opt_state):
@@ -190,10 +243,12 @@ def make_train_step(config, model, optimizer) -> Callable[..., tuple[loop.TrainS
       return optax.apply_updates(params, updates), opt_state
 
     metrics = {f"train/{k}": v for k, v in metrics.items()}
-    metrics["train/grad_norm"] = optax.global_norm(grads)
-    return loop.guarded_update(state, grads, apply, loss, new_extra), metrics
+    grad_norm = metrics["train/grad_norm"] = optax.global_norm(grads)
+    return loop.guarded_update(state, grads, apply, loss, new_extra, grad_norm=grad_norm), metrics
 
-  return step
+  if mesh is None:
+    return jax.jit(step)
+  return jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def make_eval_batch(config, model) -> Callable[..., dict]:
@@ -295,7 +350,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   model = build_model(config)
   optimizer = make_optimizer(config)
   step = make_train_step(config, model, optimizer)
-  images_dev, labels_dev = jnp.asarray(images), jnp.asarray(labels)
+  images_dev, labels_dev = replicate(config, (jnp.asarray(images), jnp.asarray(labels)))
   _, last = loop.run(
       config=config, workdir=workdir,
       init_state=functools.partial(create_train_state, config, model, optimizer),
