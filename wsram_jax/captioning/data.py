@@ -5,8 +5,8 @@ digits, each independently *small* (side uniform on ``small_min..small_max``, de
 (``large_min..large_max``, default 24..30 px), placed by `wsram_jax.data.canvas.place_digit` (uniform position,
 bilinear resize; the box is a function of the key alone). Up to ``num_candidates`` layouts (one key per digit
 each) are drawn and the first whose boxes pairwise keep a gap of at least ``margin`` px is used; if none does
-(none of the first 5,000 test examples with the defaults; `Example.overlap` flags it) the last one is used anyway, and the canvas
-takes the pixelwise maximum where boxes overlap.
+(none of the first 5,000 test examples with the defaults; `Example.overlap` flags it) the last one is used
+anyway, and the canvas takes the pixelwise maximum where boxes overlap.
 
 Caption grammar (every caption a deterministic function of the boxes and labels)::
 

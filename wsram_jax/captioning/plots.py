@@ -17,7 +17,6 @@ import jax
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-import numpy as np
 
 from wsram_jax import metric_writers
 from wsram_jax.data import canvas as canvas_lib
