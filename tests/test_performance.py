@@ -1,0 +1,220 @@
+"""Scale and speed: the data-parallel step on 4 emulated devices, the PyTorch peer's math, the benchmark harness.
+
+Timings are never asserted (the benchmark's numbers live in BENCHMARKS.md). The PyTorch tests are skipped when
+torch is not installed (it is the optional 'bench' extra).
+"""
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import synthetic_digits, tiny_overrides
+from wsram_jax import actions
+from wsram_jax import glimpse as glimpse_lib
+from wsram_jax import networks
+from wsram_jax import objectives
+from wsram_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_MESH_SCRIPT = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, "tests")
+from conftest import apply_overrides, synthetic_digits, tiny_overrides
+from experiments.configs import mnist
+from wsram_jax import train
+
+assert jax.device_count() == 4, jax.devices()
+images, labels = synthetic_digits(64)
+out = {}
+for n in (1, 4):
+  config = apply_overrides(mnist.get_config("wsram_q_cv"), tiny_overrides("unused"))
+  config.mesh_devices = n
+  train.validate_config(config)
+  model, optimizer = train.build_model(config), train.make_optimizer(config)
+  state = train.create_train_state(config, model, optimizer)
+  data = train.replicate(config, (jnp.asarray(images), jnp.asarray(labels)))
+  step, loss_and_grads = train.make_train_step(config, model, optimizer), train.make_loss_and_grads(config, model)
+  # One program (one compilation) holding the step and the gradients it computes (the same key: step 0).
+  both = lambda s, *d: (loss_and_grads(s.params, s.extra, jax.random.fold_in(s.key, s.step), *d), step(s, *d))
+  compiled = jax.jit(both).lower(state, *data).compile()
+  ((loss, _), grads), (new_state, metrics) = compiled(state, *data)
+  hlo = compiled.as_text()
+  out[n] = dict(loss=float(loss), step_loss=float(metrics["train/loss"]),
+                grads=[np.asarray(g).tolist() for g in jax.tree_util.tree_leaves(grads)],
+                params=[np.asarray(p).tolist() for p in jax.tree_util.tree_leaves(new_state.params)],
+                sharding=str(new_state.params["core1"]["kernel"].sharding), all_reduce=hlo.count("all-reduce("),
+                per_device_rows=(config.batch_size // n) * config.num_samples,
+                has_per_device_dot=f"f32[{(config.batch_size // n) * config.num_samples},16]" in hlo)
+print(json.dumps(out))
+"""
+
+
+def test_data_parallel_step_equals_single_device():
+  # A fresh process: the emulated device count must be set before JAX initialises.
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  one, four = out["1"], out["4"]
+  assert "'data': 4" in four["sharding"] and "SingleDevice" in one["sharding"]
+  # The batch really is split: one all-reduce of the gradients, matmuls over B/4 * M rows on each device.
+  assert four["all_reduce"] >= 1 and one["all_reduce"] == 0
+  assert four["has_per_device_dot"] and one["has_per_device_dot"]
+  np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(four["step_loss"], one["loss"], rtol=1e-6, atol=1e-6)
+  for g4, g1 in zip(four["grads"], one["grads"]):
+    np.testing.assert_allclose(np.asarray(g4), np.asarray(g1), rtol=1e-6, atol=1e-6)
+  for p4, p1 in zip(four["params"], one["params"]):
+    np.testing.assert_allclose(np.asarray(p4), np.asarray(p1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_devices, match", [(3, "must divide"), (8, "exceeds the 1 devices")])
+def test_mesh_devices_validation(tiny_config, mesh_devices, match):
+  from wsram_jax import errors  # pylint: disable=g-import-not-at-top
+  config = tiny_config("wsram_q_cv", mesh_devices=mesh_devices)  # batch_size 8, one CPU device
+  with pytest.raises(errors.ConfigError, match=match) as e:
+    train.validate_config(config)
+  assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The PyTorch peer.
+
+
+@pytest.fixture
+def one_torch_thread():
+  """PyTorch on one thread: its OpenMP workers spin-wait, which on a loaded 2-core machine costs seconds."""
+  torch = pytest.importorskip("torch", reason="PyTorch (the 'bench' extra) is not installed")
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
+def _peer_setup(tiny_config):
+  torch_peer = pytest.importorskip("benchmarks.torch_peer", reason="PyTorch (the 'bench' extra) is not installed")
+  config = tiny_config("wsram_q_cv", batch_size=4, model__hidden_size=16)
+  model = train.build_model(config)
+  params = networks.init_params(model, jax.random.PRNGKey(0))
+  return torch_peer, config, model, params
+
+
+def test_torch_peer_loss_and_gradients_equal_jax(tiny_config, one_torch_thread):
+  torch = pytest.importorskip("torch", reason="PyTorch (the 'bench' extra) is not installed")
+  torch_peer, config, model, params = _peer_setup(tiny_config)
+  b, m, n = config.batch_size, config.num_samples, config.num_glimpses
+  rng = np.random.default_rng(0)
+  size = config.data.canvas_size
+  canvases = (rng.uniform(size=(b, size, size, 1)) * (rng.uniform(size=(b, size, size, 1)) < 0.3)).astype(np.float32)
+  labels = np.asarray([1, 2, 3, 4], np.int32)
+  key = jax.random.PRNGKey(3)
+  loss_fn = objectives.make_loss_fn(objectives.ObjectiveConfig.from_config(config), model)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      params, (jnp.asarray(canvases), jnp.asarray(labels)), key, 0.0)
+  # The noise the JAX rollout drew (objectives.make_loss_fn -> batched_rollout -> rollout), handed to the peer.
+  k_roll, _ = jax.random.split(key)
+  noise = jax.vmap(lambda k: actions.draw_noise(k, (m, n)))(jax.random.split(k_roll, b))
+  peer = torch_peer.TorchPeer(torch_peer.PeerConfig.from_config(config, train.canvas_kwargs(config)), params,
+                              np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.int32))
+  t_loss, t_metrics = peer.loss_and_metrics(torch.tensor(canvases[..., 0]), torch.tensor(labels),
+                                            torch.tensor(np.asarray(noise.normal)),
+                                            torch.tensor(np.asarray(noise.uniform[..., 0])))
+  t_loss.backward()
+  np.testing.assert_allclose(float(t_loss.detach()), float(loss), rtol=1e-5)
+  for k in ("ess", "bound", "error", "entropy", "loss_p", "loss_q", "scale_usage_0"):
+    np.testing.assert_allclose(float(t_metrics[k]), float(metrics[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    name = "/".join(p.key for p in path)
+    t_grad = peer.params[name].grad
+    t_grad = np.zeros(g.shape) if t_grad is None else t_grad.numpy()
+    np.testing.assert_allclose(t_grad, np.asarray(g), rtol=1e-4, atol=1e-6 * max(1.0, float(jnp.abs(g).max())),
+                               err_msg=name)
+
+
+def test_torch_peer_trains(tiny_config, one_torch_thread):
+  torch = pytest.importorskip("torch", reason="PyTorch (the 'bench' extra) is not installed")
+  torch_peer, config, _, params = _peer_setup(tiny_config)
+  torch.manual_seed(0)
+  cfg = torch_peer.PeerConfig.from_config(config, train.canvas_kwargs(config))
+  cfg = dataclasses.replace(cfg, batch_size=16, learning_rate=3e-3)
+  peer = torch_peer.TorchPeer(cfg, params, *synthetic_digits(128), seed=0)
+  losses = [float(peer.step()["loss"]) for _ in range(100)]
+  assert np.all(np.isfinite(losses))
+  assert np.mean(losses[-25:]) < np.mean(losses[:25]) - 0.15, losses  # about 1.97 -> 1.63 with this seed
+
+
+def test_torch_glimpses_equal_jax(one_torch_thread):
+  torch = pytest.importorskip("torch", reason="PyTorch (the 'bench' extra) is not installed")
+  from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  b, m, h, size, scales = 3, 4, 37, 6, 3
+  canvases = rng.uniform(size=(b, h, h)).astype(np.float32)
+  loc = np.clip(rng.uniform(-1.3, 1.3, size=(b, m, 2)), -1, 1).astype(np.float32)
+  scale = rng.integers(0, scales, size=(b, m))
+  one = functools.partial(glimpse_lib.extract_glimpse, size=size, num_scales=scales)
+  expected = np.asarray(jax.vmap(jax.vmap(one, in_axes=(None, 0, 0)))(jnp.asarray(canvases[..., None]),
+                                                                       jnp.asarray(loc), jnp.asarray(scale)))[..., 0]
+  padded = torch_peer.pad_canvases(torch.tensor(canvases), size=size, num_scales=scales)
+  kw = dict(size=size, num_scales=scales, canvas_hw=(h, h))
+  for fn in (torch_peer.glimpse, torch_peer.crop_loop_glimpse):
+    got = fn(padded, torch.tensor(loc), torch.tensor(scale), **kw).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=fn.__name__)
+
+
+def test_torch_wsram_losses_equal_the_estimator(one_torch_thread):
+  torch = pytest.importorskip("torch", reason="PyTorch (the 'bench' extra) is not installed")
+  from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
+  from wsram_jax import estimators  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  lp_a, lp_y, lq_a = (rng.normal(size=(3, 5)).astype(np.float32) * s for s in (3.0, 1.0, 3.0))
+  f = lambda a, y, q: sum(estimators.wsram_losses(a, y, q, control_variates=True))
+  value, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(*map(jnp.asarray, (lp_a, lp_y, lq_a)))
+  t = [torch.tensor(x, requires_grad=True) for x in (lp_a, lp_y, lq_a)]
+  t_value = sum(torch_peer.wsram_losses(*t))
+  t_value.backward()
+  np.testing.assert_allclose(float(t_value.detach()), float(value), rtol=1e-6)
+  for tg, g in zip(t, grads):
+    np.testing.assert_allclose(tg.grad.numpy(), np.asarray(g), rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The benchmark harness.
+
+
+def test_benchmark_runs_on_a_tiny_config(tmp_path):
+  from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
+  overrides = {k: v for k, v in tiny_overrides("unused").items() if k.startswith(("model.", "data.canvas",
+                                                                                  "data.min", "data.max", "num_"))}
+  options = bench.BenchmarkOptions(batch_sizes=(4,), steps=2, rounds=2, warmup=1, num_digits=64,
+                                   glimpse_repeats=3, torch_threads=(1,), overrides=tuple(overrides.items()))
+  results = bench.run(options, log=lambda s: None)
+  text = bench.write(results, str(tmp_path / "out"))
+  entry = results["batch_sizes"]["4"]
+  assert entry["jax"]["step"]["n"] == 2 and entry["jax"]["xla_flops"] > 0
+  # The step has no loop around a matmul, so XLA's FLOP count covers every dot of the step.
+  assert entry["jax"]["hlo"]["dots"] > 0 and entry["jax"]["xla_flops"] >= entry["jax"]["dot_flops"]
+  assert entry["matmuls"]["count"] == entry["jax"]["hlo"]["dots"] and entry["utilisation"] > 0
+  assert "| JAX ms/step" in text and json.loads((tmp_path / "out.json").read_text())["batch_sizes"]["4"]
+
+
+def test_dot_shapes_reads_dimension_numbers():
+  from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
+  f = jax.jit(lambda x, w, g: (x @ w, jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))))
+  hlo = f.lower(jnp.ones((6, 4)), jnp.ones((4, 3)), jnp.ones((6, 5))).compile().as_text()
+  dots = sorted(bench.dot_shapes(hlo), key=lambda d: d["flops"])
+  assert [d["flops"] for d in dots] == [2 * 6 * 4 * 3, 2 * 4 * 5 * 6]
+  fn, flops = bench.matmul_batch(dots)
+  fn()
+  assert flops == 2 * 6 * 4 * 3 + 2 * 4 * 5 * 6
