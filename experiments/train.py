@@ -6,31 +6,10 @@ r"""Trains and evaluates an attention classifier on translated and scaled MNIST.
 Starting again with the same --workdir resumes the run from its newest readable checkpoint. `--nojit` runs
 everything op by op (slow; for debugging). The logic lives in `wsram_jax.train.train_and_evaluate`.
 """
-from absl import flags
-from absl import logging
-
 from wsram_jax import cli
-from wsram_jax import errors
 from wsram_jax import train
 
-_CONFIG = cli.define_config_file("config", "experiments/configs/mnist.py:wsram_q_cv",
-                                          "Experiment configuration (file.py:variant).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
-_JIT = flags.DEFINE_bool("jit", True, "Compile with jax.jit; --nojit runs op by op for debugging.")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise errors.UserError(f"Unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value.")
-  if not _WORKDIR.value:
-    raise errors.ConfigError("--workdir is required: the directory for checkpoints and metrics.")
-  config = _CONFIG.value
-  with config.unlocked():
-    config.jit = config.jit and _JIT.value
-  logging.info("Configuration:\n%s", config)
-  last = train.train_and_evaluate(config, _WORKDIR.value)
-  print(train.summary(last))
-
+run = cli.training_binary("experiments/configs/mnist.py:wsram_q_cv", train.train_and_evaluate, train.summary)
 
 if __name__ == "__main__":
-  cli.run_main(main)
+  run()

@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import Any, Callable, Sequence, TypeVar
 
-from wsram_jax.errors import UserError
+from wsram_jax.errors import ConfigError, UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,3 +68,32 @@ def run_main(main: Callable[[Sequence[str]], Any]) -> None:
   from absl import app  # pylint: disable=g-import-not-at-top
 
   app.run(report_user_errors(main), flags_parser=parse_flags)
+
+
+def training_binary(default_config: str, train_and_evaluate: Callable[[Any, str], Any],
+                    summary: Callable[[Any], str]) -> Callable[[], None]:
+  """Defines the flags of a training binary (--config, --workdir, --jit) and returns its `run()`.
+
+  `run()` trains `--config` in `--workdir` with `train_and_evaluate(config, workdir)` (which resumes a run
+  found there) and prints `summary(result)`; user errors are one line and an exit code (`run_main`).
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  config_flag = define_config_file("config", default_config, "Experiment configuration (file.py:variant).",
+                                   lock_config=True)
+  workdir_flag = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+  jit_flag = flags.DEFINE_bool("jit", True, "Compile with jax.jit; --nojit runs op by op for debugging.")
+
+  def main(argv):
+    if len(argv) > 1:
+      raise UserError(f"Unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value.")
+    if not workdir_flag.value:
+      raise ConfigError("--workdir is required: the directory for checkpoints and metrics.")
+    config = config_flag.value
+    with config.unlocked():
+      config.jit = config.jit and jit_flag.value
+    absl_logging.info("Configuration:\n%s", config)
+    print(summary(train_and_evaluate(config, workdir_flag.value)))
+
+  return lambda: run_main(main)
