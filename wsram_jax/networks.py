@@ -45,13 +45,27 @@ import jax.numpy as jnp
 from wsram_jax import actions as actions_lib
 
 __all__ = ["CoreState", "Heads", "AttentionModel", "init_params", "param_labels", "INFERENCE_KEY", "Fused", "fuse",
-           "fused_top", "fused_label_rows", "fused_inference", "fused_bottom_input", "fused_glimpse_update",
+           "fused_top", "fused_label_rows", "fused_inference", "fused_bottom_input", "fused_glimpse_update", "relu",
            "BASELINE_KEY"]
 
 INFERENCE_KEY = "inference"
 BASELINE_KEY = "baseline"
 
 _he = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+
+
+@jax.custom_jvp
+def relu(x: jax.Array) -> jax.Array:
+  """``max(x, 0)`` whose derivative reads the output (``y > 0``), not the input.
+
+  Same values and derivatives as `jax.nn.relu` (derivative 0 at 0); but the backward pass needs only the
+  activation, which the next layer's weight gradient keeps anyway, so XLA can fuse the ``max`` into the matmul
+  that produces ``x`` instead of keeping the pre-activation and running a separate pass for the ``max``.
+  """
+  return jnp.maximum(x, 0)
+
+
+relu.defjvps(lambda g, ans, x: jnp.where(ans > 0, g, jnp.zeros_like(g)))
 
 
 class CoreState(NamedTuple):
@@ -199,7 +213,7 @@ class AttentionModel(nn.Module):
   def init_state(self, lowres_image: jax.Array) -> CoreState:
     """``lowres [..., L, L, C]`` -> the initial state: ``h1 = 0``, ``h2 = relu(Dense(flatten(lowres)))``."""
     x = lowres_image.reshape(lowres_image.shape[:-3] + (-1,))
-    h2 = nn.relu(self.context(x))
+    h2 = relu(self.context(x))
     return CoreState(h1=jnp.zeros_like(h2), h2=h2)
 
   def heads(self, state: CoreState, label: jax.Array) -> Heads:
@@ -317,8 +331,8 @@ def fused_top(model: AttentionModel, fused: Fused, h2: jax.Array, *, recurrent: 
   ``h2 @ W2[D:] + b2`` for the next top-layer update: one matmul (`AttentionModel.heads` and `top`)."""
   p = fused.inference_head.shape[1]
   if recurrent:
-    out = h2 @ fused.top + fused.top_bias
-    return head_distribution(out[..., :p], **_head_kw(model)), out[..., p:]
+    heads, recurrent_term = jnp.split(h2 @ fused.top + fused.top_bias, [p], axis=-1)  # one split: its transpose
+    return head_distribution(heads, **_head_kw(model)), recurrent_term               # is one concatenate
   return head_distribution(h2 @ fused.top[:, :p] + fused.top_bias[:p], **_head_kw(model)), None
 
 
@@ -331,15 +345,14 @@ def fused_label_rows(fused: Fused, label: jax.Array) -> jax.Array:
 def fused_inference(model: AttentionModel, fused: Fused, h2: jax.Array, label_rows: jax.Array
                     ) -> actions_lib.ActionDist:
   """q(a | y, ...) from ``stop_gradient(h2)`` and `fused_label_rows` (`AttentionModel.heads`' inference part)."""
-  hidden = nn.relu(jax.lax.stop_gradient(h2) @ fused.inference_h2 + label_rows)
+  hidden = relu(jax.lax.stop_gradient(h2) @ fused.inference_h2 + label_rows)
   return head_distribution(hidden @ fused.inference_head + fused.inference_head_bias, **_head_kw(model))
 
 
 def fused_bottom_input(fused: Fused, h1: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(h1 @ W2[:D], h1 @ W1[G:])``: core2's input term and core1's recurrent term, one matmul."""
-  out = h1 @ fused.bottom
-  d = fused.bottom.shape[1] // 2
-  return out[..., :d], out[..., d:]
+  core2_in, core1_recurrent = jnp.split(h1 @ fused.bottom, 2, axis=-1)
+  return core2_in, core1_recurrent
 
 
 def fused_glimpse_update(model: AttentionModel, fused: Fused, patch: jax.Array, action: actions_lib.Action,
@@ -349,10 +362,9 @@ def fused_glimpse_update(model: AttentionModel, fused: Fused, patch: jax.Array, 
   x = patch.reshape(patch.shape[:-3] + (-1,))
   loc = jnp.clip(action.loc, -1.0, 1.0)
   where = jnp.concatenate([loc, jax.nn.one_hot(action.scale, model.num_scales, dtype=loc.dtype)], -1)
-  g = jnp.concatenate([nn.relu(x @ fused.what + fused.what_bias), nn.relu(where @ fused.where + fused.where_bias)],
-                      -1)
+  g = jnp.concatenate([relu(x @ fused.what + fused.what_bias), relu(where @ fused.where + fused.where_bias)], -1)
   y = g @ fused.core1_in + fused.core1_bias
-  return nn.relu(y if recurrent is None else y + recurrent)
+  return relu(y if recurrent is None else y + recurrent)
 
 
 def init_params(model: AttentionModel, key: jax.Array, *, channels: int = 1) -> dict[str, Any]:

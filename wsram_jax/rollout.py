@@ -168,7 +168,7 @@ def rollout(params, canvas: jax.Array, label: jax.Array, key: jax.Array, *, mode
     outs, top = [out], top0
     for n in range(1, n_):  # N is small and static: unrolled (no loop in the compiled step)
       core2_in, recurrent1 = networks.fused_bottom_input(fused, h1)
-      h2 = jax.nn.relu(core2_in + top)  # h2_n = relu(W2 [h1_n, h2_{n-1}] + b2)
+      h2 = networks.relu(core2_in + top)  # h2_n = relu(W2 [h1_n, h2_{n-1}] + b2)
       heads, top = heads_and_recurrent(h2, n == n_ - 1)
       h1, out = glimpse_step(h2, heads, recurrent1, jnp.int32(n), *at(n))
       outs.append(out)
