@@ -16,7 +16,8 @@ For each batch size B of the paper's configuration (``wsram_q_cv``: M = 5, N = 4
 * the glimpse alone: the JAX extraction, the peer's vectorised one, and a per-example crop loop.
 
 The step, the peer and the matmul batch are timed interleaved, in rounds, so that all of them see the same machine
-load; the load average and the core count are recorded with the results. Synthetic digits stand in for MNIST (the
+load (each round drops its first call of every timer, which runs with the other framework's data in the caches);
+the load average and the core count are recorded with the results. Synthetic digits stand in for MNIST (the
 cost of a step does not depend on the pixels), so no data is needed.
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ class BenchmarkOptions:
   num_digits: int = 10000  # synthetic training set
   glimpse_repeats: int = 30
   overrides: tuple[tuple[str, Any], ...] = ()  # (dotted config key, value) pairs, e.g. for a small test config
+  settle_s: float = 0.2  # pause before each framework's turn in a round
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -365,7 +367,10 @@ def run(options: BenchmarkOptions = BenchmarkOptions(), log: Callable[[str], Non
     loads = []
     for r in range(options.rounds):
       for name, fn in timers.items():
-        times[name] += _time(fn, per_round)
+        time.sleep(options.settle_s)  # let the other framework's worker threads stop spinning first
+        # The first call after a switch runs with the other framework's data in the caches: steady state (what a
+        # training loop sees) is the calls after it, so every timer drops its first call of each round.
+        times[name] += _time(fn, per_round + 1)[1:]
       loads.append(os.getloadavg()[0])
       log(f"  round {r + 1}/{options.rounds}: " + ", ".join(
           f"{k} {1000 * np.median(v[-per_round:]):.1f} ms" for k, v in times.items()) + f" (load {loads[-1]:.2f})")
