@@ -44,9 +44,9 @@ import jax.numpy as jnp
 
 from wsram_jax import actions as actions_lib
 
-__all__ = ["CoreState", "Heads", "AttentionModel", "init_params", "param_labels", "INFERENCE_KEY", "Fused", "fuse",
-           "fused_top", "fused_label_rows", "fused_inference", "fused_bottom_input", "fused_glimpse_update", "relu",
-           "BASELINE_KEY"]
+__all__ = ["CoreState", "Heads", "ActionHead", "AttentionModel", "init_params", "param_labels", "INFERENCE_KEY",
+           "Fused", "fuse", "fused_top", "fused_label_rows", "fused_inference", "fused_bottom_input",
+           "fused_glimpse_update", "relu", "BASELINE_KEY"]
 
 INFERENCE_KEY = "inference"
 BASELINE_KEY = "baseline"
@@ -109,7 +109,7 @@ class _RecurrentDense(nn.Module):
     return y
 
 
-class _ActionHead(nn.Module):
+class ActionHead(nn.Module):
   """h -> K = 1 ActionDist: tanh location mean, fixed or learned location std, scale logits."""
   num_scales: int
   loc_std: float
@@ -146,7 +146,7 @@ def head_distribution(outputs: jax.Array, *, num_scales: int, loc_std: float, le
 
 
 class _InferenceNet(nn.Module):
-  """[stop_gradient(h2), onehot(y)] -> relu(Dense) -> `_ActionHead`."""
+  """[stop_gradient(h2), onehot(y)] -> relu(Dense) -> `ActionHead`."""
   num_classes: int
   hidden: int
   head_kw: dict
@@ -156,7 +156,7 @@ class _InferenceNet(nn.Module):
     y = jax.nn.one_hot(label, self.num_classes, dtype=h2.dtype)
     x = jnp.concatenate([jax.lax.stop_gradient(h2), y], axis=-1)
     x = nn.relu(nn.Dense(self.hidden, kernel_init=_he, name="hidden")(x))
-    return _ActionHead(**self.head_kw, name="head")(x)
+    return ActionHead(**self.head_kw, name="head")(x)
 
 
 class AttentionModel(nn.Module):
@@ -204,7 +204,7 @@ class AttentionModel(nn.Module):
     self.glimpse_where = nn.Dense(self.glimpse_hidden, kernel_init=_he, name="glimpse_where")
     self.core1 = _RecurrentDense(d, 2 * self.glimpse_hidden, self.recurrent_scale, name="core1")
     self.core2 = _RecurrentDense(d, d, self.recurrent_scale, name="core2")
-    self.prior_head = _ActionHead(**head_kw, name="prior")
+    self.prior_head = ActionHead(**head_kw, name="prior")
     self.inference = _InferenceNet(num_classes=self.num_classes, hidden=self.inference_hidden, head_kw=head_kw,
                                    name=INFERENCE_KEY)
     self.classifier = nn.Dense(self.num_classes, name="classifier")

@@ -144,7 +144,7 @@ class _InferenceNet(nn.Module):
     e = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(word)
     x = jnp.concatenate([jax.lax.stop_gradient(u), e], axis=-1)
     x = nn.relu(nn.Dense(self.hidden, kernel_init=_he, name="hidden")(x))
-    return networks._ActionHead(**self.head_kw, name="head")(x)  # pylint: disable=protected-access
+    return networks.ActionHead(**self.head_kw, name="head")(x)
 
 
 class CaptionModel(nn.Module):
@@ -197,7 +197,7 @@ class CaptionModel(nn.Module):
     self.glimpse_where = nn.Dense(self.glimpse_hidden, kernel_init=_he, name="glimpse_where")
     self.lstm = nn.OptimizedLSTMCell(self.hidden_size, name="lstm")
     self.attention = nn.Dense(self.attention_hidden, kernel_init=_he, name="attention")
-    self.prior_head = networks._ActionHead(**head_kw, name="prior")  # pylint: disable=protected-access
+    self.prior_head = networks.ActionHead(**head_kw, name="prior")
     self.inference = _InferenceNet(vocab_size=self.vocab_size, embed_dim=self.embed_dim,
                                    hidden=self.attention_hidden, head_kw=head_kw, name=networks.INFERENCE_KEY)
     self.output = nn.Dense(self.vocab_size, name="output")
