@@ -13,31 +13,14 @@ network given a word of the target. Everything else is ours.
 """
 import ml_collections
 
-VARIANTS = ("var", "var_cv", "wsram", "wsram_cv", "wsram_q", "wsram_q_cv", "quick")
+from experiments.configs import mnist
+
+VARIANTS = mnist.VARIANTS
 
 
 def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
-  c = ml_collections.ConfigDict()
-  c.variant = variant
-  c.seed = 0
-
-  base = "wsram_q_cv" if variant == "quick" else variant
-  c.method = "var" if base.startswith("var") else "wsram"
-  c.control_variates = base.endswith("_cv")
-  c.proposal = "inference_network" if "_q" in base else "prior"  # prior | inference_network | defensive_mixture
-  c.mixture_alpha = 0.5
-  # VAR's control variate: none | moving | learned | loo. var_cv uses a learned b(I), as [2] did.
-  c.baseline = "learned" if (c.method == "var" and c.control_variates) else "none"
-  c.baseline_decay = 0.9
-  c.baseline_weight = 1.0
-  c.num_samples = 5  # M.
-
-  c.heuristics = ml_collections.ConfigDict()
-  c.heuristics.temperature = 1.0
-  c.heuristics.coverage_weight = 0.0
-  c.heuristics.entropy_weight = 0.0
+  c = mnist.method_config(variant)  # the same methods as Table 1 (M = 5, as in Sec. 5.1)
+  c.heuristics = ml_collections.ConfigDict(mnist.HEURISTICS_OFF)  # the exploration heuristics of Sec. 4.5 off
 
   c.model = ml_collections.ConfigDict()
   c.model.encoder = "conv_pyramid"

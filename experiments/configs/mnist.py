@@ -19,7 +19,9 @@ HEURISTICS_ON = {"temperature": 1.5, "coverage_weight": 0.1, "entropy_weight": 0
 HEURISTICS_OFF = {"temperature": 1.0, "coverage_weight": 0.0, "entropy_weight": 0.0}
 
 
-def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
+def method_config(variant: str) -> ml_collections.ConfigDict:
+  """The keys a variant of Table 1 sets, for the classifier and the captioner (`captions.py`) alike: the
+  variant, the seed, the method, its proposal and control variates, and M."""
   if variant not in VARIANTS:
     raise ValueError(f"Unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
   c = ml_collections.ConfigDict()
@@ -38,6 +40,11 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   c.baseline_decay = 0.9
   c.baseline_weight = 1.0  # Weight of the learned baseline's squared-error loss.
   c.num_samples = 5  # M (paper).
+  return c
+
+
+def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
+  c = method_config(variant)
   c.num_glimpses = 4  # N (paper).
 
   # Exploration heuristics of Section 4.5 (weights 0 and temperature 1 turn them off).
