@@ -3,7 +3,9 @@
 For each batch size B of the paper's configuration (``wsram_q_cv``: M = 5, N = 4, 100 x 100 canvas, 3 scales):
 
 * compile time: ``lower`` and ``compile`` of the jitted step, wall clock and process CPU time (cold: a fresh
-  process, no persistent compilation cache);
+  process and an empty persistent compilation cache), and again from the warm cache (what a second run pays);
+* data parallel: the same step on a ``data`` mesh over the host's CPU devices (``config.mesh_devices``; the
+  binary exposes one XLA:CPU device per core), each device rolling out B / n canvases on its own core;
 * ms per step: the median over many steps after warm-up, with images/s (B per step) and glimpses/s (B M N);
 * memory: XLA's buffer assignment of the step (`compiled.memory_analysis()`) and the process's peak resident set
   (VmHWM, reset before each phase where the kernel allows it, else the high-water mark so far);
@@ -28,6 +30,7 @@ import os
 import platform
 import re
 import resource
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -55,6 +58,7 @@ class BenchmarkOptions:
   glimpse_repeats: int = 30
   overrides: tuple[tuple[str, Any], ...] = ()  # (dotted config key, value) pairs, e.g. for a small test config
   settle_s: float = 0.2  # pause before each framework's turn in a round
+  data_parallel: int = 0  # devices of the data-parallel step: 0 = all local devices (none if only one), 1 = off
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,7 +215,11 @@ class JaxStep:
 
 
 def build_jax_step(config, images: np.ndarray, labels: np.ndarray) -> JaxStep:
-  """Compiles the train step (timed) and returns a closure that runs one step and waits for it."""
+  """Compiles the train step (timed) and returns a closure that runs one step and waits for it.
+
+  When JAX's persistent compilation cache is on (`wsram_jax.cli.enable_compilation_cache`), the in-memory caches
+  are then cleared and the step lowered and compiled again: ``info['cached']`` is what a second run of the same
+  configuration pays."""
   model = train.build_model(config)
   optimizer = train.make_optimizer(config)
   state = train.create_train_state(config, model, optimizer)
@@ -223,13 +231,20 @@ def build_jax_step(config, images: np.ndarray, labels: np.ndarray) -> JaxStep:
   t0 = _now()
   compiled = lowered.compile()
   compile_time = _since(t0)
+  cached = None
+  if jax.config.jax_compilation_cache_dir:
+    jax.clear_caches()
+    t0 = _now()
+    step = train.make_train_step(config, model, optimizer)
+    compiled = step.lower(state, images, labels).compile()
+    cached = _since(t0)
   hlo = compiled.as_text()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   mem = compiled.memory_analysis()
   dots = dot_shapes(hlo)
   info = {
-      "lower": lower_time, "compile": compile_time,
+      "lower": lower_time, "compile": compile_time, "cached": cached, "mesh_devices": int(config.mesh_devices),
       "xla_flops": float(cost.get("flops", float("nan"))),
       "xla_bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
       "dot_flops": float(sum(d["flops"] for d in dots)),
@@ -402,10 +417,22 @@ def run(options: BenchmarkOptions = BenchmarkOptions(), log: Callable[[str], Non
       t = float(np.median(times[name]))
       entry["torch"][name] = {"step": _summary(times[name]), "images_per_s": round(b / t, 1),
                               "glimpses_per_s": round(b * m * n / t, 1), "speedup_of_jax": round(t / jax_s, 3)}
+    n_dp = (os.cpu_count() or 1) if options.data_parallel == 0 else options.data_parallel
+    if n_dp > 1 and b % n_dp == 0:
+      log(f"  data parallel over {n_dp} host devices, in a child process ...")
+      dp = data_parallel_child(options, b, n_dp)
+      entry["jax_data_parallel"] = dp
+      log(f"  data parallel: {dp['step']['median_ms']} ms/step vs one device {dp['one_device']['median_ms']} ms in "
+          f"the same process: {dp['speedup_over_one_device']}x")
     if peers:
       best = min(peers, key=lambda k: np.median(times[k]))
       entry["torch_best"] = best
       entry["speedup_of_jax_over_best_torch"] = entry["torch"][best]["speedup_of_jax"]
+      if "jax_data_parallel" in entry:
+        # The child measures data parallel against one device under its own load; chained with this
+        # process's one-device-vs-PyTorch ratio.
+        entry["speedup_of_data_parallel_over_best_torch"] = round(
+            entry["speedup_of_jax_over_best_torch"] * entry["jax_data_parallel"]["speedup_over_one_device"], 3)
     results["batch_sizes"][str(b)] = entry
     log(f"  B={b}: JAX {entry['jax']['step']['median_ms']} ms/step" + (
         f", best torch ({entry['torch_best']}) {entry['torch'][entry['torch_best']]['step']['median_ms']} ms, "
@@ -413,6 +440,48 @@ def run(options: BenchmarkOptions = BenchmarkOptions(), log: Callable[[str], Non
         f"; utilisation {entry['utilisation']:.0%} of {entry['matmuls']['gflops']} GFLOP/s")
   results["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
   return results
+
+
+def _child(spec: dict[str, Any]) -> dict[str, Any]:
+  """In a process with `spec['devices']` host devices: the one-device and the data-parallel step, interleaved."""
+  options = BenchmarkOptions(**{**spec["options"], "batch_sizes": tuple(spec["options"]["batch_sizes"]),
+                                "torch_threads": tuple(spec["options"]["torch_threads"]),
+                                "overrides": tuple(tuple(o) for o in spec["options"]["overrides"])})
+  b, n = spec["batch_size"], spec["devices"]
+  images, labels = synthetic_digits(options.num_digits)
+  one = build_jax_step(make_config(options.variant, b, options.overrides), images, labels)
+  dp = build_jax_step(make_config(options.variant, b, options.overrides + (("mesh_devices", n),)), images, labels)
+  timers = {"one": one.run, "dp": dp.run}
+  for fn in timers.values():
+    for _ in range(options.warmup):
+      fn()
+  times = {k: [] for k in timers}
+  per_round = max(1, options.steps // options.rounds)
+  for _ in range(options.rounds):
+    for name, fn in timers.items():
+      times[name] += _time(fn, per_round + 1)[1:]
+  m_, n_ = one.config.num_samples, one.config.num_glimpses
+  t = float(np.median(times["dp"]))
+  return {"devices": n, "compile": dp.info["compile"], "lower": dp.info["lower"], "step": _summary(times["dp"]),
+          "one_device": _summary(times["one"]), "images_per_s": round(b / t, 1),
+          "glimpses_per_s": round(b * m_ * n_ / t, 1),
+          "speedup_over_one_device": round(float(np.median(times["one"])) / t, 3), "hlo": dp.info["hlo"]}
+
+
+def data_parallel_child(options: BenchmarkOptions, batch_size: int, devices: int) -> dict[str, Any]:
+  """Times the data-parallel step over `devices` host devices in a fresh process (the device count is fixed when
+  a process starts XLA, and a second XLA:CPU device's threads in this process would slow PyTorch's)."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")) +
+                      f" --xla_force_host_platform_device_count={devices}").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  spec = {"options": dataclasses.asdict(options), "batch_size": batch_size, "devices": devices}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.step", json.dumps(spec)], cwd=root, env=env,
+                        capture_output=True, text=True, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f"The data-parallel benchmark process failed:\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -436,9 +505,16 @@ def markdown(results: dict[str, Any]) -> str:
   row("JAX compile: lower + compile, wall (CPU) s",
       lambda e: f"{e['jax']['lower']['wall_s']:.1f} + {e['jax']['compile']['wall_s']:.1f} "
                 f"({e['jax']['lower']['cpu_s']:.1f} + {e['jax']['compile']['cpu_s']:.1f})")
+  row("JAX compile from the persistent cache (second run), wall s",
+      lambda e: f"{e['jax']['cached']['wall_s']:.2f}")
   row("JAX ms/step, median (p20-p80)",
       lambda e: f"**{e['jax']['step']['median_ms']:.1f}** ({e['jax']['step']['p20_ms']:.1f}-"
                 f"{e['jax']['step']['p80_ms']:.1f})")
+  row("JAX data parallel over n host devices (one per core; child process): n, ms/step (p20-p80); one device "
+      "there", lambda e: f"{e['jax_data_parallel']['devices']}, **{e['jax_data_parallel']['step']['median_ms']:.1f}**"
+                         f" ({e['jax_data_parallel']['step']['p20_ms']:.1f}-"
+                         f"{e['jax_data_parallel']['step']['p80_ms']:.1f}); "
+                         f"{e['jax_data_parallel']['one_device']['median_ms']:.1f}")
   peers = sorted({k for e in results["batch_sizes"].values() for k in e["torch"]})
   for p in peers:
     row(f"PyTorch eager ({p.split('_')[1].replace('t', ' thread(s)')}) ms/step",
@@ -446,6 +522,8 @@ def markdown(results: dict[str, Any]) -> str:
                        f"{e['torch'][p]['step']['p80_ms']:.1f})")
   if peers:
     row("JAX speed-up over the best PyTorch", lambda e: f"**{e['speedup_of_jax_over_best_torch']:.2f}x**")
+    row("JAX data parallel over the best PyTorch (the two ratios chained)",
+        lambda e: f"**{e['speedup_of_data_parallel_over_best_torch']:.2f}x**")
   row("JAX images/s, glimpses/s", lambda e: f"{e['jax']['images_per_s']:.0f}, {e['jax']['glimpses_per_s']:.0f}")
   row("XLA GFLOP/step (cost analysis; dots only)",
       lambda e: f"{e['jax']['xla_flops'] / 1e9:.3f} ({e['jax']['dot_flops'] / 1e9:.3f})")
@@ -477,3 +555,7 @@ def write(results: dict[str, Any], out: Optional[str]) -> str:
     with open(out + ".md", "w", encoding="utf-8") as f:
       f.write(text)
   return text
+
+
+if __name__ == "__main__":  # the data-parallel child process (`data_parallel_child`)
+  print(json.dumps(_child(json.loads(sys.argv[1]))))

@@ -3,11 +3,15 @@
 A binary's `main` raises `wsram_jax.errors.UserError` for anything the person running it can fix (bad flags,
 missing data, ...). `run_main(main)` runs it under absl and turns such an error into its one-sentence message on
 stderr and the error's `exit_code`, without a traceback. Any other exception is a bug and keeps its traceback.
+
+`run_main` also turns on JAX's persistent compilation cache (`enable_compilation_cache`): the train step of a
+configuration compiles once (5-7 s on 2 CPU cores) and later runs load it in well under a second.
 """
 import functools
 import logging
+import os
 import sys
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from wsram_jax.errors import ConfigError, UserError
 
@@ -63,11 +67,50 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     _flag_error(e)
 
 
+CACHE_ENV = "WSRAM_JAX_COMPILATION_CACHE"
+
+
+def compilation_cache_dir() -> Optional[str]:
+  """The persistent compilation cache's directory: ``$WSRAM_JAX_COMPILATION_CACHE`` if set (``''``, ``0`` or
+  ``off`` turn the cache off: None), else ``~/.cache/wsram_jax/xla``."""
+  value = os.environ.get(CACHE_ENV)
+  if value is None:
+    return os.path.join(os.path.expanduser("~"), ".cache", "wsram_jax", "xla")
+  return None if value.strip().lower() in ("", "0", "off", "false", "no") else value
+
+
+def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache in `path` (default `compilation_cache_dir()`); returns the
+  directory, or None when it is off or cannot be created (then every run compiles, as without a cache).
+
+  Entries are keyed by the program, the compile options, the XLA flags and the jax/jaxlib versions, so a changed
+  model or flag compiles afresh. Call before the first compilation.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  path = compilation_cache_dir() if path is None else path
+  if not path:
+    return None
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    logging.getLogger(__name__).warning("No compilation cache (%s); every run compiles its step afresh.", e)
+    return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # the steps, not every small helper
+  return path
+
+
 def run_main(main: Callable[[Sequence[str]], Any]) -> None:
-  """`absl.app.run(main)`, with `UserError`s reported as one sentence and an exit code (see module docstring)."""
+  """`absl.app.run(main)`, with `UserError`s reported as one sentence and an exit code (see module docstring),
+  and the persistent compilation cache on (`enable_compilation_cache`)."""
   from absl import app  # pylint: disable=g-import-not-at-top
 
-  app.run(report_user_errors(main), flags_parser=parse_flags)
+  def main_with_cache(argv):
+    enable_compilation_cache()
+    return main(argv)
+
+  app.run(report_user_errors(main_with_cache), flags_parser=parse_flags)
 
 
 def training_binary(default_config: str, train_and_evaluate: Callable[[Any, str], Any],
