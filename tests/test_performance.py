@@ -218,3 +218,51 @@ def test_dot_shapes_reads_dimension_numbers():
   fn, flops = bench.matmul_batch(dots)
   fn()
   assert flops == 2 * 6 * 4 * 3 + 2 * 4 * 5 * 6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The persistent compilation cache.
+
+_CACHE_SCRIPT = r"""
+import json, os, sys
+import jax, jax.numpy as jnp
+sys.path.insert(0, "tests")
+from conftest import apply_overrides, synthetic_digits, tiny_overrides
+from experiments.configs import mnist
+from wsram_jax import cli, train
+
+path = cli.enable_compilation_cache()
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # the tiny step may compile in under 1 s
+config = apply_overrides(mnist.get_config("wsram_q_cv"), tiny_overrides("unused"))
+model, optimizer = train.build_model(config), train.make_optimizer(config)
+state = train.create_train_state(config, model, optimizer)
+images, labels = synthetic_digits(64)
+_, metrics = train.make_train_step(config, model, optimizer)(state, jnp.asarray(images), jnp.asarray(labels))
+print(json.dumps({"path": path, "loss": float(metrics["train/loss"]), "entries": sorted(os.listdir(path))}))
+"""
+
+
+def test_compilation_cache_stores_the_step_and_a_second_run_reuses_it(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["WSRAM_JAX_COMPILATION_CACHE"] = str(tmp_path / "xla")
+  runs = []
+  for _ in range(2):
+    proc = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+  first, second = runs
+  assert first["path"] == str(tmp_path / "xla")
+  steps = [e for e in first["entries"] if e.startswith("jit_step")]
+  assert len(steps) == 1, first["entries"]
+  assert second["entries"] == first["entries"]  # the second run compiled nothing new: it loaded the step
+  assert second["loss"] == first["loss"]
+
+
+@pytest.mark.parametrize("value, expected", [("", None), ("off", None), ("0", None), ("/some/dir", "/some/dir")])
+def test_compilation_cache_dir_from_the_environment(monkeypatch, value, expected):
+  from wsram_jax import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(cli.CACHE_ENV, value)
+  assert cli.compilation_cache_dir() == expected
+  monkeypatch.delenv(cli.CACHE_ENV)
+  assert cli.compilation_cache_dir().endswith(os.path.join(".cache", "wsram_jax", "xla"))
