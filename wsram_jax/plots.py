@@ -1,6 +1,9 @@
 """PNG figures for inspecting data and runs, drawn with matplotlib's Agg canvas (no pyplot, no global backend).
 
 - `canvas_grid`: translated-scaled MNIST canvases with their labels and digit boxes.
+- `glimpse_paths`: glimpse sequences drawn on their canvases.
+- `figure_grid`, `save_figure`: the grid of panels and the writing of a figure, for these and the captioner's
+  figures (`wsram_jax.captioning.plots`).
 """
 import math
 import os
@@ -14,8 +17,37 @@ import numpy as np
 
 from wsram_jax.errors import ConfigError
 
+PathLike = Union[str, os.PathLike]
 
-def canvas_grid(canvases, labels, boxes, path: Union[str, os.PathLike], *, ncols: int = 8,
+
+def figure_grid(num: int, ncols: int, panel_size: tuple[float, float], *,
+                title: Optional[str] = None) -> tuple[Figure, list]:
+  """A figure (on an Agg canvas) with a grid of panels for `num` items, `ncols` a row (fewer if `num` is smaller,
+  at least one); each panel `panel_size` = (width, height) inches, 0.4 more in height for a `title`.
+
+  Returns:
+    The `Figure` and its first `num` Axes in row-major order; the spare panels of the last row are switched off.
+  """
+  ncols = max(1, min(ncols, num))
+  nrows = max(1, math.ceil(num / ncols))
+  fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows + (0.4 if title else 0.0)), dpi=100)
+  FigureCanvasAgg(fig)
+  axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+  for ax in axes[num:]:
+    ax.set_axis_off()
+  return fig, axes[:num]
+
+
+def save_figure(fig: Figure, path: PathLike, **savefig_kwargs) -> pathlib.Path:
+  """Writes `fig` to `path` (its directory is created; `savefig_kwargs` go to `Figure.savefig`); returns the
+  path."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, **savefig_kwargs)
+  return path
+
+
+def canvas_grid(canvases, labels, boxes, path: PathLike, *, ncols: int = 8,
                 title: Optional[str] = None) -> pathlib.Path:
   """Writes a PNG grid of canvases, each titled with its label and with its box drawn in red.
 
@@ -39,18 +71,10 @@ def canvas_grid(canvases, labels, boxes, path: Union[str, os.PathLike], *, ncols
   if ncols < 1:
     raise ConfigError(f"canvas_grid needs ncols >= 1, got {ncols}.")
   vmax = 255 if np.issubdtype(canvases.dtype, np.integer) else 1.0
-  num = canvases.shape[0]
-  ncols = min(ncols, max(num, 1))
-  nrows = max(1, math.ceil(num / ncols))
-  fig = Figure(figsize=(1.6 * ncols, 1.75 * nrows + (0.4 if title else 0.0)), dpi=100)
-  FigureCanvasAgg(fig)
-  axes = fig.subplots(nrows, ncols, squeeze=False)
-  for j, ax in enumerate(axes.flat):
+  fig, axes = figure_grid(canvases.shape[0], ncols, (1.6, 1.75), title=title)
+  for j, ax in enumerate(axes):
     ax.set_xticks([])
     ax.set_yticks([])
-    if j >= num:
-      ax.set_axis_off()
-      continue
     ax.imshow(canvases[j], cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
     top, left, bottom, right = (int(v) for v in boxes[j])
     ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False, edgecolor="red",
@@ -59,10 +83,7 @@ def canvas_grid(canvases, labels, boxes, path: Union[str, os.PathLike], *, ncols
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, format="png")
-  return path
+  return save_figure(fig, path, format="png")
 
 
 def _glimpse_window(loc, scale, canvas_hw, glimpse_size):
@@ -100,7 +121,7 @@ def _draw_glimpse_path(ax, canvas, locations, scales, glimpse_size, vmax, cmap, 
     ax.set_title(str(label), fontsize=9)
 
 
-def glimpse_paths(canvases, locations, scales, *, glimpse_size: int, path: Optional[Union[str, os.PathLike]] = None,
+def glimpse_paths(canvases, locations, scales, *, glimpse_size: int, path: Optional[PathLike] = None,
                   ax=None, labels=None, ncols: int = 4, title: Optional[str] = None, cmap: str = "autumn"):
   """Draws glimpse sequences on their canvases: one square per glimpse, numbered in order, joined by a line.
 
@@ -155,15 +176,8 @@ def glimpse_paths(canvases, locations, scales, *, glimpse_size: int, path: Optio
     return ax
   if ncols < 1:
     raise ConfigError(f"glimpse_paths needs ncols >= 1, got {ncols}.")
-  ncols = min(ncols, max(num, 1))
-  nrows = max(1, math.ceil(num / ncols))
-  fig = Figure(figsize=(2.2 * ncols, 2.35 * nrows + (0.4 if title else 0.0)), dpi=100)
-  FigureCanvasAgg(fig)
-  axes = fig.subplots(nrows, ncols, squeeze=False)
-  for j, a in enumerate(axes.flat):
-    if j >= num:
-      a.set_axis_off()
-      continue
+  fig, axes = figure_grid(num, ncols, (2.2, 2.35), title=title)
+  for j, a in enumerate(axes):
     _draw_glimpse_path(a, canvases[j], locations[j], scales[j], glimpse_size, vmax, colour_map,
                        None if labels is None else labels[j])
   if title:
@@ -171,7 +185,4 @@ def glimpse_paths(canvases, locations, scales, *, glimpse_size: int, path: Optio
   fig.tight_layout()
   if path is None:
     return fig
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, format="png")
-  return path
+  return save_figure(fig, path, format="png")

@@ -8,10 +8,8 @@
 """
 from __future__ import annotations
 
-import math
-import os
 import pathlib
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Sequence
 
 import jax
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -19,19 +17,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from wsram_jax import metric_writers
+from wsram_jax import plots
 from wsram_jax.data import canvas as canvas_lib
 
 __all__ = ["caption_examples", "training_curves", "LEVEL_COLORS"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = plots.PathLike
 LEVEL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
-
-
-def _save(fig: Figure, path: PathLike) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path)
-  return path
 
 
 def caption_examples(restored, path: PathLike, *, num: int = 8, ncols: int = 4, start: int = 0,
@@ -48,17 +40,10 @@ def caption_examples(restored, path: PathLike, *, num: int = 8, ncols: int = 4, 
   h, w = images.shape[1:3]
   enc = model.apply({"params": params}, canvas_lib.to_float(images[0]), method=model.encode)
   strides = [(h / f.shape[0], w / f.shape[1]) for f in enc.levels]
-  ncols = max(1, min(ncols, num))
-  nrows = max(1, math.ceil(num / ncols))
-  fig = Figure(figsize=(3.2 * ncols, 3.9 * nrows + (0.4 if title else 0.0)), dpi=100)
-  FigureCanvasAgg(fig)
-  axes = fig.subplots(nrows, ncols, squeeze=False)
-  for j, ax in enumerate(axes.flat):
+  fig, axes = plots.figure_grid(num, ncols, (3.2, 3.9), title=title)
+  for j, ax in enumerate(axes):
     ax.set_xticks([])
     ax.set_yticks([])
-    if j >= num:
-      ax.set_axis_off()
-      continue
     img = images[j]
     ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255,
               interpolation="nearest")
@@ -90,7 +75,7 @@ def caption_examples(restored, path: PathLike, *, num: int = 8, ncols: int = 4, 
                      for s in range(len(strides)))
   fig.suptitle((title + "\n" if title else "") + f"word[level]; {legend}", fontsize=9)
   fig.tight_layout()
-  return _save(fig, path)
+  return plots.save_figure(fig, path)
 
 
 def training_curves(runs: Mapping[str, str], path: PathLike, *, title: str = "",
@@ -119,4 +104,4 @@ def training_curves(runs: Mapping[str, str], path: PathLike, *, title: str = "",
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  return _save(fig, path)
+  return plots.save_figure(fig, path)
