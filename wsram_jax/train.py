@@ -9,6 +9,9 @@ One update (`make_train_step`), all inside one `jax.jit`:
     loss, grads        = value_and_grad(objectives loss)(...)   rollout [B, M, N] + estimator
     state              = loop.guarded_update(state, ...)        Adam (after global-norm clipping), unless non-finite
 
+`build_loss_and_grads` and `build_step` are this update for any task's loss and batch sampler (the captioner's,
+`captioning.train`, too); `validate_common` the configuration checks the two tasks share.
+
 Data parallel (`config.mesh_devices` = n > 1, `make_mesh`): the same step on a `jax.sharding.Mesh` of n devices
 with one axis ``data``; the batch is sharded over it (`with_sharding_constraint`), parameters, optimiser state and
 the training set are replicated, and XLA inserts the cross-device sum of the gradients. Several hosts: call
@@ -60,9 +63,16 @@ DATA_AXIS = "data"  # The mesh axis the batch is sharded over.
 # Configuration.
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+  """Raises `errors.ConfigError(message)` unless `ok`."""
   if not ok:
     raise errors.ConfigError(message)
+
+
+def require_int(name: str, value, minimum: int = 1) -> None:
+  """Raises `errors.ConfigError` unless ``--config.<name>`` = `value` is an integer (not a bool) >= `minimum`."""
+  require(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum,
+          f"--config.{name} must be an integer >= {minimum}, got {value!r}.")
 
 
 def canvas_kwargs(config) -> dict[str, int]:
@@ -73,78 +83,81 @@ def canvas_kwargs(config) -> dict[str, int]:
               max_size=int(d.max_size) or min(canvas_lib.DEFAULT_MAX_SIZE, int(d.canvas_size)))
 
 
+def validate_common(config) -> None:
+  """The checks of `validate_config` that the captioner's (`captioning.train.validate_config`) shares: the method,
+  proposal and baseline and their combinations, M, the batch size, the loop's schedule, the optimiser and the
+  exploration heuristics. Raises `errors.ConfigError` (one sentence) for the first invalid value."""
+  require(config.method in objectives.METHODS,
+          f"Unknown --config.method {config.method!r}; choose one of {', '.join(objectives.METHODS)}.")
+  require(config.proposal in objectives.PROPOSALS,
+          f"Unknown --config.proposal {config.proposal!r}; choose one of {', '.join(objectives.PROPOSALS)}.")
+  require(config.baseline in objectives.BASELINES,
+          f"Unknown --config.baseline {config.baseline!r}; choose one of {', '.join(objectives.BASELINES)}.")
+  require_int("num_samples", config.num_samples)
+  require_int("batch_size", config.batch_size)
+  require_int("num_steps", config.num_steps, 0)
+  for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    require_int(name, config[name])
+  require_int("diag_every", config.diag_every, 0)
+  require(float(config.learning_rate) > 0, f"--config.learning_rate must be positive, got {config.learning_rate}.")
+  require(float(config.grad_clip_norm) >= 0, f"--config.grad_clip_norm must be >= 0, got {config.grad_clip_norm}.")
+  if config.method != "wsram":
+    require(config.proposal == "prior",
+            f"--config.method={config.method} samples from the prior; set --config.proposal=prior "
+            "(use --config.heuristics.temperature to temper it).")
+  if config.method != "var":
+    require(config.baseline == "none",
+            f"--config.baseline={config.baseline} is VAR's control variate; with --config.method="
+            f"{config.method} set it to none (WS-RAM's control variates are --config.control_variates).")
+  if config.method == "vimco" or config.baseline == "loo":
+    require(config.num_samples >= 2, "VIMCO and the leave-one-out baseline need --config.num_samples >= 2.")
+  h = config.heuristics
+  require(float(h.temperature) > 0, f"--config.heuristics.temperature must be positive, got {h.temperature}.")
+  require(float(h.coverage_weight) >= 0 and float(h.entropy_weight) >= 0,
+          "The heuristic weights --config.heuristics.coverage_weight and entropy_weight must be >= 0.")
+  require(0.0 <= float(config.mixture_alpha) <= 1.0,
+          f"--config.mixture_alpha must be in [0, 1], got {config.mixture_alpha}.")
+  require(0.0 <= float(config.baseline_decay) < 1.0,
+          f"--config.baseline_decay must be in [0, 1), got {config.baseline_decay}.")
+
+
 def validate_config(config) -> None:
   """Raises `errors.ConfigError` (one sentence) for any invalid value, before anything is compiled."""
-  def positive_int(name, value, minimum=1):
-    _require(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum,
-             f"--config.{name} must be an integer >= {minimum}, got {value!r}.")
-
-  _require(config.method in objectives.METHODS,
-           f"Unknown --config.method {config.method!r}; choose one of {', '.join(objectives.METHODS)}.")
-  _require(config.proposal in objectives.PROPOSALS,
-           f"Unknown --config.proposal {config.proposal!r}; choose one of {', '.join(objectives.PROPOSALS)}.")
-  _require(config.baseline in objectives.BASELINES,
-           f"Unknown --config.baseline {config.baseline!r}; choose one of {', '.join(objectives.BASELINES)}.")
-  positive_int("num_samples", config.num_samples)
-  positive_int("num_glimpses", config.num_glimpses)
-  positive_int("batch_size", config.batch_size)
-  positive_int("num_steps", config.num_steps, 0)
-  for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-    positive_int(name, config[name])
-  positive_int("diag_every", config.diag_every, 0)
+  validate_common(config)
+  require_int("num_glimpses", config.num_glimpses)
   if config.diag_every > 0:
-    positive_int("diag_num_estimates", config.diag_num_estimates, 2)
-  _require(float(config.learning_rate) > 0, f"--config.learning_rate must be positive, got {config.learning_rate}.")
-  _require(float(config.grad_clip_norm) >= 0, f"--config.grad_clip_norm must be >= 0, got {config.grad_clip_norm}.")
-  if config.method != "wsram":
-    _require(config.proposal == "prior",
-             f"--config.method={config.method} samples from the prior; set --config.proposal=prior "
-             "(use --config.heuristics.temperature to temper it).")
-  if config.method != "var":
-    _require(config.baseline == "none",
-             f"--config.baseline={config.baseline} is VAR's control variate; with --config.method="
-             f"{config.method} set it to none (WS-RAM's control variates are --config.control_variates).")
+    require_int("diag_num_estimates", config.diag_num_estimates, 2)
   if config.method == "vimco":
-    _require(float(config.heuristics.temperature) == 1.0,
-             "VIMCO's learning signal assumes samples from the untempered prior; set "
-             "--config.heuristics.temperature=1.")
-  if config.method == "vimco" or config.baseline == "loo":
-    _require(config.num_samples >= 2, "VIMCO and the leave-one-out baseline need --config.num_samples >= 2.")
-  h = config.heuristics
-  _require(float(h.temperature) > 0, f"--config.heuristics.temperature must be positive, got {h.temperature}.")
-  _require(float(h.coverage_weight) >= 0 and float(h.entropy_weight) >= 0,
-           "The heuristic weights --config.heuristics.coverage_weight and entropy_weight must be >= 0.")
-  _require(0.0 <= float(config.mixture_alpha) <= 1.0,
-           f"--config.mixture_alpha must be in [0, 1], got {config.mixture_alpha}.")
-  _require(0.0 <= float(config.baseline_decay) < 1.0,
-           f"--config.baseline_decay must be in [0, 1), got {config.baseline_decay}.")
+    require(float(config.heuristics.temperature) == 1.0,
+            "VIMCO's learning signal assumes samples from the untempered prior; set "
+            "--config.heuristics.temperature=1.")
   m = config.model
-  positive_int("model.glimpse_size", m.glimpse_size)
-  positive_int("model.num_scales", m.num_scales)
-  positive_int("model.lowres_size", m.lowres_size)
-  positive_int("model.hidden_size", m.hidden_size)
-  positive_int("model.num_classes", m.num_classes, 2)
-  _require(float(m.loc_std) > 0, f"--config.model.loc_std must be positive, got {m.loc_std}.")
+  require_int("model.glimpse_size", m.glimpse_size)
+  require_int("model.num_scales", m.num_scales)
+  require_int("model.lowres_size", m.lowres_size)
+  require_int("model.hidden_size", m.hidden_size)
+  require_int("model.num_classes", m.num_classes, 2)
+  require(float(m.loc_std) > 0, f"--config.model.loc_std must be positive, got {m.loc_std}.")
   d = config.data
-  _require(d.source in mnist.SOURCES if hasattr(mnist, "SOURCES") else d.source in ("offline", "idx", "tfds"),
-           f"Unknown --config.data.source {d.source!r}; choose offline, idx or tfds.")
-  positive_int("data.canvas_size", d.canvas_size)
+  require(d.source in mnist.SOURCES if hasattr(mnist, "SOURCES") else d.source in ("offline", "idx", "tfds"),
+          f"Unknown --config.data.source {d.source!r}; choose offline, idx or tfds.")
+  require_int("data.canvas_size", d.canvas_size)
   window = m.glimpse_size * 2 ** (m.num_scales - 1)
-  _require(window <= d.canvas_size,
-           f"The largest glimpse window ({m.glimpse_size} * 2^{m.num_scales - 1} = {window} px) is larger than "
-           f"the {d.canvas_size} px canvas; lower --config.model.glimpse_size or --config.model.num_scales.")
-  _require(m.lowres_size <= d.canvas_size,
-           f"--config.model.lowres_size ({m.lowres_size}) cannot exceed the canvas size ({d.canvas_size}).")
+  require(window <= d.canvas_size,
+          f"The largest glimpse window ({m.glimpse_size} * 2^{m.num_scales - 1} = {window} px) is larger than "
+          f"the {d.canvas_size} px canvas; lower --config.model.glimpse_size or --config.model.num_scales.")
+  require(m.lowres_size <= d.canvas_size,
+          f"--config.model.lowres_size ({m.lowres_size}) cannot exceed the canvas size ({d.canvas_size}).")
   canvas_lib.check_sizes(**canvas_kwargs(config))
-  positive_int("data.num_test", d.num_test)
-  positive_int("data.eval_batch_size", d.eval_batch_size)
-  positive_int("mesh_devices", config.mesh_devices)
-  _require(config.batch_size % config.mesh_devices == 0,
-           f"--config.mesh_devices={config.mesh_devices} must divide --config.batch_size={config.batch_size}.")
+  require_int("data.num_test", d.num_test)
+  require_int("data.eval_batch_size", d.eval_batch_size)
+  require_int("mesh_devices", config.mesh_devices)
+  require(config.batch_size % config.mesh_devices == 0,
+          f"--config.mesh_devices={config.mesh_devices} must divide --config.batch_size={config.batch_size}.")
   if config.mesh_devices > 1:  # (asking for the devices initialises JAX's backend: only when it matters)
-    _require(config.mesh_devices <= jax.device_count(),
-             f"--config.mesh_devices={config.mesh_devices} exceeds the {jax.device_count()} devices JAX sees "
-             f"({jax.devices()[0].platform}).")
+    require(config.mesh_devices <= jax.device_count(),
+            f"--config.mesh_devices={config.mesh_devices} exceeds the {jax.device_count()} devices JAX sees "
+            f"({jax.devices()[0].platform}).")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,43 +223,33 @@ def compiler_options() -> dict[str, Any]:
   return {"xla_backend_optimization_level": 1}
 
 
-def make_loss_and_grads(config, model) -> Callable[..., tuple[tuple[jax.Array, dict], Any]]:
-  """`(params, extra, key, images, labels) -> ((loss, metrics), grads)` for the step with PRNG key `key`
-  (not jitted): draws the batch (`data.canvas.sample_batch`), shards it over the mesh's ``data`` axis when
-  `config.mesh_devices` > 1, and differentiates the objective. The first half of `make_train_step`."""
-  loss_fn = objectives.make_loss_fn(objectives.ObjectiveConfig.from_config(config), model)
-  btx = baseline_transform(config)
-  sizes = canvas_kwargs(config)
-  mesh = make_mesh(config)
+def build_loss_and_grads(loss_fn, btx: baselines.BaselineTransform,
+                         sample: Callable[..., Any]) -> Callable[..., tuple[tuple[jax.Array, dict], Any]]:
+  """`(params, extra, key, *data) -> ((loss, metrics), grads)` (not jitted), for any task's
+  `loss_fn(params, batch, key, baseline_value) -> (loss, metrics)`: splits `key` in two, draws the batch with
+  the first (`sample(key, *data) -> batch`) and differentiates `loss_fn` with the second, at the value of the
+  baseline `btx` before this batch (`extra` is its state). The first half of `build_step`."""
 
-  def loss_and_grads(params, extra, key, images, labels):
+  def loss_and_grads(params, extra, key, *data):
     k_data, k_loss = jax.random.split(key)
-    canvases, ys, _ = canvas_lib.sample_batch(k_data, images, labels, config.batch_size, **sizes)
-    if mesh is not None:  # Data parallel: each device rolls out its slice of the batch; XLA sums the gradients.
-      batch = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-      canvases, ys = jax.lax.with_sharding_constraint((canvases, ys), batch)
+    batch = sample(k_data, *data)
     # The baseline's value before this batch does not depend on the rewards passed here.
     value, _ = btx.update(jnp.zeros(()), extra)
-    return jax.value_and_grad(loss_fn, has_aux=True)(params, (canvases, ys), k_loss, value)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, k_loss, value)
 
   return loss_and_grads
 
 
-def make_train_step(config, model, optimizer) -> Callable[..., tuple[loop.TrainState, dict]]:
-  """`step(state, images, labels) -> (state, metrics)`, jitted; images uint8 [N, 28, 28], labels [N].
+def build_step(loss_and_grads: Callable[..., tuple[tuple[jax.Array, dict], Any]], btx: baselines.BaselineTransform,
+               optimizer: optax.GradientTransformation) -> Callable[..., tuple[loop.TrainState, dict]]:
+  """`step(state, *data) -> (state, metrics)` (not jitted), one update for any task: the gradients of step t
+  from `loss_and_grads(params, extra, fold_in(state.key, t), *data)` (`build_loss_and_grads`), the baseline `btx`
+  updated with the batch's ``reward``, then `optimizer` through `loop.guarded_update` (no update if the loss or
+  the gradients are not finite). Metrics: the loss's, prefixed ``train/``, and ``train/grad_norm``."""
 
-  With `config.mesh_devices` = n > 1 the step runs on `make_mesh(config)`: the batch sharded over the ``data``
-  axis (each device rolls out B / n canvases), parameters, optimiser state and training set replicated (pass a
-  state from `create_train_state` and the data through `replicate`), gradients summed across devices by XLA.
-  No pmap: the same program, partitioned by the compiler (`jax.sharding`).
-  """
-  loss_and_grads = make_loss_and_grads(config, model)
-  btx = baseline_transform(config)
-  mesh = make_mesh(config)
-
-  def step(state: loop.TrainState, images, labels):
+  def step(state: loop.TrainState, *data):
     key = jax.random.fold_in(state.key, state.step)
-    (loss, metrics), grads = loss_and_grads(state.params, state.extra, key, images, labels)
+    (loss, metrics), grads = loss_and_grads(state.params, state.extra, key, *data)
     _, new_extra = btx.update(metrics["reward"], state.extra)
 
     def apply(params, opt_state):
@@ -257,6 +260,37 @@ def make_train_step(config, model, optimizer) -> Callable[..., tuple[loop.TrainS
     grad_norm = metrics["train/grad_norm"] = optax.global_norm(grads)
     return loop.guarded_update(state, grads, apply, loss, new_extra, grad_norm=grad_norm), metrics
 
+  return step
+
+
+def make_loss_and_grads(config, model) -> Callable[..., tuple[tuple[jax.Array, dict], Any]]:
+  """`(params, extra, key, images, labels) -> ((loss, metrics), grads)` for the step with PRNG key `key`
+  (not jitted): draws the batch (`data.canvas.sample_batch`), shards it over the mesh's ``data`` axis when
+  `config.mesh_devices` > 1, and differentiates the objective. The first half of `make_train_step`."""
+  loss_fn = objectives.make_loss_fn(objectives.ObjectiveConfig.from_config(config), model)
+  sizes = canvas_kwargs(config)
+  mesh = make_mesh(config)
+
+  def sample(key, images, labels):
+    canvases, ys, _ = canvas_lib.sample_batch(key, images, labels, config.batch_size, **sizes)
+    if mesh is not None:  # Data parallel: each device rolls out its slice of the batch; XLA sums the gradients.
+      batch = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+      canvases, ys = jax.lax.with_sharding_constraint((canvases, ys), batch)
+    return canvases, ys
+
+  return build_loss_and_grads(loss_fn, baseline_transform(config), sample)
+
+
+def make_train_step(config, model, optimizer) -> Callable[..., tuple[loop.TrainState, dict]]:
+  """`step(state, images, labels) -> (state, metrics)`, jitted; images uint8 [N, 28, 28], labels [N].
+
+  With `config.mesh_devices` = n > 1 the step runs on `make_mesh(config)`: the batch sharded over the ``data``
+  axis (each device rolls out B / n canvases), parameters, optimiser state and training set replicated (pass a
+  state from `create_train_state` and the data through `replicate`), gradients summed across devices by XLA.
+  No pmap: the same program, partitioned by the compiler (`jax.sharding`).
+  """
+  step = build_step(make_loss_and_grads(config, model), baseline_transform(config), optimizer)
+  mesh = make_mesh(config)
   if mesh is None:
     return jax.jit(step, compiler_options=compiler_options())
   return jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()), compiler_options=compiler_options())

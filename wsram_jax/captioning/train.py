@@ -9,7 +9,8 @@ and `loop.guarded_update`; this module only supplies the task's pieces:
 * one update (`make_train_step`), all in one `jax.jit`: key_t = fold_in(state.key, t) draws the batch (digit
   canvases generated on the device, or Flickr8k images and one of their captions) and the glimpse samples; the
   loss is `captioning.objectives.make_loss_fn` (the estimators of `wsram_jax.estimators`); Adam after
-  global-norm clipping (`wsram_jax.train.make_optimizer`).
+  global-norm clipping (`wsram_jax.train.make_optimizer`); the update is the classifier's
+  (`wsram_jax.train.build_loss_and_grads`, `build_step`).
 * evaluation (`make_evaluator`) on the fixed test split: greedy captions (the prior's mode glimpse, then the
   most probable word, `rollout.greedy_decode`) scored by corpus BLEU-1..4 (`captioning.bleu`, nltk) against
   the references, and ``eval/nll`` = -log p(y|a) of the first reference caption under M glimpse sequences
@@ -33,7 +34,6 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from wsram_jax import baselines
 from wsram_jax import checkpoints
@@ -65,9 +65,8 @@ ENCODERS = ("conv_pyramid",)
 # Configuration.
 
 
-def _require(ok: bool, message: str) -> None:
-  if not ok:
-    raise errors.ConfigError(message)
+_require = classifier_train.require
+_require_int = classifier_train.require_int
 
 
 def _is_int(value) -> bool:
@@ -85,42 +84,9 @@ def image_side(config) -> int:
 
 
 def validate_config(config) -> None:
-  """Raises `errors.ConfigError` (one sentence) for any invalid value, before anything is loaded or compiled."""
-  def positive_int(name, value, minimum=1):
-    _require(_is_int(value) and value >= minimum, f"--config.{name} must be an integer >= {minimum}, got {value!r}.")
-
-  _require(config.method in objectives_lib.METHODS,
-           f"Unknown --config.method {config.method!r}; choose one of {', '.join(objectives_lib.METHODS)}.")
-  _require(config.proposal in objectives_lib.PROPOSALS,
-           f"Unknown --config.proposal {config.proposal!r}; choose one of {', '.join(objectives_lib.PROPOSALS)}.")
-  _require(config.baseline in objectives_lib.BASELINES,
-           f"Unknown --config.baseline {config.baseline!r}; choose one of {', '.join(objectives_lib.BASELINES)}.")
-  if config.method != "wsram":
-    _require(config.proposal == "prior",
-             f"--config.method={config.method} samples from the prior; set --config.proposal=prior "
-             "(use --config.heuristics.temperature to temper it).")
-  if config.method != "var":
-    _require(config.baseline == "none",
-             f"--config.baseline={config.baseline} is VAR's control variate; with --config.method="
-             f"{config.method} set it to none (WS-RAM's control variates are --config.control_variates).")
-  positive_int("num_samples", config.num_samples)
-  if config.method == "vimco" or config.baseline == "loo":
-    _require(config.num_samples >= 2, "VIMCO and the leave-one-out baseline need --config.num_samples >= 2.")
-  positive_int("batch_size", config.batch_size)
-  positive_int("num_steps", config.num_steps, 0)
-  for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-    positive_int(name, config[name])
-  positive_int("diag_every", config.diag_every, 0)
-  _require(float(config.learning_rate) > 0, f"--config.learning_rate must be positive, got {config.learning_rate}.")
-  _require(float(config.grad_clip_norm) >= 0, f"--config.grad_clip_norm must be >= 0, got {config.grad_clip_norm}.")
-  h = config.heuristics
-  _require(float(h.temperature) > 0, f"--config.heuristics.temperature must be positive, got {h.temperature}.")
-  _require(float(h.coverage_weight) >= 0 and float(h.entropy_weight) >= 0,
-           "The heuristic weights --config.heuristics.coverage_weight and entropy_weight must be >= 0.")
-  _require(0.0 <= float(config.mixture_alpha) <= 1.0,
-           f"--config.mixture_alpha must be in [0, 1], got {config.mixture_alpha}.")
-  _require(0.0 <= float(config.baseline_decay) < 1.0,
-           f"--config.baseline_decay must be in [0, 1), got {config.baseline_decay}.")
+  """Raises `errors.ConfigError` (one sentence) for any invalid value, before anything is loaded or compiled:
+  the checks shared with the classifier (`wsram_jax.train.validate_common`), then the captioner's own."""
+  classifier_train.validate_common(config)
   _require(config.bleu_smoothing in bleu.SMOOTHING_METHODS,
            f"Unknown --config.bleu_smoothing {config.bleu_smoothing!r}; choose one of "
            f"{', '.join(bleu.SMOOTHING_METHODS)}.")
@@ -130,14 +96,14 @@ def validate_config(config) -> None:
   channels = m.encoder_channels
   _require(isinstance(channels, (tuple, list)) and len(channels) >= 1 and all(_is_int(c) and c >= 1 for c in channels),
            f"--config.model.encoder_channels must be a non-empty tuple of positive integers, got {channels!r}.")
-  positive_int("model.num_scales", m.num_scales)
+  _require_int("model.num_scales", m.num_scales)
   _require(m.num_scales <= len(channels),
            f"--config.model.num_scales ({m.num_scales}) cannot exceed the number of encoder blocks "
            f"({len(channels)}).")
   for name in ("feature_dim", "read_size", "embed_dim", "hidden_size", "glimpse_hidden", "attention_hidden",
                "lowres_size"):
-    positive_int(f"model.{name}", m[name])
-  positive_int("model.context_dim", m.context_dim, 0)
+    _require_int(f"model.{name}", m[name])
+  _require_int("model.context_dim", m.context_dim, 0)
   _require(float(m.loc_std) > 0, f"--config.model.loc_std must be positive, got {m.loc_std}.")
   _require(m.q_word in model_lib.Q_WORDS,
            f"Unknown --config.model.q_word {m.q_word!r}; choose one of {', '.join(model_lib.Q_WORDS)}.")
@@ -152,16 +118,16 @@ def validate_config(config) -> None:
     _require(bool(d.flickr8k_json) and bool(d.flickr8k_images),
              "--config.data.task=flickr8k needs --config.data.flickr8k_json (Karpathy's dataset_flickr8k.json) "
              "and --config.data.flickr8k_images (the image folder).")
-    positive_int("data.max_words", d.max_words)
-    positive_int("data.min_word_count", d.min_word_count)
-    positive_int("data.image_size", d.image_size, 8)
+    _require_int("data.max_words", d.max_words)
+    _require_int("data.min_word_count", d.min_word_count)
+    _require_int("data.image_size", d.image_size, 8)
   side = image_side(config)
   _require(side // 2 ** len(channels) >= 1,
            f"{len(channels)} encoder blocks halve the {side} px image to nothing; use fewer blocks.")
   _require(m.lowres_size <= side,
            f"--config.model.lowres_size ({m.lowres_size}) cannot exceed the image size ({side}).")
-  positive_int("data.num_test", d.num_test)
-  positive_int("data.eval_batch_size", d.eval_batch_size)
+  _require_int("data.num_test", d.num_test)
+  _require_int("data.eval_batch_size", d.eval_batch_size)
 
 
 def objective_config(config) -> objectives_lib.ObjectiveConfig:
@@ -305,28 +271,14 @@ def make_train_step(config, model, optimizer, task: TaskData) -> Callable[..., t
 
 
 def _build_train_step(config, model, optimizer, task: TaskData):
+  """The classifier's update (`wsram_jax.train.build_step`) with the captioner's loss and batches, jitted."""
   loss_fn = objectives.make_loss_fn(objective_config(config), model, q_word=config.model.q_word)
   btx = baseline_transform(config)
   sample = task.sample  # not `task`: the cached step must not keep the test split alive
-
-  @jax.jit
-  def step(state: loop.TrainState, train):
-    key = jax.random.fold_in(state.key, state.step)
-    k_data, k_loss = jax.random.split(key)
-    batch = sample(k_data, train, config.batch_size)
-    value, _ = btx.update(jnp.zeros(()), state.extra)  # the baseline before this batch
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, k_loss, value)
-    _, new_extra = btx.update(metrics["reward"], state.extra)
-
-    def apply(params, opt_state):
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
-    metrics = {f"train/{k}": v for k, v in metrics.items()}
-    metrics["train/grad_norm"] = optax.global_norm(grads)
-    return loop.guarded_update(state, grads, apply, loss, new_extra), metrics
-
-  return step
+  batch_size = config.batch_size
+  loss_and_grads = classifier_train.build_loss_and_grads(
+      loss_fn, btx, lambda key, train: sample(key, train, batch_size))
+  return jax.jit(classifier_train.build_step(loss_and_grads, btx, optimizer))
 
 
 @functools.lru_cache(maxsize=16)
