@@ -266,3 +266,62 @@ def test_compilation_cache_dir_from_the_environment(monkeypatch, value, expected
   assert cli.compilation_cache_dir() == expected
   monkeypatch.delenv(cli.CACHE_ENV)
   assert cli.compilation_cache_dir().endswith(os.path.join(".cache", "wsram_jax", "xla"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several processes (the multi-host set-up of BUILD.md, on one machine: two CPU processes joined by
+# jax.distributed, collectives over gloo).
+
+_DISTRIBUTED_SCRIPT = r"""
+import json, sys
+import jax
+process_id, num_processes, port = (int(a) for a in sys.argv[1:4])
+if num_processes > 1:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=num_processes,
+                             process_id=process_id)
+import jax.numpy as jnp
+sys.path.insert(0, "tests")
+from conftest import apply_overrides, synthetic_digits, tiny_overrides
+from experiments.configs import mnist
+from wsram_jax import train
+
+config = apply_overrides(mnist.get_config("wsram_q_cv"), tiny_overrides("unused"))
+config.mesh_devices = jax.device_count()  # every device of every process
+train.validate_config(config)
+model, optimizer = train.build_model(config), train.make_optimizer(config)
+state = train.replicate(config, train.create_train_state(config, model, optimizer))
+images, labels = synthetic_digits(64)
+data = train.replicate(config, (jnp.asarray(images), jnp.asarray(labels)))
+step = train.make_train_step(config, model, optimizer)
+for _ in range(2):
+  state, metrics = step(state, *data)
+print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
+                  "loss": float(metrics["train/loss"]), "grad_norm": float(metrics["train/grad_norm"])}))
+"""
+
+
+def test_two_processes_joined_by_jax_distributed_train_like_one():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = lambda pid, n: [sys.executable, "-c", _DISTRIBUTED_SCRIPT, str(pid), str(n), str(port)]
+  procs = [subprocess.Popen(cmd(pid, 2), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for pid in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      stdout, stderr = p.communicate(timeout=300)
+    finally:
+      p.kill()
+    assert p.returncode == 0, stderr[-3000:]
+    outs.append(json.loads(stdout.strip().splitlines()[-1]))
+  single = subprocess.run(cmd(0, 1), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert single.returncode == 0, single.stderr[-3000:]
+  one = json.loads(single.stdout.strip().splitlines()[-1])
+  assert [o["processes"] for o in outs] == [2, 2] and [o["devices"] for o in outs] == [2, 2] and one["devices"] == 1
+  for o in outs:  # the second step's loss depends on the first update: the gradients were all-reduced right
+    np.testing.assert_allclose(o["loss"], one["loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(o["grad_norm"], one["grad_norm"], rtol=1e-5, atol=1e-6)
