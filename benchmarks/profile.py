@@ -9,7 +9,8 @@ its fusion, e.g. ``ynn_fusion.12`` for a matmul handed to YNNPACK, ``dot.70`` fo
 ``copy_pad_fusion``), grouped by kind, and the largest kernels with their shape and the JAX operation they come
 from (from the optimised HLO). The trace itself stays in ``--trace_dir`` for TensorBoard's profile plugin or
 Perfetto. On two cores two kernels can run at once, so the sum of kernel times can exceed the step's wall time;
-under ``taskset -c 0`` it cannot.
+under ``taskset -c 0`` it cannot. Also counted: minor page faults per step (memory the kernel had to hand out and
+zero-fill; `wsram_jax.cli.keep_freed_memory`, which this binary applies like every other, keeps them few).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import shutil
 import time
 from typing import Any
@@ -87,10 +89,12 @@ def profile(batch_size: int, steps: int, trace_dir: str, variant: str = "wsram_q
   for _ in range(10):
     step.run()
   wall = []
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(20):
     t = time.perf_counter()
     step.run()
     wall.append(time.perf_counter() - t)
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 20
   shutil.rmtree(trace_dir, ignore_errors=True)
   jax.profiler.start_trace(trace_dir)
   for _ in range(steps):
@@ -100,14 +104,14 @@ def profile(batch_size: int, steps: int, trace_dir: str, variant: str = "wsram_q
   by_kind = collections.defaultdict(float)
   for name, ms in kernels.items():
     by_kind[kind(name)] += ms
-  return {"batch_size": batch_size, "step_ms_untraced": float(np.median(wall)) * 1000.0,
+  return {"batch_size": batch_size, "step_ms_untraced": float(np.median(wall)) * 1000.0, "page_faults": faults,
           "kernels_ms": kernels, "by_kind_ms": dict(by_kind), "hlo": hlo_index(step.run.hlo),
           "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
 
 
 def report(result: dict[str, Any], top: int) -> str:
   lines = [f"B={result['batch_size']}, cores {result['affinity']}: step {result['step_ms_untraced']:.1f} ms "
-           f"(median, untraced); kernel time per step by kind:"]
+           f"(median, untraced), {result['page_faults']:.0f} page faults per step; kernel time per step by kind:"]
   total = sum(result["by_kind_ms"].values())
   for k, ms in sorted(result["by_kind_ms"].items(), key=lambda kv: -kv[1]):
     lines.append(f"  {ms:8.2f} ms  {100 * ms / total:5.1f}%  {k}")

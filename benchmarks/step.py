@@ -559,4 +559,6 @@ def write(results: dict[str, Any], out: Optional[str]) -> str:
 
 
 if __name__ == "__main__":  # the data-parallel child process (`data_parallel_child`)
+  from wsram_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.keep_freed_memory()  # as in the parent (`cli.run_main`)
   print(json.dumps(_child(json.loads(sys.argv[1]))))
