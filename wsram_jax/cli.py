@@ -103,14 +103,18 @@ def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
 
 
 def keep_freed_memory() -> bool:
-  """With glibc, serves every allocation below 1 GiB from the heap and keeps freed memory there (`mallopt`:
-  M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB - 1); returns whether it applied.
+  """With glibc, serves every allocation below 1 GiB from one heap and keeps freed memory there (`mallopt`:
+  M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB - 1, M_ARENA_MAX 1); returns whether it applied. Call it before
+  JAX starts its threads.
 
   Why: XLA:CPU allocates a step's temporaries afresh on every execution (35 MB for the paper's step at B = 128).
   glibc serves an allocation above its mmap threshold (at most 32 MB) with new pages from the kernel, which
   zero-fills each on first touch: about 9,600 page faults per step at B = 128, 15-25% of the step's time
   (benchmarks.profile counted them as a slow `pad`). Kept in the heap, the same memory is reused step after step
-  (about 500 faults per step). The process keeps up to its peak heap size mapped, as it would anyway at the peak.
+  (a few per step). One arena: a thread's own arena lives in 64 MB heaps that glibc unmaps when they empty, so
+  the step's temporaries, allocated by whichever XLA thread runs it, page-faulted again in some runs (measured:
+  4 to 9,600 faults per step from run to run with per-thread arenas, under 200 with one). The process keeps up
+  to its peak heap size mapped, as it would anyway at the peak.
   """
   import ctypes  # pylint: disable=g-import-not-at-top
   import ctypes.util  # pylint: disable=g-import-not-at-top
@@ -122,8 +126,9 @@ def keep_freed_memory() -> bool:
     mallopt = libc.mallopt
   except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
     return False
-  m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-  return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+  m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # <malloc.h>
+  return all([bool(mallopt(m_mmap_threshold, 1 << 30)), bool(mallopt(m_trim_threshold, (1 << 31) - 1)),
+              bool(mallopt(m_arena_max, 1))])
 
 
 def run_main(main: Callable[[Sequence[str]], Any]) -> None:
