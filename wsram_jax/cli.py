@@ -103,22 +103,27 @@ def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
 
 
 def keep_freed_memory() -> bool:
-  """With glibc, serves every allocation below 1 GiB from one heap and keeps freed memory there (`mallopt`:
-  M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB - 1, M_ARENA_MAX 1); returns whether it applied. Call it before
-  JAX starts its threads.
+  """With glibc, serves every allocation below 1 GiB from the heap and keeps freed memory there (`mallopt`:
+  M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB - 1), and has JAX run CPU computations on the thread that calls
+  them (``jax_cpu_enable_async_dispatch`` off); returns whether the `mallopt` calls applied. Call it before JAX
+  starts.
 
   Why: XLA:CPU allocates a step's temporaries afresh on every execution (35 MB for the paper's step at B = 128).
   glibc serves an allocation above its mmap threshold (at most 32 MB) with new pages from the kernel, which
   zero-fills each on first touch: about 9,600 page faults per step at B = 128, 15-25% of the step's time
-  (benchmarks.profile counted them as a slow `pad`). Kept in the heap, the same memory is reused step after step
-  (a few per step). One arena: a thread's own arena lives in 64 MB heaps that glibc unmaps when they empty, so
-  the step's temporaries, allocated by whichever XLA thread runs it, page-faulted again in some runs (measured:
-  4 to 9,600 faults per step from run to run with per-thread arenas, under 200 with one). The process keeps up
-  to its peak heap size mapped, as it would anyway at the peak.
+  (benchmarks.profile counted them as a slow `pad`). Kept in the heap, the same memory is reused step after step.
+  Which heap: with asynchronous dispatch a worker thread runs the step and allocates from its own arena, whose
+  extra 64 MB heaps glibc unmaps as soon as they empty, so some runs still page-faulted thousands of times per
+  step (measured: 2 to 9,600 from run to run); on the calling thread the main heap serves them (0 to 2 per step).
+  A single arena for all threads (M_ARENA_MAX 1) also stopped the faults but made the B = 32 step 3 ms slower
+  (lock contention). The step's own work does not overlap with Python either way (each step needs the last).
   """
   import ctypes  # pylint: disable=g-import-not-at-top
   import ctypes.util  # pylint: disable=g-import-not-at-top
 
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
   if not sys.platform.startswith("linux"):
     return False
   try:
@@ -126,9 +131,8 @@ def keep_freed_memory() -> bool:
     mallopt = libc.mallopt
   except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
     return False
-  m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # <malloc.h>
-  return all([bool(mallopt(m_mmap_threshold, 1 << 30)), bool(mallopt(m_trim_threshold, (1 << 31) - 1)),
-              bool(mallopt(m_arena_max, 1))])
+  m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+  return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
 def run_main(main: Callable[[Sequence[str]], Any]) -> None:
