@@ -137,11 +137,13 @@ def keep_freed_memory() -> bool:
 
 def run_main(main: Callable[[Sequence[str]], Any]) -> None:
   """`absl.app.run(main)`, with `UserError`s reported as one sentence and an exit code (see module docstring),
-  the persistent compilation cache on (`enable_compilation_cache`) and freed memory kept (`keep_freed_memory`)."""
+  the persistent compilation cache on (`enable_compilation_cache`) and freed memory kept (`keep_freed_memory`;
+  ``WSRAM_JAX_KEEP_FREED_MEMORY=0`` leaves glibc and JAX at their defaults, to measure what it changes)."""
   from absl import app  # pylint: disable=g-import-not-at-top
 
   def main_with_cache(argv):
-    keep_freed_memory()
+    if os.environ.get("WSRAM_JAX_KEEP_FREED_MEMORY", "1").strip().lower() not in ("0", "off", "false", "no"):
+      keep_freed_memory()
     enable_compilation_cache()
     return main(argv)
 
