@@ -195,17 +195,25 @@ def make_loss_fn(cfg: ObjectiveConfig, model: networks.AttentionModel) -> LossFn
       loss = loss + cfg.sleep_weight * sleep
       metrics["loss_sleep"] = sleep
 
-    if cfg.coverage_weight > 0:
-      loss = loss + cfg.coverage_weight * exploration.coverage_regularizer(traj.prior_scale_probs,
-                                                                           traj.prior_loc_mean)
-    if cfg.entropy_weight > 0:
-      loss = loss + exploration.entropy_bonus(traj.entropy, weight=cfg.entropy_weight)
-    metrics["loss"] = loss
-    # The reward the moving-average baseline tracks (mean log p(y|a) of this batch).
-    metrics["reward"] = jnp.mean(jax.lax.stop_gradient(traj.log_p_y))
-    return loss, metrics
+    return with_heuristics(cfg, loss, traj, metrics)
 
   return loss_fn
+
+
+def with_heuristics(cfg: ObjectiveConfig, loss: jax.Array, traj, metrics: dict[str, jax.Array]
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`loss` plus the exploration terms of Sec. 4.5 that `cfg` turns on (coverage, entropy bonus), and the
+  metrics every task's loss reports with it: ``loss`` and ``reward`` (the batch's mean log p(y|a), which the
+  moving-average baseline tracks). `traj` needs ``prior_scale_probs``, ``prior_loc_mean``, ``entropy`` and
+  ``log_p_y`` (a `rollout.Trajectory` or the captioner's)."""
+  if cfg.coverage_weight > 0:
+    loss = loss + cfg.coverage_weight * exploration.coverage_regularizer(traj.prior_scale_probs,
+                                                                         traj.prior_loc_mean)
+  if cfg.entropy_weight > 0:
+    loss = loss + exploration.entropy_bonus(traj.entropy, weight=cfg.entropy_weight)
+  metrics["loss"] = loss
+  metrics["reward"] = jnp.mean(jax.lax.stop_gradient(traj.log_p_y))
+  return loss, metrics
 
 
 def sleep_loss(params, canvases, key, *, model, num_glimpses, num_samples) -> jax.Array:

@@ -8,7 +8,8 @@ The method part is `wsram_jax.objectives.method_loss` on the rollout's per-sampl
 with control variates), ``var`` -> `estimators.variational_loss` (Eqn 5) with a baseline from
 `wsram_jax.baselines` (none, moving average, learned b(I), leave-one-out), ``vimco``. The proposal is built by
 `wsram_jax.objectives.make_proposal` (prior, inference network, defensive mixture; tempered by heuristic (1)),
-and heuristics (2) and (3) come from `wsram_jax.exploration`. The sleep-phase q update is the classifier's only.
+and heuristics (2) and (3) are added by `wsram_jax.objectives.with_heuristics`, as for the classifier. The
+sleep-phase q update is the classifier's only.
 
 Metrics (means over the batch): ``nll`` = -log p(y|a) per caption (Figure 4's training NLL, for the sampled
 glimpses), ``nll_per_word``, ``bound`` (Eqn 9, the multi-sample bound on log p(y|I)), ``ess``, the prior's
@@ -22,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 from wsram_jax import estimators
-from wsram_jax import exploration
 from wsram_jax import objectives as objectives_lib
 from wsram_jax.captioning import model as model_lib
 from wsram_jax.captioning import rollout as rollout_lib
@@ -76,13 +76,6 @@ def make_loss_fn(cfg: objectives_lib.ObjectiveConfig, model: model_lib.CaptionMo
     loss, parts = objectives_lib.method_loss(cfg, traj.log_p_a, traj.log_p_y, traj.log_q_a,
                                              baseline_value=baseline_value, learned_baseline=traj.baseline)
     metrics.update(parts)
-    if cfg.coverage_weight > 0:
-      loss = loss + cfg.coverage_weight * exploration.coverage_regularizer(traj.prior_scale_probs,
-                                                                           traj.prior_loc_mean)
-    if cfg.entropy_weight > 0:
-      loss = loss + exploration.entropy_bonus(traj.entropy, weight=cfg.entropy_weight)
-    metrics["loss"] = loss
-    metrics["reward"] = jnp.mean(jax.lax.stop_gradient(traj.log_p_y))
-    return loss, metrics
+    return objectives_lib.with_heuristics(cfg, loss, traj, metrics)
 
   return loss_fn
