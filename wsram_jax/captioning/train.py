@@ -278,14 +278,15 @@ def _build_train_step(config, model, optimizer, task: TaskData):
   batch_size = config.batch_size
   loss_and_grads = classifier_train.build_loss_and_grads(
       loss_fn, btx, lambda key, train: sample(key, train, batch_size))
-  return jax.jit(classifier_train.build_step(loss_and_grads, btx, optimizer))
+  return jax.jit(classifier_train.build_step(loss_and_grads, btx, optimizer),
+                 compiler_options=classifier_train.compiler_options())
 
 
 @functools.lru_cache(maxsize=16)
 def make_decoder(model, max_len: int) -> Callable[[Any, jax.Array], rollout_lib.Decoded]:
   """``decode(params, images uint8/float [B, H, W, C]) -> Decoded`` (greedy, jitted; one per model)."""
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=classifier_train.compiler_options())
   def decode(params, images):
     images = canvas_lib.to_float(images)
     return jax.vmap(lambda im: rollout_lib.greedy_decode(params, im, model=model, max_len=max_len))(images)
@@ -326,7 +327,7 @@ def make_evaluator(config, model, task: TaskData) -> Callable[[loop.TrainState],
 def _nll_batch(model, num_samples: int, q_word: str):
   """``(params, images, captions, mask, key) -> sums of NLL and of the Eqn 9 bound`` (jitted; one per model)."""
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=classifier_train.compiler_options())
   def nll_batch(params, images, captions, mask, key):
     traj = objectives.batched_rollout(params, canvas_lib.to_float(images), captions, key, model=model,
                                       proposal=proposals.prior, num_samples=num_samples, q_word=q_word)
@@ -343,7 +344,7 @@ def make_diagnose(config, model, task: TaskData) -> Callable[[loop.TrainState], 
   diag_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2 ** 30)
   batch = task.sample(diag_key, task.train, config.batch_size)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=classifier_train.compiler_options())
   def diagnose_jit(state):
     value, _ = btx.update(jnp.zeros(()), state.extra)
     grad_fn = lambda p, b, k: jax.grad(lambda q: loss_fn(q, b, k, value)[0])(p)
