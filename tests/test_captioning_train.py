@@ -118,6 +118,7 @@ def test_flickr8k_task_and_pretrained_encoder(tiny_caption_config, tmp_path):
     ({"data.small_max": 20}, "must not overlap"),
     ({"bleu_smoothing": "laplace"}, "bleu_smoothing"),
     ({"heuristics.temperature": 0.0}, "temperature must be positive"),
+    ({"method": "vimco", "proposal": "prior", "heuristics.temperature": 1.5}, "untempered prior"),
 ])
 def test_invalid_config_is_one_clear_error(tiny_caption_config, overrides, match):
   config = tiny_caption_config("wsram_q_cv", **overrides)

@@ -113,6 +113,10 @@ def validate_common(config) -> None:
     require(config.num_samples >= 2, "VIMCO and the leave-one-out baseline need --config.num_samples >= 2.")
   h = config.heuristics
   require(float(h.temperature) > 0, f"--config.heuristics.temperature must be positive, got {h.temperature}.")
+  if config.method == "vimco":
+    require(float(h.temperature) == 1.0,
+            "VIMCO's learning signal assumes samples from the untempered prior; set "
+            "--config.heuristics.temperature=1.")
   require(float(h.coverage_weight) >= 0 and float(h.entropy_weight) >= 0,
           "The heuristic weights --config.heuristics.coverage_weight and entropy_weight must be >= 0.")
   require(0.0 <= float(config.mixture_alpha) <= 1.0,
@@ -127,10 +131,6 @@ def validate_config(config) -> None:
   require_int("num_glimpses", config.num_glimpses)
   if config.diag_every > 0:
     require_int("diag_num_estimates", config.diag_num_estimates, 2)
-  if config.method == "vimco":
-    require(float(config.heuristics.temperature) == 1.0,
-            "VIMCO's learning signal assumes samples from the untempered prior; set "
-            "--config.heuristics.temperature=1.")
   m = config.model
   require_int("model.glimpse_size", m.glimpse_size)
   require_int("model.num_scales", m.num_scales)
