@@ -5,8 +5,9 @@ missing data, ...). `run_main(main)` runs it under absl and turns such an error 
 stderr and the error's `exit_code`, without a traceback. Any other exception is a bug and keeps its traceback.
 
 `run_main` also turns on JAX's persistent compilation cache (`enable_compilation_cache`): the train step of a
-configuration compiles once (5-8 s of XLA compilation on 2 CPU cores) and later runs load it in about 0.4 s; and, with
-glibc, keeps freed memory in the heap (`keep_freed_memory`), which spares the CPU step thousands of page faults.
+configuration compiles once (5-8 s of XLA compilation on 2 CPU cores) and later runs load it in about 0.4 s;
+and, with glibc, keeps freed memory in the heap (`keep_freed_memory`), which spares the CPU step thousands of
+page faults.
 """
 import functools
 import logging
