@@ -58,7 +58,7 @@ class BenchmarkOptions:
   glimpse_repeats: int = 30
   overrides: tuple[tuple[str, Any], ...] = ()  # (dotted config key, value) pairs, e.g. for a small test config
   settle_s: float = 0.2  # pause before each framework's turn in a round
-  data_parallel: int = 0  # devices of the data-parallel step: 0 = all local devices (none if only one), 1 = off
+  data_parallel: int = 0  # devices of the data-parallel step (a child process): 0 = one per CPU core, 1 = off
 
 
 # ---------------------------------------------------------------------------------------------------------------

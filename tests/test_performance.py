@@ -207,6 +207,10 @@ def test_benchmark_runs_on_a_tiny_config(tmp_path):
   assert entry["jax"]["hlo"]["dots"] > 0 and entry["jax"]["xla_flops"] >= entry["jax"]["dot_flops"]
   assert entry["matmuls"]["count"] == entry["jax"]["hlo"]["dots"] and entry["utilisation"] > 0
   assert "| JAX ms/step" in text and json.loads((tmp_path / "out.json").read_text())["batch_sizes"]["4"]
+  if (os.cpu_count() or 1) in (2, 4):  # B = 4 splits over one host device per core, timed in a child process
+    dp = entry["jax_data_parallel"]
+    assert dp["devices"] == os.cpu_count() and dp["step"]["n"] == 2 and dp["one_device"]["n"] == 2
+    assert dp["speedup_over_one_device"] > 0 and "| JAX data parallel" in text
 
 
 def test_dot_shapes_reads_dimension_numbers():
