@@ -223,11 +223,11 @@ def test_npy_cache_is_checked(tmp_path):
 def test_tfds_source_under_mock_data(tmp_path, monkeypatch):
   tfds = pytest.importorskip("tensorflow_datasets")
   calls = []
-  real_data_source = tfds.data_source
+  original = tfds.data_source  # the spy below forwards to it, under mock_data
 
   def spy(*args, **kwargs):
     calls.append(kwargs)
-    return real_data_source(*args, **kwargs)
+    return original(*args, **kwargs)
 
   monkeypatch.setattr(tfds, "data_source", spy)
   # USE_CODE: no metadata files needed; mocks the array_record data source, so no tensorflow is needed.
