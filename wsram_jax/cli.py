@@ -70,6 +70,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 CACHE_ENV = "WSRAM_JAX_COMPILATION_CACHE"
+_OFF = ("", "0", "off", "false", "no")  # environment values that turn a setting off
 
 
 def compilation_cache_dir() -> Optional[str]:
@@ -78,7 +79,7 @@ def compilation_cache_dir() -> Optional[str]:
   value = os.environ.get(CACHE_ENV)
   if value is None:
     return os.path.join(os.path.expanduser("~"), ".cache", "wsram_jax", "xla")
-  return None if value.strip().lower() in ("", "0", "off", "false", "no") else value
+  return None if value.strip().lower() in _OFF else value
 
 
 def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
@@ -143,7 +144,7 @@ def run_main(main: Callable[[Sequence[str]], Any]) -> None:
   from absl import app  # pylint: disable=g-import-not-at-top
 
   def main_with_cache(argv):
-    if os.environ.get("WSRAM_JAX_KEEP_FREED_MEMORY", "1").strip().lower() not in ("0", "off", "false", "no"):
+    if os.environ.get("WSRAM_JAX_KEEP_FREED_MEMORY", "1").strip().lower() not in _OFF:
       keep_freed_memory()
     enable_compilation_cache()
     return main(argv)
