@@ -30,7 +30,7 @@ import numpy as np
 from absl import flags
 
 from benchmarks import step as bench
-from wsram_jax import cli
+from wsram_jax.training import cli
 from wsram_jax import errors
 
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size B.")

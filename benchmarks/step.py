@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from wsram_jax import glimpse as glimpse_lib
-from wsram_jax import train
+from wsram_jax.training import step as step_lib
+from wsram_jax.classifier import train
 
 __all__ = ["BenchmarkOptions", "run", "markdown", "dot_shapes", "hlo_stats", "environment"]
 
@@ -221,9 +222,9 @@ def build_jax_step(config, images: np.ndarray, labels: np.ndarray) -> JaxStep:
   are then cleared and the step lowered and compiled again: ``info['cached']`` is what a second run of the same
   configuration pays."""
   model = train.build_model(config)
-  optimizer = train.make_optimizer(config)
+  optimizer = step_lib.make_optimizer(config)
   state = train.create_train_state(config, model, optimizer)
-  images, labels = train.replicate(config, (jnp.asarray(images), jnp.asarray(labels)))
+  images, labels = step_lib.replicate(step_lib.make_mesh(config.mesh_devices), (jnp.asarray(images), jnp.asarray(labels)))
   step = train.make_train_step(config, model, optimizer)
   t0 = _now()
   lowered = step.lower(state, images, labels)
@@ -331,7 +332,7 @@ def _torch_peers(config, images, labels, threads: tuple[int, ...], warmup: int, 
   except ImportError:
     log("PyTorch is not installed: no peer (pip install torch==2.13.0, the 'bench' extra).")
     return {}
-  from wsram_jax import networks  # pylint: disable=g-import-not-at-top
+  from wsram_jax.classifier import model as networks  # pylint: disable=g-import-not-at-top
   default_threads = torch.get_num_threads()
   params = networks.init_params(train.build_model(config), jax.random.PRNGKey(config.seed))
   peer = torch_peer.TorchPeer(torch_peer.PeerConfig.from_config(config, train.canvas_kwargs(config)), params,
@@ -559,6 +560,6 @@ def write(results: dict[str, Any], out: Optional[str]) -> str:
 
 
 if __name__ == "__main__":  # the data-parallel child process (`data_parallel_child`)
-  from wsram_jax import cli  # pylint: disable=g-import-not-at-top
+  from wsram_jax.training import cli  # pylint: disable=g-import-not-at-top
   cli.keep_freed_memory()  # as in the parent (`cli.run_main`)
   print(json.dumps(_child(json.loads(sys.argv[1]))))

@@ -1,6 +1,6 @@
 """The WS-RAM + q + c.v. train step in PyTorch eager: the side-by-side peer of wsram_jax's jitted train step.
 
-Same work per step as `wsram_jax.train.make_train_step` for `experiments/configs/mnist.py:wsram_q_cv`:
+Same work per step as `wsram_jax.classifier.train.make_train_step` for `experiments/configs/mnist.py:wsram_q_cv`:
 
     B digits drawn from the training set, each resized (bilinear, as two matmuls) and pasted on the canvas
     rollout: low-res context -> h2_0; M samples x N glimpses from the inference network q(a | y, I), scored
@@ -60,10 +60,10 @@ class PeerConfig:
 
   @classmethod
   def from_config(cls, config, canvas_sizes: Mapping[str, int]) -> "PeerConfig":
-    """From an MNIST ConfigDict and `wsram_jax.train.canvas_kwargs(config)`. Only WS-RAM + q + c.v. with a fixed
+    """From an MNIST ConfigDict and `wsram_jax.classifier.train.canvas_kwargs(config)`. Only WS-RAM + q + c.v. with a fixed
     location std is implemented."""
     if not (config.method == "wsram" and config.proposal == "inference_network" and config.control_variates
-            and not config.model.learn_std and float(config.heuristics.temperature) == 1.0
+            and not config.model.learn_loc_std and float(config.heuristics.temperature) == 1.0
             and float(config.heuristics.coverage_weight) == 0 and float(config.heuristics.entropy_weight) == 0):
       raise ValueError("The PyTorch peer implements WS-RAM + q + c.v. without heuristics (wsram_q_cv) only.")
     if config.model.glimpse_size % 2:

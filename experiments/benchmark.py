@@ -16,7 +16,7 @@ import tempfile
 from absl import flags
 
 from benchmarks import step as bench
-from wsram_jax import cli
+from wsram_jax.training import cli
 from wsram_jax import errors
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32", "128"], "Batch sizes B to measure.")

@@ -21,9 +21,9 @@ import re
 from absl import flags
 import ml_collections
 
-from wsram_jax import cli
+from wsram_jax.training import cli
 from wsram_jax import errors
-from wsram_jax import metric_writers
+from wsram_jax.training import metric_writers
 from wsram_jax.captioning import plots
 from wsram_jax.captioning import train
 

@@ -22,10 +22,10 @@ import time
 from absl import flags
 
 from experiments.configs import mnist as mnist_configs
-from wsram_jax import cli
+from wsram_jax.training import cli
 from wsram_jax import errors
-from wsram_jax import report
-from wsram_jax import train
+from wsram_jax.training import report
+from wsram_jax.classifier import train
 
 _ROOT = flags.DEFINE_string("root", "runs/table1", "Directory holding one workdir per run.")
 _STEPS = flags.DEFINE_integer("steps", 15000, "Updates per run.")

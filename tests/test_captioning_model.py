@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from wsram_jax import actions as actions_lib
-from wsram_jax import networks
+from wsram_jax import attention
 from wsram_jax import objectives as objectives_lib
 from wsram_jax import proposals
 from wsram_jax.captioning import model as model_lib
-from wsram_jax.captioning import objectives
+from wsram_jax.captioning import loss as loss_lib
 from wsram_jax.captioning import rollout as rollout_lib
 from wsram_jax.captioning import vocab as vocab_lib
 
@@ -55,7 +55,7 @@ roll_jit = jax.jit(roll, static_argnames=("model", "proposal", "q_word"))
 
 def test_shapes_and_batch_vmap(model, params, data):
   images, captions = data
-  batched = functools.partial(objectives.batched_rollout, model=model, proposal=proposals.inference_network,
+  batched = functools.partial(loss_lib.batched_rollout, model=model, proposal=proposals.inference_network,
                               num_samples=M)
   traj = jax.jit(batched)(params, images, captions, jax.random.PRNGKey(2))
   chex.assert_shape([traj.log_p_a, traj.log_q_a, traj.log_p_y, traj.baseline, traj.log_inference_a], (2, M))
@@ -92,7 +92,7 @@ def test_prior_proposal_log_q_equals_log_p_without_gradient(model, params, data)
 
 
 def _group_norms(grads):
-  labels = networks.param_labels(grads)
+  labels = attention.param_labels(grads)
   sums = {"theta": 0.0, "eta": 0.0}
   for lab, g in zip(jax.tree_util.tree_leaves(labels), jax.tree_util.tree_leaves(grads)):
     sums[lab] += float(jnp.sum(g ** 2))
@@ -105,7 +105,7 @@ def test_gradient_isolation(model, params, data):
   names = ("log_q_a", "loss_q", "log_p_a", "log_p_y", "loss_p")
 
   def scalars(p):
-    traj = objectives.batched_rollout(p, images, captions, jax.random.PRNGKey(5), model=model,
+    traj = loss_lib.batched_rollout(p, images, captions, jax.random.PRNGKey(5), model=model,
                                       proposal=proposals.inference_network, num_samples=M)
     # The WS-RAM losses through the shared estimator dispatch.
     parts = objectives_lib.method_loss(cfg, traj.log_p_a, traj.log_p_y, traj.log_q_a)[1]
@@ -183,7 +183,7 @@ def test_greedy_decode_stops_at_eos(model, params, data):
 def test_var_loss_is_finite_and_trains_the_baseline(model, params, data):
   # (WS-RAM's losses: test_gradient_isolation here, and the trainer's smoke test.)
   cfg = objectives_lib.ObjectiveConfig(num_samples=M, method="var", proposal="prior", baseline="learned")
-  loss_fn = objectives.make_loss_fn(cfg, model)
+  loss_fn = loss_lib.make_loss_fn(cfg, model)
   (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, data, jax.random.PRNGKey(8))
   assert np.isfinite(loss)
   assert 1.0 <= metrics["ess"] <= M + 1e-4

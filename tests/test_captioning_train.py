@@ -11,7 +11,8 @@ from conftest import apply_overrides
 from experiments.configs import captions as caption_configs
 from test_captioning_data import write_flickr_fixture
 from wsram_jax import errors
-from wsram_jax import metric_writers
+from wsram_jax.training import step as step_lib
+from wsram_jax.training import metric_writers
 from wsram_jax.captioning import encoders
 from wsram_jax.captioning import plots
 from wsram_jax.captioning import train
@@ -93,7 +94,7 @@ def test_flickr8k_task_and_pretrained_encoder(tiny_caption_config, tmp_path):
   assert np.all(captions[:, 1] != 0)
   # Pretrained encoder weights replace the initial ones.
   model = train.build_model(config, len(task.vocab))
-  optimizer = train.classifier_train.make_optimizer(config)
+  optimizer = step_lib.make_optimizer(config)
   fresh = train.create_train_state(config, model, optimizer).params
   other = jax.tree_util.tree_map(lambda x: x + 1.0, fresh["encoder"])
   config.model.encoder_weights = str(encoders.save_encoder_params(tmp_path / "enc.npz", other))

@@ -1,4 +1,4 @@
-"""The estimator API's gradient contract (DESIGN.md, 'Estimator API'), pinned on random inputs.
+"""The estimator API's gradient contract (docs/ARCHITECTURE.md, 'The estimator API'), pinned on random inputs.
 
 Each loss's gradient with respect to its log-probability inputs must equal the formula exactly (float32 at
 ~1e-6), batched and unbatched, jitted and not; and stay finite with -inf entries and 1e4 spreads. The
@@ -97,7 +97,7 @@ class LogWeightsTest(parameterized.TestCase):
 
 
 def _wsram_expected(a, y, q, control_variates):
-  """DESIGN.md: the gradients of (loss_p, loss_q) w.r.t. (log_p_a, log_p_y, log_q_a)."""
+  """docs/ARCHITECTURE.md: the gradients of (loss_p, loss_q) w.r.t. (log_p_a, log_p_y, log_q_a)."""
   b = _num_examples(a.shape)
   m = a.shape[-1]
   w = _softmax(np.asarray(a, np.float64) + np.asarray(y) - np.asarray(q))

@@ -9,10 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from wsram_jax import checkpoints
+from wsram_jax.training import checkpoints
 from wsram_jax import errors
-from wsram_jax import loop
-from wsram_jax import metric_writers
+from wsram_jax.training import loop
+from wsram_jax.training import metric_writers
 
 
 def _config(**overrides):

@@ -18,9 +18,9 @@ import pytest
 from conftest import synthetic_digits, tiny_overrides
 from wsram_jax import actions
 from wsram_jax import glimpse as glimpse_lib
-from wsram_jax import networks
-from wsram_jax import objectives
-from wsram_jax import train
+from wsram_jax.classifier import model as networks
+from wsram_jax.classifier import train
+from wsram_jax.training import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,8 @@ import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "tests")
 from conftest import apply_overrides, synthetic_digits, tiny_overrides
 from experiments.configs import mnist
-from wsram_jax import train
+from wsram_jax.classifier import train
+from wsram_jax.training import step as step_lib
 
 assert jax.device_count() == 4, jax.devices()
 images, labels = synthetic_digits(64)
@@ -39,9 +40,9 @@ for n in (1, 4):
   config = apply_overrides(mnist.get_config("wsram_q_cv"), tiny_overrides("unused"))
   config.mesh_devices = n
   train.validate_config(config)
-  model, optimizer = train.build_model(config), train.make_optimizer(config)
+  model, optimizer = train.build_model(config), step_lib.make_optimizer(config)
   state = train.create_train_state(config, model, optimizer)
-  data = train.replicate(config, (jnp.asarray(images), jnp.asarray(labels)))
+  data = step_lib.replicate(step_lib.make_mesh(config.mesh_devices), (jnp.asarray(images), jnp.asarray(labels)))
   step, loss_and_grads = train.make_train_step(config, model, optimizer), train.make_loss_and_grads(config, model)
   # One program (one compilation) holding the step and the gradients it computes (the same key: step 0).
   both = lambda s, *d: (loss_and_grads(s.params, s.extra, jax.random.fold_in(s.key, s.step), *d), step(s, *d))
@@ -120,10 +121,10 @@ def test_torch_peer_loss_and_gradients_equal_jax(tiny_config, one_torch_thread):
   canvases = (rng.uniform(size=(b, size, size, 1)) * (rng.uniform(size=(b, size, size, 1)) < 0.3)).astype(np.float32)
   labels = np.asarray([1, 2, 3, 4], np.int32)
   key = jax.random.PRNGKey(3)
-  loss_fn = objectives.make_loss_fn(objectives.ObjectiveConfig.from_config(config), model)
+  loss_fn = train.make_loss_fn(config, model)
   (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
       params, (jnp.asarray(canvases), jnp.asarray(labels)), key, 0.0)
-  # The noise the JAX rollout drew (objectives.make_loss_fn -> batched_rollout -> rollout), handed to the peer.
+  # The noise the JAX rollout drew (classifier.loss.make_loss_fn -> batched_rollout -> rollout), handed to the peer.
   k_roll, _ = jax.random.split(key)
   noise = jax.vmap(lambda k: actions.draw_noise(k, (m, n)))(jax.random.split(k_roll, b))
   peer = torch_peer.TorchPeer(torch_peer.PeerConfig.from_config(config, train.canvas_kwargs(config)), params,
@@ -233,12 +234,14 @@ import jax, jax.numpy as jnp
 sys.path.insert(0, "tests")
 from conftest import apply_overrides, synthetic_digits, tiny_overrides
 from experiments.configs import mnist
-from wsram_jax import cli, train
+from wsram_jax.classifier import train
+from wsram_jax.training import cli
+from wsram_jax.training import step as step_lib
 
 path = cli.enable_compilation_cache()
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # the tiny step may compile in under 1 s
 config = apply_overrides(mnist.get_config("wsram_q_cv"), tiny_overrides("unused"))
-model, optimizer = train.build_model(config), train.make_optimizer(config)
+model, optimizer = train.build_model(config), step_lib.make_optimizer(config)
 state = train.create_train_state(config, model, optimizer)
 images, labels = synthetic_digits(64)
 _, metrics = train.make_train_step(config, model, optimizer)(state, jnp.asarray(images), jnp.asarray(labels))
@@ -265,7 +268,7 @@ def test_compilation_cache_stores_the_step_and_a_second_run_reuses_it(tmp_path):
 
 @pytest.mark.parametrize("value, expected", [("", None), ("off", None), ("0", None), ("/some/dir", "/some/dir")])
 def test_compilation_cache_dir_from_the_environment(monkeypatch, value, expected):
-  from wsram_jax import cli  # pylint: disable=g-import-not-at-top
+  from wsram_jax.training import cli  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv(cli.CACHE_ENV, value)
   assert cli.compilation_cache_dir() == expected
   monkeypatch.delenv(cli.CACHE_ENV)
@@ -288,15 +291,16 @@ import jax.numpy as jnp
 sys.path.insert(0, "tests")
 from conftest import apply_overrides, synthetic_digits, tiny_overrides
 from experiments.configs import mnist
-from wsram_jax import train
+from wsram_jax.classifier import train
+from wsram_jax.training import step as step_lib
 
 config = apply_overrides(mnist.get_config("wsram_q_cv"), tiny_overrides("unused"))
 config.mesh_devices = jax.device_count()  # every device of every process
 train.validate_config(config)
-model, optimizer = train.build_model(config), train.make_optimizer(config)
-state = train.replicate(config, train.create_train_state(config, model, optimizer))
+model, optimizer = train.build_model(config), step_lib.make_optimizer(config)
+state = step_lib.replicate(step_lib.make_mesh(config.mesh_devices), train.create_train_state(config, model, optimizer))
 images, labels = synthetic_digits(64)
-data = train.replicate(config, (jnp.asarray(images), jnp.asarray(labels)))
+data = step_lib.replicate(step_lib.make_mesh(config.mesh_devices), (jnp.asarray(images), jnp.asarray(labels)))
 step = train.make_train_step(config, model, optimizer)
 for _ in range(2):
   state, metrics = step(state, *data)
@@ -333,7 +337,7 @@ def test_two_processes_joined_by_jax_distributed_train_like_one():
 
 _MALLOC_SCRIPT = r"""
 import ctypes, ctypes.util, resource, sys
-from wsram_jax import cli
+from wsram_jax.training import cli
 applied = cli.keep_freed_memory() if sys.argv[1] == "1" else False
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import quickstart
-from wsram_jax import cli
+from wsram_jax.training import cli
 from wsram_jax import plots
 from wsram_jax.errors import ConfigError, DataError
 

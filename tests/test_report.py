@@ -4,8 +4,8 @@ import json
 import numpy as np
 
 from experiments import table1
-from wsram_jax import metric_writers
-from wsram_jax import report
+from wsram_jax.training import metric_writers
+from wsram_jax.training import report
 
 
 def _fake_run(workdir, final_error, steps=(100, 200)):

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wsram_jax import actions, networks, proposals
-from wsram_jax.rollout import Trajectory, rollout
+from wsram_jax import actions, proposals
+from wsram_jax.classifier import model as networks
+from wsram_jax.classifier.rollout import ClassifierTrajectory, rollout
 
 MODEL = networks.AttentionModel(num_classes=3, glimpse_size=4, num_scales=2, lowres_size=4, hidden_size=16,
                                 glimpse_hidden=8, inference_hidden=12)
@@ -69,7 +70,7 @@ def _keys(seed):
 
 def test_shapes(params, data):
   traj = roll(MIXTURE)(params, *data, _keys(1))
-  assert isinstance(traj, Trajectory)
+  assert isinstance(traj, ClassifierTrajectory)
   chex.assert_shape(traj.actions.loc, DIMS["BMN"] + (2,))
   chex.assert_shape([traj.actions.scale, traj.scales, traj.entropy], [DIMS["BMN"]] * 3)
   chex.assert_shape([traj.log_p_a, traj.log_q_a, traj.log_inference_a, traj.log_p_y, traj.baseline],

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_overrides
-from wsram_jax import checkpoints
+from wsram_jax.training import checkpoints
+from wsram_jax.training import step as step_lib
 from wsram_jax import errors
-from wsram_jax import metric_writers
-from wsram_jax import train
+from wsram_jax.training import metric_writers
+from wsram_jax.classifier import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +37,7 @@ def test_evaluation_is_deterministic(tiny_config):
   config = tiny_config("var_cv")
   images, labels, test_canvases, test_labels = train.load_data(config)
   model = train.build_model(config)
-  state = train.create_train_state(config, model, train.make_optimizer(config))
+  state = train.create_train_state(config, model, step_lib.make_optimizer(config))
   evaluate = train.make_evaluator(config, model, test_canvases, test_labels)
   assert evaluate(state) == evaluate(state)
   del images, labels
@@ -85,7 +86,7 @@ def test_binary_reports_missing_data_in_one_sentence(tmp_path):
 
 def _final_params(config, workdir):
   model = train.build_model(config)
-  target = train.create_train_state(config, model, train.make_optimizer(config))
+  target = train.create_train_state(config, model, step_lib.make_optimizer(config))
   state, step = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(target)
   return state, step
 

@@ -12,8 +12,9 @@ class UserError(Exception):
   exit_code = 1
 
 
-class ConfigError(UserError):
-  """An invalid configuration value or flag; reported before anything compiles."""
+class ConfigError(UserError, ValueError):
+  """An invalid configuration value or flag; reported before anything compiles. Also a `ValueError`, so library
+  code that validates its arguments (e.g. `objectives.ObjectiveConfig`) raises what Python callers expect."""
 
   exit_code = 2
 

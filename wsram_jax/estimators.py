@@ -64,11 +64,12 @@ gives
   dl/dtheta   ~= sum_m w_m d log p(y|a^m) + sum_m (w_m - r_m) d log p(a^m)                  (Eqn 16 w/ Eqn 18)
   dKL/deta    ~= -sum_m (w_m - 1/M) d log q(a^m)                                              (Eqn 17)
 Eqn 16 as printed subtracts the unnormalised ratio p(a^m)/q(a^m) (without a 1/M): that is an unbiased but
-M-times-too-large control variate; Eqn 18 states the self-normalised baseline r_m, which is what DESIGN.md
-specifies and what is implemented. With the prior as proposal r_m = 1/M and both control variates leave the
-expectation exactly unchanged (the tests check this by enumeration). With q != prior, r_m is a ratio estimate
-and the p-side control variate adds a bias that vanishes as M grows (O(1/M); e.g. at M = 1 it cancels the
-whole log p(a) gradient since w_1 = r_1 = 1); the q-side one (1/M) is always exactly unbiased.
+M-times-too-large control variate; Eqn 18 states the self-normalised baseline r_m, which is what the estimator
+API (docs/ARCHITECTURE.md) specifies and what is implemented. With the prior as proposal r_m = 1/M and both
+control variates leave the expectation exactly unchanged (the tests check this by enumeration). With q != prior,
+r_m is a ratio estimate and the p-side control variate adds a bias that vanishes as M grows (O(1/M); e.g. at
+M = 1 it cancels the whole log p(a) gradient since w_1 = r_1 = 1); the q-side one (1/M) is always exactly
+unbiased.
 
 Hence `wsram_losses` has, with w = normalized weights, r = softmax(log_p_a - log_q_a) (both stop-gradient):
   loss_p: d/d log_p_y[m] = -w_m/B;   d/d log_p_a[m] = -(w_m - r_m)/B with control variates, -w_m/B without;

@@ -1,7 +1,13 @@
-"""Loss functions per training method: the rollout (`rollout.py`) feeds the estimators (`estimators.py`).
+"""The objective layer: a training method's loss from per-sample log-probabilities, for any attention model.
 
-    loss_fn(params, batch, key, baseline_value) -> (loss, metrics)
-    batch = (canvases [B, H, W, C] float32, labels [B] int32)
+A task's loss is its rollout (which returns an `attention.Trajectory`, fields ``[B, M, ...]``) followed by the
+functions here; nothing here imports a model:
+
+    cfg = ObjectiveConfig(method=..., proposal=..., ...)     the static choices, checked on construction
+    proposal = make_proposal(cfg)                              what the rollout samples from
+    loss, parts = method_loss(cfg, log_p_a, log_p_y, log_q_a)  the estimator of `cfg.method` on [B, M] arrays
+    loss, metrics = with_heuristics(cfg, loss, traj, metrics)  the exploration terms of Sec. 4.5
+    metrics = trajectory_metrics(traj, num_scales)             ESS, Eqn 9 bound, entropy, scale usage
 
 Methods (`ObjectiveConfig.method`):
 
@@ -9,11 +15,11 @@ Methods (`ObjectiveConfig.method`):
   inference network, or any `proposals.Proposal`); ``loss_p`` (Eqn 8, or Eqn 16 with control variates) trains
   the prediction network theta and ``loss_q`` (Eqn 14, or Eqn 17) the inference network eta. The rollout hands
   the proposal a stop-gradient'ed prior, so ``loss_q`` cannot reach theta whatever the proposal; with the prior
-  as proposal there is no eta to train and ``loss_q`` is left out. With ``sleep_weight > 0`` the sleep-phase q
-  update (Bornschein & Bengio) is added: (a, y) drawn from the model, q scored on them by teacher forcing.
+  as proposal there is no eta to train and ``loss_q`` is left out. ``sleep_weight > 0`` adds the sleep-phase q
+  update (Bornschein & Bengio), which needs the model and is added by the task's loss.
 * ``var``: the variational method of [2] (Sec. 4.1): M trajectories from the prior, the Eqn 5 surrogate with
-  a baseline: none, ``moving`` (a moving average of log p(y|a), passed in as ``baseline_value``), ``learned``
-  (the baseline head b(I), regressed on log p(y|a)), or ``loo`` (leave-one-out over the M samples).
+  a baseline: none, ``moving`` (a moving average of log p(y|a), `baseline_transform`), ``learned`` (the
+  model's baseline head b(I), regressed on log p(y|a)), or ``loo`` (leave-one-out over the M samples).
 * ``vimco``: the multi-sample bound of Eqn 9 with VIMCO's leave-one-out learning signals (Mnih & Rezende 2016),
   samples from the prior.
 
@@ -21,103 +27,189 @@ Exploration heuristics of Sec. 4.5, for every method: (1) ``temperature`` temper
 drawn from; (2) ``coverage_weight`` times `exploration.coverage_regularizer`; (3) ``entropy_weight`` times
 `exploration.entropy_bonus`.
 
-The metrics (means over the batch) are the ones the paper plots: ESS of the importance weights (Eqn 7; at most
-M), the Eqn 9 bound, the error of the sampled trajectories' predictions, action entropies, and how often each
-scale is used.
+Proposals are named: ``prior``, ``inference_network``, ``defensive_mixture`` (weight ``mixture_alpha`` on q), or
+``module.path:function`` for a `proposals.Proposal` written anywhere importable (no library change needed).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Callable
+import importlib
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from wsram_jax import actions as actions_lib
+from wsram_jax import attention
 from wsram_jax import baselines
 from wsram_jax import estimators
 from wsram_jax import exploration
-from wsram_jax import networks
 from wsram_jax import proposals as proposals_lib
-from wsram_jax import rollout as rollout_lib
+from wsram_jax.errors import ConfigError
 
 METHODS = ("wsram", "var", "vimco")
 PROPOSALS = ("prior", "inference_network", "defensive_mixture")
 BASELINES = ("none", "moving", "learned", "loo")
 
-LossFn = Callable[[Any, tuple[jax.Array, jax.Array], jax.Array, jax.Array], tuple[jax.Array, dict]]
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def resolve_proposal(name: str, *, mixture_alpha: float = 0.5) -> proposals_lib.Proposal:
+  """The untempered proposal called `name`: a built-in (`PROPOSALS`) or ``module.path:function``, imported.
+
+  Raises `errors.ConfigError` (one sentence) for an unknown name, a module that cannot be imported, a missing
+  attribute, or one that is not callable.
+  """
+  if name == "prior":
+    return proposals_lib.prior
+  if name == "inference_network":
+    return proposals_lib.inference_network
+  if name == "defensive_mixture":
+    return proposals_lib.defensive_mixture(alpha=mixture_alpha)
+  if not isinstance(name, str) or name.count(":") != 1:
+    raise ConfigError(f"Unknown --config.proposal {name!r}; choose one of {', '.join(PROPOSALS)}, or name a "
+                      "function of your own as module.path:function.")
+  module_name, attr = name.split(":")
+  try:
+    module = importlib.import_module(module_name)
+  except Exception as e:  # pylint: disable=broad-except  (any failure to import is the user's to fix)
+    raise ConfigError(f"--config.proposal={name}: cannot import {module_name!r} ({type(e).__name__}: {e}); "
+                      "is its directory on PYTHONPATH?") from None
+  fn = getattr(module, attr, None)
+  _require(fn is not None, f"--config.proposal={name}: module {module_name!r} has no attribute {attr!r}.")
+  _require(callable(fn), f"--config.proposal={name}: {attr!r} is a {type(fn).__name__}, not a function of a "
+                         "proposals.ProposalContext.")
+  return fn
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-  """The static choices that define a loss. See the module docstring."""
+  """The static choices that define a loss; checked on construction (`errors.ConfigError`, a `ValueError`).
+
+  Attributes:
+    method: ``wsram``, ``var`` or ``vimco``.
+    proposal: what the samples are drawn from (see the module docstring); None means the inference network for
+      ``wsram`` and the prior for the others, which need the prior.
+    control_variates: WS-RAM's Eqns 16-19 (VAR's control variate is ``baseline``).
+    baseline: VAR's baseline: ``none``, ``moving``, ``learned`` or ``loo``.
+    baseline_decay: the moving average's decay, in [0, 1).
+    baseline_weight: weight of the learned baseline's regression loss.
+    num_samples: M.
+    temperature: heuristic (1), the proposal's temperature (1 = off).
+    coverage_weight: heuristic (2) (0 = off).
+    entropy_weight: heuristic (3) (0 = off).
+    mixture_alpha: weight of q in the ``defensive_mixture`` proposal.
+    sleep_weight: weight of the sleep-phase q loss (WS-RAM only; 0 = off).
+  """
   method: str = "wsram"
-  proposal: str = "inference_network"
+  proposal: Optional[str] = None
   control_variates: bool = True
   baseline: str = "none"
+  baseline_decay: float = 0.9
+  baseline_weight: float = 1.0
   num_samples: int = 5
-  num_glimpses: int = 4
   temperature: float = 1.0
   coverage_weight: float = 0.0
   entropy_weight: float = 0.0
-  baseline_weight: float = 1.0
   mixture_alpha: float = 0.5
   sleep_weight: float = 0.0
 
+  def __post_init__(self):
+    _require(self.method in METHODS,
+             f"Unknown --config.method {self.method!r}; choose one of {', '.join(METHODS)}.")
+    if self.proposal is None:
+      object.__setattr__(self, "proposal", "inference_network" if self.method == "wsram" else "prior")
+    _require(self.baseline in BASELINES,
+             f"Unknown --config.baseline {self.baseline!r}; choose one of {', '.join(BASELINES)}.")
+    m = self.num_samples
+    _require(isinstance(m, int) and not isinstance(m, bool) and m >= 1,
+             f"--config.num_samples must be an integer >= 1, got {m!r}.")
+    if self.method != "wsram":
+      _require(self.proposal == "prior",
+               f"--config.method={self.method} samples from the prior; set --config.proposal=prior "
+               "(use --config.heuristics.temperature to temper it).")
+    if self.method != "var":
+      _require(self.baseline == "none",
+               f"--config.baseline={self.baseline} is VAR's control variate; with --config.method={self.method} "
+               "set it to none (WS-RAM's control variates are --config.control_variates).")
+    if self.method == "vimco" or self.baseline == "loo":
+      _require(m >= 2, "VIMCO and the leave-one-out baseline need --config.num_samples >= 2.")
+    _require(float(self.temperature) > 0,
+             f"--config.heuristics.temperature must be positive, got {self.temperature}.")
+    if self.method == "vimco":
+      _require(float(self.temperature) == 1.0,
+               "VIMCO's learning signal assumes samples from the untempered prior; set "
+               "--config.heuristics.temperature=1.")
+    _require(float(self.coverage_weight) >= 0 and float(self.entropy_weight) >= 0,
+             "The heuristic weights --config.heuristics.coverage_weight and entropy_weight must be >= 0.")
+    _require(0.0 <= float(self.mixture_alpha) <= 1.0,
+             f"--config.mixture_alpha must be in [0, 1], got {self.mixture_alpha}.")
+    _require(0.0 <= float(self.baseline_decay) < 1.0,
+             f"--config.baseline_decay must be in [0, 1), got {self.baseline_decay}.")
+    _require(float(self.baseline_weight) >= 0,
+             f"--config.baseline_weight must be >= 0, got {self.baseline_weight}.")
+    _require(float(self.sleep_weight) >= 0, f"--config.sleep_weight must be >= 0, got {self.sleep_weight}.")
+    if float(self.sleep_weight) > 0:
+      _require(self.method == "wsram", "The sleep phase (--config.sleep_weight > 0) trains WS-RAM's inference "
+                                       "network; it needs --config.method=wsram.")
+    resolve_proposal(self.proposal, mixture_alpha=self.mixture_alpha)  # a bad name or import fails here
+
   @classmethod
   def from_config(cls, config) -> "ObjectiveConfig":
-    """From an experiment ConfigDict (`experiments/configs/mnist.py`)."""
+    """From an experiment ConfigDict (`experiments/configs/mnist.py`): its top-level method keys and its
+    ``heuristics`` block. Raises `errors.ConfigError` for an invalid combination."""
     h = config.heuristics
     return cls(method=config.method, proposal=config.proposal, control_variates=bool(config.control_variates),
-               baseline=config.baseline, num_samples=int(config.num_samples),
-               num_glimpses=int(config.num_glimpses), temperature=float(h.temperature),
-               coverage_weight=float(h.coverage_weight), entropy_weight=float(h.entropy_weight),
-               baseline_weight=float(config.baseline_weight), mixture_alpha=float(config.mixture_alpha),
-               sleep_weight=float(config.get("sleep_weight", 0.0)))
+               baseline=config.baseline, baseline_decay=float(config.baseline_decay),
+               baseline_weight=float(config.baseline_weight), num_samples=config.num_samples,
+               temperature=float(h.temperature), coverage_weight=float(h.coverage_weight),
+               entropy_weight=float(h.entropy_weight), mixture_alpha=float(config.mixture_alpha),
+               sleep_weight=float(config.sleep_weight))
 
   @property
   def uses_inference_network(self) -> bool:
+    """Whether eta gets a gradient: WS-RAM with a proposal other than the prior, or with the sleep phase."""
     return self.method == "wsram" and (self.proposal != "prior" or self.sleep_weight > 0)
 
 
 def make_proposal(cfg: ObjectiveConfig) -> proposals_lib.Proposal:
-  """The proposal the samples are drawn from: the named one, tempered by heuristic (1) when T != 1."""
-  if cfg.proposal == "prior":
-    proposal = proposals_lib.prior
-  elif cfg.proposal == "inference_network":
-    proposal = proposals_lib.inference_network
-  elif cfg.proposal == "defensive_mixture":
-    proposal = proposals_lib.defensive_mixture(alpha=cfg.mixture_alpha)
-  else:
-    raise ValueError(f"Unknown proposal {cfg.proposal!r}; choose one of {PROPOSALS}.")
+  """The proposal the samples are drawn from: `cfg.proposal` (`resolve_proposal`), tempered by heuristic (1)
+  when T != 1."""
+  proposal = resolve_proposal(cfg.proposal, mixture_alpha=cfg.mixture_alpha)
   if cfg.temperature != 1.0:
     proposal = proposals_lib.tempered(proposal, cfg.temperature)
   return proposal
 
 
-def batched_rollout(params, canvases, labels, key, *, model, proposal, num_glimpses, num_samples,
-                    greedy=False) -> rollout_lib.Trajectory:
-  """`rollout.rollout` vmapped over the batch: every field gets a leading axis B."""
-  roll = functools.partial(rollout_lib.rollout, model=model, proposal=proposal, num_glimpses=num_glimpses,
-                           num_samples=num_samples, greedy=greedy)
-  keys = jax.random.split(key, canvases.shape[0])
-  return jax.vmap(roll, in_axes=(None, 0, 0, 0))(params, canvases, labels, keys)
+def baseline_transform(cfg: ObjectiveConfig, *, init_value: float = 0.0) -> baselines.BaselineTransform:
+  """VAR's moving-average baseline (``baseline='moving'``; its value before any batch is `init_value`, and it is
+  debiased towards the rewards seen), or no baseline state."""
+  if cfg.method == "var" and cfg.baseline == "moving":
+    return baselines.moving_average(cfg.baseline_decay, init_value=init_value)
+  return baselines.no_baseline()
 
 
-def trajectory_metrics(traj: rollout_lib.Trajectory, labels: jax.Array, num_scales: int) -> dict[str, jax.Array]:
-  """Diagnostics of a batch of trajectories (fields [B, M, ...]): ESS, bound, error, entropy, scale usage."""
+def trajectory_metrics(traj: attention.Trajectory, num_scales: int, *, mask=None) -> dict[str, jax.Array]:
+  """Diagnostics of a batch of trajectories (fields ``[B, M, ...]``): the ESS of the importance weights
+  (Eqn 7; at most M), the Eqn 9 bound, the prior's mean entropy and how often each scale is used.
+  ``mask [B, N]`` (optional) leaves steps out of the entropy and the scale usage (a caption's padding)."""
   sg = jax.lax.stop_gradient
   log_w = estimators.log_importance_weights(sg(traj.log_p_a), sg(traj.log_p_y), sg(traj.log_q_a))
-  predictions = jnp.argmax(traj.logits, axis=-1)
   metrics = {
       "ess": jnp.mean(estimators.effective_sample_size(log_w)),
       "bound": jnp.mean(estimators.log_marginal_bound(log_w)),
-      "log_p_y": jnp.mean(sg(traj.log_p_y)),
-      "error": jnp.mean((predictions != labels[:, None]).astype(jnp.float32)),
-      "entropy": jnp.mean(sg(traj.entropy)),
   }
-  usage = jnp.mean(jax.nn.one_hot(traj.scales, num_scales), axis=(0, 1, 2))
+  onehot = jax.nn.one_hot(traj.scales, num_scales)  # [B, M, N, S]
+  if mask is None:
+    metrics["entropy"] = jnp.mean(sg(traj.entropy))
+    usage = jnp.mean(onehot, axis=(0, 1, 2))
+  else:
+    mask = mask[:, None, :]  # [B, 1, N]
+    steps = jnp.maximum(jnp.sum(mask) * traj.scales.shape[1], 1.0)
+    metrics["entropy"] = jnp.sum(sg(traj.entropy) * mask) / steps
+    usage = jnp.sum(onehot * mask[..., None], axis=(0, 1, 2)) / steps
   for s in range(num_scales):
     metrics[f"scale_usage_{s}"] = usage[s]
   return metrics
@@ -127,12 +219,11 @@ def method_loss(cfg: ObjectiveConfig, log_p_a: jax.Array, log_p_y: jax.Array, lo
                 baseline_value=0.0, learned_baseline=None) -> tuple[jax.Array, dict]:
   """The estimator part of `cfg.method`'s loss, from per-sample log-probabilities `[B, M]` of any model.
 
-  Shared by every model trained with these estimators (the classifier here, the captioner in
-  `wsram_jax.captioning`): ``wsram`` -> `estimators.wsram_losses` (``loss_q`` added unless the proposal is the
-  prior), ``vimco`` -> `estimators.vimco_loss`, ``var`` -> `estimators.variational_loss` with the baseline
-  `cfg.baseline` (``moving``: ``baseline_value``; ``learned``: ``learned_baseline`` `[B, M]`, also regressed
-  with weight `cfg.baseline_weight`; ``loo``: leave-one-out). The sleep update and the exploration
-  heuristics need the rollout and stay with the caller.
+  ``wsram`` -> `estimators.wsram_losses` (``loss_q`` added unless the proposal is the prior), ``vimco`` ->
+  `estimators.vimco_loss`, ``var`` -> `estimators.variational_loss` with the baseline `cfg.baseline`
+  (``moving``: ``baseline_value``; ``learned``: ``learned_baseline`` `[B, M]`, also regressed with weight
+  `cfg.baseline_weight`; ``loo``: leave-one-out). The sleep update and the exploration heuristics need the
+  rollout and are added by the task's loss (`with_heuristics`).
 
   Returns:
     `(loss, metrics)`: the scalar loss and its parts (``loss_p``, ``loss_q``, ``baseline_mse``).
@@ -147,7 +238,7 @@ def method_loss(cfg: ObjectiveConfig, log_p_a: jax.Array, log_p_y: jax.Array, lo
       metrics["loss_q"] = loss_q
   elif cfg.method == "vimco":
     loss = estimators.vimco_loss(log_p_a, log_p_y)
-  elif cfg.method == "var":
+  else:  # var (ObjectiveConfig admits nothing else)
     if cfg.baseline == "none":
       baseline = 0.0
     elif cfg.baseline == "moving":
@@ -156,56 +247,21 @@ def method_loss(cfg: ObjectiveConfig, log_p_a: jax.Array, log_p_y: jax.Array, lo
       if learned_baseline is None:
         raise ValueError("baseline='learned' needs the model's learned_baseline [B, M].")
       baseline = learned_baseline
-    elif cfg.baseline == "loo":
+    else:  # loo
       baseline = estimators.leave_one_out_baseline(log_p_y)
-    else:
-      raise ValueError(f"Unknown baseline {cfg.baseline!r}; choose one of {BASELINES}.")
     loss = estimators.variational_loss(log_p_a, log_p_y, baseline)
     if cfg.baseline != "none":
       metrics["baseline_mse"] = jnp.mean((jax.lax.stop_gradient(baseline) - log_p_y) ** 2)
     if cfg.baseline == "learned":
       loss = loss + cfg.baseline_weight * baselines.baseline_loss(learned_baseline, log_p_y)
-  else:
-    raise ValueError(f"Unknown method {cfg.method!r}; choose one of {METHODS}.")
   return loss, metrics
 
 
-def make_loss_fn(cfg: ObjectiveConfig, model: networks.AttentionModel) -> LossFn:
-  """The loss of `cfg.method` for `model`; see the module docstring. Pure; jit it (with `model` closed over)."""
-  if cfg.method not in METHODS:
-    raise ValueError(f"Unknown method {cfg.method!r}; choose one of {METHODS}.")
-  if cfg.baseline not in BASELINES:
-    raise ValueError(f"Unknown baseline {cfg.baseline!r}; choose one of {BASELINES}.")
-  proposal = make_proposal(cfg)
-  roll = functools.partial(batched_rollout, model=model, proposal=proposal, num_glimpses=cfg.num_glimpses,
-                           num_samples=cfg.num_samples)
-
-  def loss_fn(params, batch, key, baseline_value=0.0):
-    canvases, labels = batch
-    k_roll, k_sleep = jax.random.split(key)
-    traj = roll(params, canvases, labels, k_roll)
-    metrics = trajectory_metrics(traj, labels, model.num_scales)
-
-    loss, estimator_metrics = method_loss(cfg, traj.log_p_a, traj.log_p_y, traj.log_q_a,
-                                          baseline_value=baseline_value, learned_baseline=traj.baseline)
-    metrics.update(estimator_metrics)
-    if cfg.method == "wsram" and cfg.sleep_weight > 0:
-      sleep = sleep_loss(params, canvases, k_sleep, model=model, num_glimpses=cfg.num_glimpses,
-                         num_samples=cfg.num_samples)
-      loss = loss + cfg.sleep_weight * sleep
-      metrics["loss_sleep"] = sleep
-
-    return with_heuristics(cfg, loss, traj, metrics)
-
-  return loss_fn
-
-
-def with_heuristics(cfg: ObjectiveConfig, loss: jax.Array, traj, metrics: dict[str, jax.Array]
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def with_heuristics(cfg: ObjectiveConfig, loss: jax.Array, traj: attention.Trajectory,
+                    metrics: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`loss` plus the exploration terms of Sec. 4.5 that `cfg` turns on (coverage, entropy bonus), and the
   metrics every task's loss reports with it: ``loss`` and ``reward`` (the batch's mean log p(y|a), which the
-  moving-average baseline tracks). `traj` needs ``prior_scale_probs``, ``prior_loc_mean``, ``entropy`` and
-  ``log_p_y`` (a `rollout.Trajectory` or the captioner's)."""
+  moving-average baseline tracks)."""
   if cfg.coverage_weight > 0:
     loss = loss + cfg.coverage_weight * exploration.coverage_regularizer(traj.prior_scale_probs,
                                                                          traj.prior_loc_mean)
@@ -214,28 +270,3 @@ def with_heuristics(cfg: ObjectiveConfig, loss: jax.Array, traj, metrics: dict[s
   metrics["loss"] = loss
   metrics["reward"] = jnp.mean(jax.lax.stop_gradient(traj.log_p_y))
   return loss, metrics
-
-
-def sleep_loss(params, canvases, key, *, model, num_glimpses, num_samples) -> jax.Array:
-  """The sleep-phase q loss (`estimators.sleep_q_loss`): (a, y) ~ p(a|I) p(y|a,I), then -log q(a|y,I).
-
-  The M trajectories come from the prior; each gets its own label y^m drawn from its class distribution; q
-  scores the same actions with y^m as its label input (a teacher-forced rollout, one per m).
-  """
-  sg = jax.lax.stop_gradient
-  k_prior, k_label = jax.random.split(key)
-  placeholder = jnp.zeros((canvases.shape[0],), jnp.int32)  # The prior does not read the label.
-  traj = batched_rollout(params, canvases, placeholder, k_prior, model=model, proposal=proposals_lib.prior,
-                         num_glimpses=num_glimpses, num_samples=num_samples)
-  sampled_y = jax.random.categorical(k_label, sg(traj.logits))  # [B, M]
-
-  def score_one(canvas, y, loc, scale):  # one image, one sample m
-    given = actions_lib.Action(loc=loc[None], scale=scale[None])
-    t = rollout_lib.rollout(params, canvas, y, jax.random.PRNGKey(0), model=model,
-                            proposal=proposals_lib.inference_network, num_glimpses=num_glimpses,
-                            num_samples=1, actions=given)
-    return t.log_inference_a[0]
-
-  per_sample = jax.vmap(score_one, in_axes=(None, 0, 0, 0))
-  log_q = jax.vmap(per_sample)(canvases, sampled_y, sg(traj.actions.loc), sg(traj.actions.scale))
-  return estimators.sleep_q_loss(log_q)

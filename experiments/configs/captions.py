@@ -37,7 +37,10 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   c.model.context_dim = 64  # low-resolution context for the attention heads only; 0 = none.
   c.model.lowres_size = 8
   c.model.loc_std = 0.15
-  c.model.learn_std = False
+  c.model.learn_loc_std = False  # True: a state-dependent std, clipped to [min_loc_std, max_loc_std].
+  c.model.min_loc_std = 0.01
+  c.model.max_loc_std = 1.0
+  c.model.head_init_scale = 0.1  # variance scale of the action heads' kernels.
   c.model.q_word = "target"  # target | previous: the word of the caption the inference network sees.
 
   c.data = ml_collections.ConfigDict()
@@ -71,7 +74,8 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   c.eval_every = 1000
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
-  c.diag_every = 0  # The captioner has no gradient-variance diagnostics; the loop key must exist.
+  c.diag_every = 0  # Gradient variance and ESS every this many updates; 0 turns them off.
+  c.diag_num_estimates = 16  # K independent gradient estimates of one minibatch.
   c.jit = True
 
   if variant == "quick":

@@ -20,19 +20,19 @@ HEURISTICS_OFF = {"temperature": 1.0, "coverage_weight": 0.0, "entropy_weight": 
 
 
 def method_config(variant: str) -> ml_collections.ConfigDict:
-  """The keys a variant of Table 1 sets, for the classifier and the captioner (`captions.py`) alike: the
-  variant, the seed, the method, its proposal and control variates, and M."""
+  """The keys a variant of Table 1 sets, for the classifier and the captioner (`captions.py`) alike: the seed,
+  the method, its proposal and control variates, and M (`objectives.ObjectiveConfig` reads them)."""
   if variant not in VARIANTS:
     raise ValueError(f"Unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
   c = ml_collections.ConfigDict()
-  c.variant = variant
   c.seed = 0
 
   # Method (Table 1). var: Eqn 5 with a baseline; wsram: Eqns 8 and 14, or 16 and 17 with control variates.
   base = "wsram_q_cv" if variant == "quick" else variant
   c.method = "var" if base.startswith("var") else "wsram"
   c.control_variates = base.endswith("_cv")
-  c.proposal = "inference_network" if "_q" in base else "prior"  # prior | inference_network | defensive_mixture
+  # prior | inference_network | defensive_mixture | module.path:function (a proposal of your own).
+  c.proposal = "inference_network" if "_q" in base else "prior"
   c.mixture_alpha = 0.5  # Weight of q in the defensive mixture (ours).
   # VAR's control variate: none | moving | learned | loo (leave-one-out over the M samples). The paper's [2]
   # used a learned input-dependent baseline.
@@ -40,6 +40,8 @@ def method_config(variant: str) -> ml_collections.ConfigDict:
   c.baseline_decay = 0.9
   c.baseline_weight = 1.0  # Weight of the learned baseline's squared-error loss.
   c.num_samples = 5  # M (paper).
+  # Weight of the sleep-phase q update (Bornschein & Bengio; WS-RAM only, the classifier only); 0 = off (paper).
+  c.sleep_weight = 0.0
   return c
 
 
@@ -52,14 +54,23 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   # an entropy bonus on the prior's actions.
   c.heuristics = ml_collections.ConfigDict(HEURISTICS_ON if c.method == "var" else HEURISTICS_OFF)
 
+  # The attention network: every field of `wsram_jax.classifier.model.AttentionModel` (its docstring has the
+  # equations), passed to it as they are.
   c.model = ml_collections.ConfigDict()
+  c.model.num_classes = 10
+  c.model.channels = 1  # MNIST canvases are grayscale.
   c.model.glimpse_size = 12  # (ours) windows of 12, 24, 48 pixels.
   c.model.num_scales = 3  # (ours)
   c.model.lowres_size = 10  # (ours) the 100x100 canvas average-pooled to 10x10.
-  c.model.hidden_size = 256  # (ours)
+  c.model.hidden_size = 256  # (ours) D, both core layers ("ReLU units in all recurrent layers": paper).
+  c.model.glimpse_hidden = 128  # (ours) width of the glimpse net's "what" and "where" layers each.
+  c.model.inference_hidden = 256  # (ours) the inference MLP's hidden layer.
   c.model.loc_std = 0.15  # (ours) std of the Gaussian location, in canvas half-widths.
-  c.model.learn_std = False
-  c.model.num_classes = 10
+  c.model.learn_loc_std = False  # (ours) a fixed std; True learns a state-dependent one, clipped to:
+  c.model.min_loc_std = 0.01
+  c.model.max_loc_std = 1.0
+  c.model.recurrent_scale = 1.0  # (ours) the recurrent kernels start at this times the identity (IRNN).
+  c.model.head_init_scale = 0.01  # (ours) small action-head kernels: a near-uniform initial policy.
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "offline"  # offline | idx | tfds

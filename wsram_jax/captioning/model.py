@@ -36,7 +36,7 @@ Per decoder step t (predicting word ``y_t`` from ``y_<t``; ``y_0 = <bos>``), wit
 * ``(c, h)_t = LSTM((c, h)_{t-1}, [E(y_{t-1}), g_t])``; word logits ``Dense(h_t)``.
 * baseline (VAR's learned control variate, under ``'baseline'``): ``b(I) = Dense(stop_gradient(c(I)))``.
 
-Parameter groups follow `wsram_jax.networks.param_labels` (``'inference'`` -> eta, the rest theta), so the
+Parameter groups follow `wsram_jax.attention.param_labels` (``'inference'`` -> eta, the rest theta), so the
 classifier's optimiser labels and diagnostics apply unchanged.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 from wsram_jax import actions as actions_lib
 from wsram_jax import glimpse as glimpse_lib
-from wsram_jax import networks
+from wsram_jax import attention
 
 __all__ = ["ConvPyramid", "CaptionModel", "Encoded", "Heads", "Carry", "init_params", "read_level",
            "Q_WORDS", "ENCODER_KEY"]
@@ -60,7 +60,7 @@ Q_WORDS = ("target", "previous")
 
 _he = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
-Heads = networks.Heads
+Heads = attention.Heads
 
 
 class ConvPyramid(nn.Module):
@@ -144,7 +144,7 @@ class _InferenceNet(nn.Module):
     e = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(word)
     x = jnp.concatenate([jax.lax.stop_gradient(u), e], axis=-1)
     x = nn.relu(nn.Dense(self.hidden, kernel_init=_he, name="hidden")(x))
-    return networks.ActionHead(**self.head_kw, name="head")(x)
+    return attention.ActionHead(self.hidden, **self.head_kw, name="head")(x)
 
 
 class CaptionModel(nn.Module):
@@ -164,7 +164,7 @@ class CaptionModel(nn.Module):
     context_dim: width of the low-resolution context c(I) (0: no context).
     lowres_size: side of the low-resolution image for the context.
     loc_std, learn_loc_std, min_loc_std, max_loc_std, head_init_scale: the action heads, as in
-      `networks.AttentionModel`.
+      `wsram_jax.classifier.model.AttentionModel`.
     freeze_encoder: stop gradients into the encoder (e.g. with pretrained weights).
   """
   vocab_size: int
@@ -197,11 +197,11 @@ class CaptionModel(nn.Module):
     self.glimpse_where = nn.Dense(self.glimpse_hidden, kernel_init=_he, name="glimpse_where")
     self.lstm = nn.OptimizedLSTMCell(self.hidden_size, name="lstm")
     self.attention = nn.Dense(self.attention_hidden, kernel_init=_he, name="attention")
-    self.prior_head = networks.ActionHead(**head_kw, name="prior")
+    self.prior_head = attention.ActionHead(self.attention_hidden, **head_kw, name="prior")
     self.inference = _InferenceNet(vocab_size=self.vocab_size, embed_dim=self.embed_dim,
-                                   hidden=self.attention_hidden, head_kw=head_kw, name=networks.INFERENCE_KEY)
+                                   hidden=self.attention_hidden, head_kw=head_kw, name=attention.INFERENCE_KEY)
     self.output = nn.Dense(self.vocab_size, name="output")
-    self.baseline_head = nn.Dense(1, kernel_init=nn.initializers.zeros, name=networks.BASELINE_KEY)
+    self.baseline_head = nn.Dense(1, kernel_init=nn.initializers.zeros, name=attention.BASELINE_KEY)
 
   def encode(self, image: jax.Array) -> Encoded:
     """``image [H, W, C]`` float -> `Encoded` (once per image, shared by the M samples)."""

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from wsram_jax import metric_writers
+from wsram_jax.training import metric_writers
 from wsram_jax import plots
 from wsram_jax.data import canvas as canvas_lib
 

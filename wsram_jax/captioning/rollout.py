@@ -6,8 +6,8 @@ runs the captioner teacher-forced over the T words::
     enc = encode(I)                                      once per image, shared by the M samples
     for t in 0..T-1:                                     lax.scan
       p_t, q_t = heads(carry, y_t, context, q word)      prior and inference net
-      r_t      = proposal(ProposalContext(p_t, q_t, ...))   (label = the q word)
-      a_t      ~ r_t                                     (or given `actions`, or `mode(r_t)` when greedy)
+      a_t      = attention.choose_action(p_t, q_t, ...)  ~ proposal r_t (label = the q word), or given
+                                                         `actions`, or `mode(r_t)` when greedy
       carry, logits_t = step(carry, y_t, glimpse(enc, a_t))
       m_t      = [y_{t+1} != <pad>]                      steps after <eos> count nowhere
       log_p_a += m_t log p_t(a_t);  log_q_a += m_t log r_t(a_t);  log_p_y += m_t log softmax(logits_t)[y_{t+1}]
@@ -16,11 +16,11 @@ so ``log_p_a + log_p_y - log_q_a`` is the log importance weight of Eqn 7 and the
 (`wsram_jax.estimators`, through `wsram_jax.objectives.method_loss`) train it. The masks make the model take no
 glimpse after <eos>: a padded step changes none of the three log-probabilities.
 
-Gradients follow `wsram_jax.rollout`: samples are stop-gradient'ed; the proposal sees the prior
+Gradients follow `wsram_jax.classifier.rollout`: samples are stop-gradient'ed; the proposal sees the prior
 stop-gradient'ed, so log_q_a reaches only the inference network (eta); log_p_a and log_p_y reach theta only.
 
 `rollout` handles one image and vmaps over the M samples itself; the caller vmaps over the batch
-(`objectives.batched_rollout`). `greedy_decode` generates a caption from the prior's mode glimpses.
+(`captioning.loss.batched_rollout`). `greedy_decode` generates a caption from the prior's mode glimpses.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from wsram_jax import actions as actions_lib
+from wsram_jax import attention
 from wsram_jax import proposals as proposals_lib
 from wsram_jax.actions import Action
 from wsram_jax.captioning import model as model_lib
@@ -40,37 +41,17 @@ __all__ = ["CaptionTrajectory", "Decoded", "rollout", "greedy_decode"]
 
 
 @chex.dataclass(frozen=True)
-class CaptionTrajectory:
-  """M glimpse sequences of one image, teacher-forced on its caption (a caller's vmap prepends ``B``).
+class CaptionTrajectory(attention.Trajectory):
+  """An `attention.Trajectory` of the captioner, teacher-forced on a caption: its N glimpses are the T words'
+  (one before each word), and every per-sample sum counts only the unmasked steps (a caller's vmap prepends
+  ``B``).
 
-  Attributes:
-    actions: ``Action(loc [M, T, 2], scale [M, T])`` as sampled (locations unclipped).
-    log_p_a: ``[M]`` log p(a | I; theta) = sum_t m_t log p_t(a_t) (theta only).
-    log_q_a: ``[M]`` log q(a | y, I) = sum_t m_t log r_t(a_t) of the proposal (eta only).
-    log_inference_a: ``[M]`` the inference network's own sum_t m_t log q_t(a_t), whatever the proposal.
-    log_p_y: ``[M]`` log p(y | a, I; theta) = sum_t m_t log p(y_{t+1} | y_<=t, a_<=t, I).
-    word_log_probs: ``[M, T]`` the per-word terms of log_p_y (0 where masked).
-    entropy: ``[M, T]`` the prior's entropy per step (differentiable).
-    prior_scale_probs: ``[M, T, S]`` the prior's level probabilities (differentiable).
-    prior_loc_mean: ``[M, T, 2]`` the prior's location mean (differentiable).
-    locations: ``[M, T, 2]`` the clipped locations read (no gradient).
-    scales: ``[M, T]`` int32, the levels read.
+  Attributes (beyond `attention.Trajectory`'s, with N = T):
+    word_log_probs: ``[M, T]`` the per-word terms of log_p_y (0 where masked); log_p_y = their sum.
     mask: ``[T]`` float32, 1 where the step's target is a word or <eos>.
-    baseline: ``[M]`` the learned baseline b(I) (the same for every m).
   """
-  actions: Action
-  log_p_a: chex.Array
-  log_q_a: chex.Array
-  log_inference_a: chex.Array
-  log_p_y: chex.Array
   word_log_probs: chex.Array
-  entropy: chex.Array
-  prior_scale_probs: chex.Array
-  prior_loc_mean: chex.Array
-  locations: chex.Array
-  scales: chex.Array
   mask: chex.Array
-  baseline: chex.Array
 
 
 def rollout(params, image: jax.Array, caption: jax.Array, key: jax.Array, *, model: model_lib.CaptionModel,
@@ -115,52 +96,21 @@ def rollout(params, image: jax.Array, caption: jax.Array, key: jax.Array, *, mod
   def word_step(carry, x):
     t, step_key, prev_t, target_t, seen_t, mask_t, given_t = x
     heads = model.apply(variables, carry, prev_t, enc.context, seen_t, method=model.heads)
-    ctx = proposals_lib.ProposalContext(prior=actions_lib.stop_gradient(heads.prior), inference=heads.inference,
-                                        h=jax.lax.stop_gradient(carry.h), label=seen_t, step=t)
-    dist = proposal(ctx)
-    if given_t is not None:
-      action = jax.lax.stop_gradient(Action(loc=jnp.asarray(given_t.loc, jnp.float32),
-                                            scale=jnp.asarray(given_t.scale, jnp.int32)))
-    elif greedy:
-      action = actions_lib.mode(dist)
-    else:
-      action = actions_lib.sample(step_key, dist)
-    g = model.apply(variables, enc, action, method=model.glimpse)
+    record = attention.choose_action(heads, proposal, h=carry.h, label=seen_t, step=t,
+                                     noise=actions_lib.draw_noise(step_key), given=given_t, greedy=greedy)
+    g = model.apply(variables, enc, record.action, method=model.glimpse)
     carry, logits = model.apply(variables, carry, prev_t, g, method=model.step)
-    out = dict(
-        action=action,
-        log_p=mask_t * actions_lib.log_prob(heads.prior, action),
-        log_q=mask_t * actions_lib.log_prob(dist, action),
-        log_r=mask_t * actions_lib.log_prob(heads.inference, action),
-        log_w=mask_t * jax.nn.log_softmax(logits)[target_t],
-        entropy=actions_lib.entropy(heads.prior),
-        scale_probs=actions_lib.scale_probs(heads.prior),
-        loc_mean=actions_lib.mean_location(heads.prior),
-        location=jnp.clip(action.loc, -1.0, 1.0),
-    )
-    return carry, out
+    return carry, (record, mask_t * jax.nn.log_softmax(logits)[target_t])
 
   def one_sample(sample_key, given):
     xs = (jnp.arange(t_, dtype=jnp.int32), jax.random.split(sample_key, t_), prev, target, seen, mask, given)
     _, outs = jax.lax.scan(word_step, carry0, xs)
     return outs
 
-  outs = jax.vmap(one_sample)(jax.random.split(key, m_), actions)
-  return CaptionTrajectory(
-      actions=outs["action"],
-      log_p_a=jnp.sum(outs["log_p"], axis=1),
-      log_q_a=jnp.sum(outs["log_q"], axis=1),
-      log_inference_a=jnp.sum(outs["log_r"], axis=1),
-      log_p_y=jnp.sum(outs["log_w"], axis=1),
-      word_log_probs=outs["log_w"],
-      entropy=outs["entropy"],
-      prior_scale_probs=outs["scale_probs"],
-      prior_loc_mean=outs["loc_mean"],
-      locations=outs["location"],
-      scales=outs["action"].scale,
-      mask=mask,
-      baseline=jnp.broadcast_to(baseline, (m_,)),
-  )
+  records, word_log_probs = jax.vmap(one_sample)(jax.random.split(key, m_), actions)
+  return CaptionTrajectory(word_log_probs=word_log_probs, mask=mask,
+                           **attention.trajectory_fields(records, log_p_y=jnp.sum(word_log_probs, axis=1),
+                                                         baseline=baseline, mask=mask))
 
 
 @chex.dataclass(frozen=True)

@@ -1,22 +1,22 @@
-"""Training and evaluation of the captioner (paper Sec. 5.2) on the shared loop (`wsram_jax.loop`).
+"""Training and evaluation of the captioner (paper Sec. 5.2) on the training core (`wsram_jax.training`).
 
     train_and_evaluate(config, workdir) -> final metrics
 
-Everything the classifier's trainer does for a run -- resume from the newest readable checkpoint, progress
-lines, metrics JSONL + TensorBoard, orbax checkpoints with fallback, the NaN guard -- comes from `loop.run`
-and `loop.guarded_update`; this module only supplies the task's pieces:
+Everything a run needs beyond the task -- resume from the newest readable checkpoint, progress lines, metrics
+JSONL + TensorBoard, orbax checkpoints with fallback, the NaN guard (`training.loop`), the update itself and
+the gradient-variance diagnostics (`training.step`) -- comes from the core; this module only supplies the
+captioner's pieces:
 
 * one update (`make_train_step`), all in one `jax.jit`: key_t = fold_in(state.key, t) draws the batch (digit
   canvases generated on the device, or Flickr8k images and one of their captions) and the glimpse samples; the
-  loss is `captioning.objectives.make_loss_fn` (the estimators of `wsram_jax.estimators`); Adam after
-  global-norm clipping (`wsram_jax.train.make_optimizer`); the update is the classifier's
-  (`wsram_jax.train.build_loss_and_grads`, `build_step`).
+  loss is `captioning.loss.make_loss_fn` (the estimators of `wsram_jax.estimators`); Adam after global-norm
+  clipping (`training.step.make_optimizer`, `build_loss_and_grads`, `build_step`).
 * evaluation (`make_evaluator`) on the fixed test split: greedy captions (the prior's mode glimpse, then the
   most probable word, `rollout.greedy_decode`) scored by corpus BLEU-1..4 (`captioning.bleu`, nltk) against
   the references, and ``eval/nll`` = -log p(y|a) of the first reference caption under M glimpse sequences
   from the prior, with ``eval/log_p_y`` its Eqn 9 bound (prior proposal: log mean_m p(y|a^m)).
 * diagnostics (optional, ``diag_every``): K gradient estimates of one fixed minibatch, their variance per
-  parameter group (`wsram_jax.diagnostics.gradient_variance`).
+  parameter group (`training.step.make_diagnose`).
 
 Training metrics logged against updates: ``train/nll`` (-log p(y|a) per caption, Figure 4), ``train/bound``,
 ``train/ess``, ``train/nll_per_word``, level usage.
@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -36,24 +35,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from wsram_jax import baselines
-from wsram_jax import checkpoints
-from wsram_jax import diagnostics
-from wsram_jax import errors
-from wsram_jax import loop
-from wsram_jax import networks
 from wsram_jax import objectives as objectives_lib
 from wsram_jax import proposals
-from wsram_jax import train as classifier_train
 from wsram_jax.captioning import bleu
 from wsram_jax.captioning import data as digits_data
 from wsram_jax.captioning import encoders
 from wsram_jax.captioning import flickr8k
+from wsram_jax.captioning import loss as loss_lib
 from wsram_jax.captioning import model as model_lib
-from wsram_jax.captioning import objectives
 from wsram_jax.captioning import rollout as rollout_lib
 from wsram_jax.captioning import vocab as vocab_lib
 from wsram_jax.data import canvas as canvas_lib
 from wsram_jax.data import mnist
+from wsram_jax.training import config as config_lib
+from wsram_jax.training import loop
+from wsram_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +61,8 @@ ENCODERS = ("conv_pyramid",)
 # Configuration.
 
 
-_require = classifier_train.require
-_require_int = classifier_train.require_int
+_require = config_lib.require
+_require_int = config_lib.require_int
 
 
 def _is_int(value) -> bool:
@@ -85,13 +81,19 @@ def image_side(config) -> int:
 
 def validate_config(config) -> None:
   """Raises `errors.ConfigError` (one sentence) for any invalid value, before anything is loaded or compiled:
-  the checks shared with the classifier (`wsram_jax.train.validate_common`), then the captioner's own."""
-  classifier_train.validate_common(config)
+  the checks every task shares (`training.config.validate_common`), then the captioner's own."""
+  config_lib.validate_common(config)
+  _require(float(config.sleep_weight) == 0,
+           "The sleep phase is implemented for the classifier only; set --config.sleep_weight=0.")
+  if config.diag_every > 0:
+    _require_int("diag_num_estimates", config.diag_num_estimates, 2)
   _require(config.bleu_smoothing in bleu.SMOOTHING_METHODS,
            f"Unknown --config.bleu_smoothing {config.bleu_smoothing!r}; choose one of "
            f"{', '.join(bleu.SMOOTHING_METHODS)}.")
 
   m = config.model
+  config_lib.check_model_block(m, model_lib.CaptionModel, derived=("vocab_size", "encoder"),
+                               extra=NON_FIELD_MODEL_KEYS)
   _require(m.encoder in ENCODERS, f"Unknown --config.model.encoder {m.encoder!r}; choose one of {', '.join(ENCODERS)}.")
   channels = m.encoder_channels
   _require(isinstance(channels, (tuple, list)) and len(channels) >= 1 and all(_is_int(c) and c >= 1 for c in channels),
@@ -131,12 +133,8 @@ def validate_config(config) -> None:
 
 
 def objective_config(config) -> objectives_lib.ObjectiveConfig:
-  h = config.heuristics
-  return objectives_lib.ObjectiveConfig(
-      method=config.method, proposal=config.proposal, control_variates=bool(config.control_variates),
-      baseline=config.baseline, num_samples=int(config.num_samples), temperature=float(h.temperature),
-      coverage_weight=float(h.coverage_weight), entropy_weight=float(h.entropy_weight),
-      baseline_weight=float(config.baseline_weight), mixture_alpha=float(config.mixture_alpha))
+  """The loss settings of `config` (`objectives.ObjectiveConfig.from_config`)."""
+  return objectives_lib.ObjectiveConfig.from_config(config)
 
 
 _JIT_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
@@ -225,20 +223,23 @@ def load_task(config) -> TaskData:
 # Model, state.
 
 
+# The keys of `config.model` that are not fields of `CaptionModel`: the encoder's (built here, its weights loaded by
+# `create_train_state`) and the word the inference network sees (the rollout's `q_word`).
+NON_FIELD_MODEL_KEYS = ("encoder", "encoder_channels", "encoder_weights", "q_word")
+
+
 def build_model(config, vocab_size: int) -> model_lib.CaptionModel:
+  """The `CaptionModel` of `config.model`: its encoder from ``encoder`` and ``encoder_channels``, every other
+  field from the key of the same name."""
   m = config.model
   encoder = model_lib.ConvPyramid(channels=tuple(int(c) for c in m.encoder_channels), num_levels=m.num_scales)
-  return model_lib.CaptionModel(
-      vocab_size=vocab_size, encoder=encoder, num_scales=m.num_scales, feature_dim=m.feature_dim,
-      read_size=m.read_size, embed_dim=m.embed_dim, hidden_size=m.hidden_size, glimpse_hidden=m.glimpse_hidden,
-      attention_hidden=m.attention_hidden, context_dim=m.context_dim, lowres_size=m.lowres_size,
-      loc_std=m.loc_std, learn_loc_std=m.learn_std, freeze_encoder=m.freeze_encoder)
+  fields = {k: m[k] for k in m if k not in NON_FIELD_MODEL_KEYS}
+  return model_lib.CaptionModel(vocab_size=vocab_size, encoder=encoder, **fields)
 
 
 def baseline_transform(config) -> baselines.BaselineTransform:
-  if config.method == "var" and config.baseline == "moving":
-    return baselines.moving_average(config.baseline_decay)  # debiased: no initial value to guess
-  return baselines.no_baseline()
+  """VAR's moving-average baseline (debiased: no initial value to guess), or none."""
+  return objectives_lib.baseline_transform(objective_config(config))
 
 
 def image_shape(config) -> tuple[int, int, int]:
@@ -247,13 +248,13 @@ def image_shape(config) -> tuple[int, int, int]:
 
 
 def create_train_state(config, model, optimizer) -> loop.TrainState:
-  key = jax.random.PRNGKey(config.seed)
-  k_init, k_run = jax.random.split(key)
-  params = model_lib.init_params(model, k_init, image_shape(config))
-  if config.model.encoder_weights:
-    params = encoders.replace_encoder(params, config.model.encoder_weights)
-  state = loop.TrainState.create(params=params, opt_state=optimizer.init(params), key=k_run,
-                                 extra=baseline_transform(config).init())
+  def init_params(key):
+    params = model_lib.init_params(model, key, image_shape(config))
+    if config.model.encoder_weights:
+      params = encoders.replace_encoder(params, config.model.encoder_weights)
+    return params
+
+  state = step_lib.create_train_state(config.seed, init_params, optimizer, baseline_transform(config))
   # Committed to the device, as a state restored from a checkpoint is: jit keys its cache on commitment, so
   # a fresh and a restored state then share the compiled step (a resume in the same process compiles nothing).
   return jax.device_put(state, jax.local_devices()[0])
@@ -271,22 +272,20 @@ def make_train_step(config, model, optimizer, task: TaskData) -> Callable[..., t
 
 
 def _build_train_step(config, model, optimizer, task: TaskData):
-  """The classifier's update (`wsram_jax.train.build_step`) with the captioner's loss and batches, jitted."""
-  loss_fn = objectives.make_loss_fn(objective_config(config), model, q_word=config.model.q_word)
+  """The training core's update (`training.step.build_step`) with the captioner's loss and batches, jitted."""
+  loss_fn = loss_lib.make_loss_fn(objective_config(config), model, q_word=config.model.q_word)
   btx = baseline_transform(config)
   sample = task.sample  # not `task`: the cached step must not keep the test split alive
   batch_size = config.batch_size
-  loss_and_grads = classifier_train.build_loss_and_grads(
-      loss_fn, btx, lambda key, train: sample(key, train, batch_size))
-  return jax.jit(classifier_train.build_step(loss_and_grads, btx, optimizer),
-                 compiler_options=classifier_train.compiler_options())
+  loss_and_grads = step_lib.build_loss_and_grads(loss_fn, btx, lambda key, train: sample(key, train, batch_size))
+  return step_lib.jit_step(step_lib.build_step(loss_and_grads, btx, optimizer), None)
 
 
 @functools.lru_cache(maxsize=16)
 def make_decoder(model, max_len: int) -> Callable[[Any, jax.Array], rollout_lib.Decoded]:
   """``decode(params, images uint8/float [B, H, W, C]) -> Decoded`` (greedy, jitted; one per model)."""
 
-  @functools.partial(jax.jit, compiler_options=classifier_train.compiler_options())
+  @functools.partial(jax.jit, compiler_options=step_lib.compiler_options())
   def decode(params, images):
     images = canvas_lib.to_float(images)
     return jax.vmap(lambda im: rollout_lib.greedy_decode(params, im, model=model, max_len=max_len))(images)
@@ -327,9 +326,9 @@ def make_evaluator(config, model, task: TaskData) -> Callable[[loop.TrainState],
 def _nll_batch(model, num_samples: int, q_word: str):
   """``(params, images, captions, mask, key) -> sums of NLL and of the Eqn 9 bound`` (jitted; one per model)."""
 
-  @functools.partial(jax.jit, compiler_options=classifier_train.compiler_options())
+  @functools.partial(jax.jit, compiler_options=step_lib.compiler_options())
   def nll_batch(params, images, captions, mask, key):
-    traj = objectives.batched_rollout(params, canvas_lib.to_float(images), captions, key, model=model,
+    traj = loss_lib.batched_rollout(params, canvas_lib.to_float(images), captions, key, model=model,
                                       proposal=proposals.prior, num_samples=num_samples, q_word=q_word)
     bound = jax.nn.logsumexp(traj.log_p_y, axis=-1) - jnp.log(num_samples)  # Eqn 9, prior as proposal
     return {"nll": jnp.sum(-jnp.mean(traj.log_p_y, -1) * mask), "log_p_y": jnp.sum(bound * mask)}
@@ -338,24 +337,14 @@ def _nll_batch(model, num_samples: int, q_word: str):
 
 
 def make_diagnose(config, model, task: TaskData) -> Callable[[loop.TrainState], dict]:
-  """Gradient variance over 16 estimates of one fixed minibatch, per parameter group, and its ESS."""
-  loss_fn = objectives.make_loss_fn(objective_config(config), model, q_word=config.model.q_word)
-  btx = baseline_transform(config)
-  diag_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2 ** 30)
-  batch = task.sample(diag_key, task.train, config.batch_size)
-
-  @functools.partial(jax.jit, compiler_options=classifier_train.compiler_options())
-  def diagnose_jit(state):
-    value, _ = btx.update(jnp.zeros(()), state.extra)
-    grad_fn = lambda p, b, k: jax.grad(lambda q: loss_fn(q, b, k, value)[0])(p)
-    labels = networks.param_labels(state.params, baseline="baseline")
-    out = diagnostics.gradient_variance(grad_fn, state.params, batch, jax.random.fold_in(diag_key, state.step),
-                                        num_estimates=16, labels=labels)
-    _, metrics = loss_fn(state.params, batch, jax.random.fold_in(diag_key, 2 ** 31), value)
-    out["ess/mean"] = metrics["ess"]
-    return out
-
-  return lambda state: {f"diag/{k}": v for k, v in jax.device_get(diagnose_jit(state)).items()}
+  """Gradient variance over `config.diag_num_estimates` estimates of one fixed minibatch, per parameter group,
+  and its ESS (`training.step.make_diagnose`)."""
+  key = step_lib.diagnostic_key(config.seed)
+  batch = task.sample(key, task.train, config.batch_size)
+  loss_fn = loss_lib.make_loss_fn(objective_config(config), model, q_word=config.model.q_word)
+  return step_lib.make_diagnose(loss_fn, baseline_transform(config), batch, key,
+                                num_estimates=config.diag_num_estimates,
+                                uses_inference_network=objective_config(config).uses_inference_network)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,7 +356,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   validate_config(config)
   task = load_task(config)
   model = build_model(config, len(task.vocab))
-  optimizer = classifier_train.make_optimizer(config)
+  optimizer = step_lib.make_optimizer(config)
   step = make_train_step(config, model, optimizer, task)
   _, last = loop.run(
       config=config, workdir=workdir,
@@ -394,15 +383,8 @@ def restore(config, workdir: str, task: Optional[TaskData] = None) -> Restored:
   validate_config(config)
   task = task or load_task(config)
   model = build_model(config, len(task.vocab))
-  optimizer = classifier_train.make_optimizer(config)
-  target = create_train_state(config, model, optimizer)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    state, step = ckpt.restore_latest(target)
-  finally:
-    ckpt.close()
-  if state is None:
-    raise errors.CheckpointError(f"No checkpoint to restore in {workdir}/checkpoints.")
+  optimizer = step_lib.make_optimizer(config)
+  state, step = step_lib.restore_latest(create_train_state(config, model, optimizer), workdir)
   return Restored(model=model, state=state, task=task, decode=make_decoder(model, task.caption_length),
                   step=int(step))
 

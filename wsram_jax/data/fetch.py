@@ -151,7 +151,7 @@ def fetch_mnist(data_dir: Optional[PathLike] = None) -> pathlib.Path:
 
 def main() -> None:
   """`python -m wsram_jax.data.fetch`: silent no-op when the data is there; one sentence and exit 1 on failure."""
-  from wsram_jax.cli import report_user_errors  # pylint: disable=g-import-not-at-top
+  from wsram_jax.training.cli import report_user_errors  # pylint: disable=g-import-not-at-top
 
   report_user_errors(fetch_mnist)()
 

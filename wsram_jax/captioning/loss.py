@@ -1,4 +1,4 @@
-"""The captioner's losses: its rollout (`captioning.rollout`) feeds the same estimators as the classifier's.
+"""The captioner's loss: its rollout (`captioning.rollout`) feeds the same estimators as the classifier's.
 
     loss_fn(params, batch, key, baseline_value) -> (loss, metrics)
     batch = (images [B, H, W, C] float32, captions [B, T + 1] int32)
@@ -22,7 +22,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from wsram_jax import estimators
 from wsram_jax import objectives as objectives_lib
 from wsram_jax.captioning import model as model_lib
 from wsram_jax.captioning import rollout as rollout_lib
@@ -40,29 +39,20 @@ def batched_rollout(params, images, captions, key, *, model, proposal, num_sampl
 
 
 def caption_metrics(traj: rollout_lib.CaptionTrajectory, num_scales: int) -> dict[str, jax.Array]:
-  """Diagnostics of a batch of trajectories (fields ``[B, M, ...]``)."""
+  """Diagnostics of a batch of trajectories (fields ``[B, M, ...]``): `objectives.trajectory_metrics` over the
+  unmasked steps, ``nll`` and ``nll_per_word``."""
   sg = jax.lax.stop_gradient
-  log_w = estimators.log_importance_weights(sg(traj.log_p_a), sg(traj.log_p_y), sg(traj.log_q_a))
-  mask = traj.mask[:, None, :]  # [B, 1, T]
   words = jnp.sum(traj.mask, axis=-1)  # [B]
-  steps = jnp.maximum(jnp.sum(mask) * traj.scales.shape[1], 1.0)
-  usage = jnp.sum(jax.nn.one_hot(traj.scales, num_scales) * mask[..., None], axis=(0, 1, 2)) / steps
   metrics = {
       "nll": -jnp.mean(sg(traj.log_p_y)),
       "nll_per_word": -jnp.mean(jnp.mean(sg(traj.log_p_y), axis=-1) / jnp.maximum(words, 1.0)),
-      "bound": jnp.mean(estimators.log_marginal_bound(log_w)),
-      "ess": jnp.mean(estimators.effective_sample_size(log_w)),
-      "entropy": jnp.sum(sg(traj.entropy) * mask) / steps,
   }
-  for s in range(num_scales):
-    metrics[f"scale_usage_{s}"] = usage[s]
+  metrics.update(objectives_lib.trajectory_metrics(traj, num_scales, mask=traj.mask))
   return metrics
 
 
 def make_loss_fn(cfg: objectives_lib.ObjectiveConfig, model: model_lib.CaptionModel, *, q_word: str = "target"):
   """The loss of ``cfg.method`` for the captioner; pure (jit it with ``model`` closed over)."""
-  if cfg.method not in objectives_lib.METHODS:
-    raise ValueError(f"Unknown method {cfg.method!r}; choose one of {objectives_lib.METHODS}.")
   if cfg.sleep_weight > 0:
     raise ValueError("The sleep-phase q update is not implemented for the captioner; set sleep_weight=0.")
   proposal = objectives_lib.make_proposal(cfg)

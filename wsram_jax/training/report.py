@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from wsram_jax import metric_writers  # pylint: disable=g-import-not-at-top
+from wsram_jax.training import metric_writers  # pylint: disable=g-import-not-at-top
 
 # The paper's Table 1: test error (%) after 10 million updates with 5 samples.
 PAPER_TABLE1 = {"var": 3.11, "var_cv": 1.81, "wsram": 4.23, "wsram_cv": 1.85, "wsram_q": 2.59,

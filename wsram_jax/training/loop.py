@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsram_jax import checkpoints
+from wsram_jax.training import checkpoints
 from wsram_jax import errors
-from wsram_jax import metric_writers
+from wsram_jax.training import metric_writers
 
 log = logging.getLogger(__name__)
 

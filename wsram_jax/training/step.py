@@ -1,0 +1,194 @@
+"""One update for any task's loss, and what a run needs around it: optimiser, state, mesh, diagnostics, restore.
+
+    loss_fn(params, batch, key, baseline_value) -> (loss, metrics)        a task's loss (classifier.loss, ...)
+    sample(key, *data) -> batch                                           a task's batch sampler (jit-able)
+
+    loss_and_grads = build_loss_and_grads(loss_fn, btx, sample)
+    step = jax.jit(build_step(loss_and_grads, btx, optimizer), compiler_options=compiler_options())
+    state, metrics = step(state, *data)
+
+`build_step` is, inside one `jax.jit`:
+
+    key_t            = fold_in(state.key, t)                   the batch and the samples of step t
+    batch            = sample(split(key_t)[0], *data)
+    loss, grads      = value_and_grad(loss_fn)(params, batch, split(key_t)[1], b)   b: the baseline's value
+    state            = loop.guarded_update(state, ...)         the optimiser (after global-norm clipping),
+                                                               skipped if the loss or gradients are not finite
+
+Data parallel (`make_mesh(n)`, n > 1): the same step on a `jax.sharding.Mesh` of n devices with one axis
+``data``; the task's sampler shards the batch over it (`shard_batch`), parameters, optimiser state and data are
+replicated (`replicate`), and XLA inserts the cross-device sum of the gradients. Several hosts: call
+`jax.distributed.initialize()` first (BUILD.md).
+
+`make_diagnose` draws K independent gradient estimates of one fixed minibatch at the current parameters
+(Figure 2's gradient variance, per parameter group theta / eta) and the ESS of that minibatch.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from wsram_jax import attention
+from wsram_jax import baselines
+from wsram_jax import diagnostics
+from wsram_jax import errors
+from wsram_jax.training import checkpoints
+from wsram_jax.training import loop
+
+__all__ = ["DATA_AXIS", "compiler_options", "make_optimizer", "create_train_state", "build_loss_and_grads",
+           "build_step", "make_mesh", "replicate", "shard_batch", "make_diagnose", "restore_latest"]
+
+DATA_AXIS = "data"  # The mesh axis the batch is sharded over.
+
+LossAndGrads = Callable[..., tuple[tuple[jax.Array, dict], Any]]
+
+
+def compiler_options() -> dict[str, Any]:
+  """XLA options for the jitted steps. On the CPU, LLVM at -O1: the step's ~500 kernels compile 25% faster (6.4 s
+  instead of 8.6 s for the paper's configuration on 2 cores) and the step runs as fast (its matmuls are library
+  calls, its other kernels memory-bound; BENCHMARKS.md). An explicit --xla_backend_optimization_level in
+  XLA_FLAGS (the tests use 0) is left alone."""
+  if jax.default_backend() != "cpu" or "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", ""):
+    return {}
+  return {"xla_backend_optimization_level": 1}
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Adam at ``config.learning_rate`` after global-norm clipping at ``config.grad_clip_norm`` (0: no clipping)."""
+  adam = optax.adam(config.learning_rate)
+  if config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam)
+  return adam
+
+
+def create_train_state(seed: int, init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
+                       btx: baselines.BaselineTransform) -> loop.TrainState:
+  """A fresh `loop.TrainState`: ``PRNGKey(seed)`` split in two, the first for `init_params(key) -> params`, the
+  second the run's base key (step t draws from ``fold_in(key, t)``)."""
+  k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
+  params = init_params(k_init)
+  return loop.TrainState.create(params=params, opt_state=optimizer.init(params), key=k_run, extra=btx.init())
+
+
+def build_loss_and_grads(loss_fn, btx: baselines.BaselineTransform, sample: Callable[..., Any]) -> LossAndGrads:
+  """`(params, extra, key, *data) -> ((loss, metrics), grads)` (not jitted), for any task's
+  `loss_fn(params, batch, key, baseline_value) -> (loss, metrics)`: splits `key` in two, draws the batch with
+  the first (`sample(key, *data) -> batch`) and differentiates `loss_fn` with the second, at the value of the
+  baseline `btx` before this batch (`extra` is its state). The first half of `build_step`."""
+
+  def loss_and_grads(params, extra, key, *data):
+    k_data, k_loss = jax.random.split(key)
+    batch = sample(k_data, *data)
+    # The baseline's value before this batch does not depend on the rewards passed here.
+    value, _ = btx.update(jnp.zeros(()), extra)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, k_loss, value)
+
+  return loss_and_grads
+
+
+def build_step(loss_and_grads: LossAndGrads, btx: baselines.BaselineTransform,
+               optimizer: optax.GradientTransformation) -> Callable[..., tuple[loop.TrainState, dict]]:
+  """`step(state, *data) -> (state, metrics)` (not jitted), one update for any task: the gradients of step t
+  from `loss_and_grads(params, extra, fold_in(state.key, t), *data)` (`build_loss_and_grads`), the baseline `btx`
+  updated with the batch's ``reward``, then `optimizer` through `loop.guarded_update` (no update if the loss or
+  the gradients are not finite). Metrics: the loss's, prefixed ``train/``, and ``train/grad_norm``."""
+
+  def step(state: loop.TrainState, *data):
+    key = jax.random.fold_in(state.key, state.step)
+    (loss, metrics), grads = loss_and_grads(state.params, state.extra, key, *data)
+    _, new_extra = btx.update(metrics["reward"], state.extra)
+
+    def apply(params, opt_state):
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    metrics = {f"train/{k}": v for k, v in metrics.items()}
+    grad_norm = metrics["train/grad_norm"] = optax.global_norm(grads)
+    return loop.guarded_update(state, grads, apply, loss, new_extra, grad_norm=grad_norm), metrics
+
+  return step
+
+
+def make_mesh(num_devices: int) -> Optional[Mesh]:
+  """The data-parallel mesh: the first `num_devices` devices on one axis named ``data``; None for one device
+  (then nothing is sharded and the step is exactly the single-device one)."""
+  if num_devices == 1:
+    return None
+  return Mesh(np.asarray(jax.devices()[:num_devices]), (DATA_AXIS,))
+
+
+def replicate(mesh: Optional[Mesh], tree):
+  """`tree` placed on every device of `mesh` (parameters, optimiser state, the training set); unchanged for
+  None (one device)."""
+  return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def shard_batch(mesh: Optional[Mesh], batch):
+  """Inside the jitted step: `batch` (arrays with a leading B) sharded over the mesh's ``data`` axis, so each
+  device rolls out its slice of the batch; unchanged for None."""
+  if mesh is None:
+    return batch
+  return jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+
+
+def jit_step(step, mesh: Optional[Mesh]):
+  """`step` jitted (`compiler_options`); on a mesh, with the new state replicated over it."""
+  if mesh is None:
+    return jax.jit(step, compiler_options=compiler_options())
+  return jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()), compiler_options=compiler_options())
+
+
+def diagnostic_key(seed: int) -> jax.Array:
+  """The key of a run's diagnostics (its fixed minibatch and its estimates), apart from its training keys."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), 2 ** 30)
+
+
+def make_diagnose(loss_fn, btx: baselines.BaselineTransform, batch, key: jax.Array, *, num_estimates: int,
+                  uses_inference_network: bool) -> Callable[[loop.TrainState], dict]:
+  """`diagnose(state) -> {name: value}`: the variance of `num_estimates` independent gradient estimates of the
+  fixed minibatch `batch` at the state's parameters (`diagnostics.gradient_variance`, per parameter group:
+  theta, eta, the baseline head, all), and the ESS of that minibatch (``diag/ess/mean``). Estimate k of step t
+  uses ``fold_in(key, t)`` split K ways. Without an inference network eta gets no gradient; its (zero) group is
+  then left out rather than reported."""
+
+  @functools.partial(jax.jit, compiler_options=compiler_options())
+  def diagnose_jit(state):
+    value, _ = btx.update(jnp.zeros(()), state.extra)
+    grad_fn = lambda p, b, k: jax.grad(lambda q: loss_fn(q, b, k, value)[0])(p)
+    labels = attention.param_labels(state.params, baseline="baseline")
+    out = diagnostics.gradient_variance(grad_fn, state.params, batch, jax.random.fold_in(key, state.step),
+                                        num_estimates=num_estimates, labels=labels)
+    _, metrics = loss_fn(state.params, batch, jax.random.fold_in(key, 2 ** 31), value)
+    out["ess/mean"] = metrics["ess"]
+    return out
+
+  drop = () if uses_inference_network else ("/eta",)
+
+  def diagnose(state):
+    out = jax.device_get(diagnose_jit(state))
+    return {f"diag/{k}": v for k, v in out.items() if not k.endswith(drop)}
+
+  return diagnose
+
+
+def restore_latest(target: loop.TrainState, workdir: str) -> tuple[loop.TrainState, int]:
+  """The newest readable checkpoint of the run in `workdir`, in the structure of `target` (a fresh state).
+
+  Raises:
+    CheckpointError: `workdir` holds no checkpoint, or none that can be read.
+  """
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    state, step = ckpt.restore_latest(target)
+  finally:
+    ckpt.close()
+  if state is None:
+    raise errors.CheckpointError(f"{workdir} holds no checkpoint; train a model there first.")
+  return state, int(step)
