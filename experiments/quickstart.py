@@ -61,9 +61,10 @@ def run_quickstart(config, workdir: str) -> str:
                       data_dir=d.data_dir or None, sizes=train.canvas_kwargs(config))
   last = train.train_and_evaluate(config, workdir)
   report.training_curves(workdir, os.path.join(workdir, "curves.png"))
-  _, _, test_canvases, test_labels = train.load_data(config)
+  data = train.load_data(config)
   state = train.restore_state(config, workdir)
-  train.glimpse_figure(config, state.params, test_canvases, test_labels, os.path.join(workdir, "glimpses.png"))
+  train.glimpse_figure(config, state.params, data.test_canvases, data.test_labels,
+                       os.path.join(workdir, "glimpses.png"), boxes=data.test_boxes)
   return train.summary(last)
 
 

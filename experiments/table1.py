@@ -105,8 +105,9 @@ def write_report(runs: dict[str, list[str]], root: str, seeds, results: str, com
     config = train.load_config(glimpse_run)
     config.data.num_test = 16
     state = train.restore_state(config, glimpse_run)
-    _, _, test_canvases, test_labels = train.load_data(config)
-    train.glimpse_figure(config, state.params, test_canvases, test_labels, os.path.join(results, "glimpses.png"))
+    data = train.load_data(config)
+    train.glimpse_figure(config, state.params, data.test_canvases, data.test_labels,
+                         os.path.join(results, "glimpses.png"), boxes=data.test_boxes)
   report.write_json(os.path.join(results, "table1.json"), {
       "command": command, "error_sampled": summaries, "error_greedy": greedy,
       "final_metrics": {name: report.final_metrics(wd(name)) for name in runs}})

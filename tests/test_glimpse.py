@@ -160,3 +160,18 @@ def test_glimpse_paths_draws_the_extracted_windows(tmp_path):
   path = plots.glimpse_paths(canvases, locs, scales, glimpse_size=4, path=tmp_path / "paths.png", ncols=2)
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert isinstance(plots.glimpse_paths(canvases[0], locs[0], scales[0], glimpse_size=4), Figure)
+
+
+def test_window_on_box():
+  # A 40 px canvas, glimpses of 6 px at scales 0 and 1 (windows of 6 and 12 px); the box covers rows and columns
+  # 10..19. The centre (15, 15) is at loc -0.25: the 12 px window [9, 21) holds the whole box, the 6 px window
+  # [12, 18) holds 6 x 6 of its 100 pixels.
+  on_box = functools.partial(glimpse.window_on_box, canvas_hw=(40, 40), size=6, num_scales=2)
+  box = jnp.asarray([10, 10, 20, 20])
+  loc = jnp.asarray([-0.25, -0.25])
+  np.testing.assert_allclose(on_box(loc, 1, box), (1.0, 1.0, 1.0))
+  np.testing.assert_allclose(on_box(loc, 0, box), (1.0, 1.0, 0.36))
+  # Far away: the centre at (39, 39), the window [33, 45) misses the box.
+  np.testing.assert_allclose(on_box(jnp.asarray([0.95, 0.95]), 1, box), (0.0, 0.0, 0.0))
+  # Centre just outside (row 20 is past the box's exclusive end), window overlapping its edge: rows 14..25.
+  np.testing.assert_allclose(on_box(jnp.asarray([0.0, -0.25]), 1, box), (0.0, 1.0, 0.6))

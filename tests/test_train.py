@@ -35,12 +35,18 @@ def test_train_and_evaluate_smoke(tiny_config, tmp_path):
 
 def test_evaluation_is_deterministic(tiny_config):
   config = tiny_config("var_cv")
-  images, labels, test_canvases, test_labels = train.load_data(config)
+  data = train.load_data(config)
   model = train.build_model(config)
   state = train.create_train_state(config, model, step_lib.make_optimizer(config))
-  evaluate = train.make_evaluator(config, model, test_canvases, test_labels)
-  assert evaluate(state) == evaluate(state)
-  del images, labels
+  evaluate = train.make_evaluator(config, model, data.test_canvases, data.test_labels, data.test_boxes)
+  first = evaluate(state)
+  assert first == evaluate(state)
+  n = config.num_glimpses
+  for name in ["on_digit/later", "outside_canvas"] + [f"{k}/g{i}" for i in range(1, n + 1) for k in (
+      "on_digit", "overlap", "box_coverage", "ablation_error")]:
+    assert 0.0 <= first[f"eval/{name}"] <= 1.0, name
+  usage = [first[f"eval/scale_usage/s{s}"] for s in range(config.model.num_scales)]
+  np.testing.assert_allclose(sum(usage), 1.0, rtol=1e-5)
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["pad_width", "prepare_canvas", "window_starts", "extract_prepared", "extract_glimpse", "lowres"]
+__all__ = ["pad_width", "prepare_canvas", "window_starts", "extract_prepared", "extract_glimpse", "lowres",
+           "window_on_box"]
 
 
 def pad_width(size: int, num_scales: int) -> int:
@@ -148,4 +149,37 @@ def lowres(canvas: jax.Array, size: int) -> jax.Array:
   if h % size == 0 and w % size == 0:
     return canvas.reshape(size, h // size, size, w // size, c).mean(axis=(1, 3))
   return jax.image.resize(canvas, (size, size, c), method="linear", antialias=True)
+
+
+def window_on_box(loc: jax.Array, scale: jax.Array, box: jax.Array, canvas_hw: tuple[int, int], *, size: int,
+                  num_scales: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Where the window of glimpse ``(loc, scale)`` lies relative to a box, e.g. a digit's (a measurement).
+
+  Args:
+    loc: ``[2]`` float ``(y, x)``; clipped to ``[-1, 1]`` (where the glimpse is taken).
+    scale: ``[]`` int.
+    box: ``[4]`` int ``(top, left, bottom, right)`` in pixels, bottom and right exclusive.
+    canvas_hw: static ``(H, W)``.
+    size, num_scales: as in `extract_glimpse`.
+
+  Returns:
+    ``(centre_inside, overlaps, coverage)``, float32 scalars: 1 when the window's centre ``c = (clip(loc) + 1) / 2
+    * (H, W)`` (a continuous position; pixel i covers [i, i + 1)) lies inside the box, 1 when the window (the
+    pixels `extract_glimpse` reads) and the box share a pixel, and the fraction of the box's pixels inside the
+    window.
+  """
+  loc = jnp.clip(jnp.asarray(loc, jnp.float32), -1.0, 1.0)
+  centre = (loc + 1.0) * 0.5 * jnp.asarray(canvas_hw, jnp.float32)
+  box = jnp.asarray(box, jnp.int32)
+  lo, hi = box[:2], box[2:]
+  inside = jnp.all((centre >= lo) & (centre < hi))
+  starts = window_starts(loc, canvas_hw, size=size, num_scales=num_scales)  # [S, 2]
+  sides = jnp.asarray([size * 2**s for s in range(num_scales)], jnp.int32)
+  start = starts[jnp.asarray(scale, jnp.int32)]
+  end = start + sides[jnp.asarray(scale, jnp.int32)]
+  extent = jnp.maximum(jnp.minimum(end, hi) - jnp.maximum(start, lo), 0)  # [2]
+  area = extent[0] * extent[1]
+  box_area = jnp.maximum((hi - lo)[0] * (hi - lo)[1], 1)
+  return (inside.astype(jnp.float32), (area > 0).astype(jnp.float32),
+          (area / box_area).astype(jnp.float32))
 

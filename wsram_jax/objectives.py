@@ -191,27 +191,62 @@ def baseline_transform(cfg: ObjectiveConfig, *, init_value: float = 0.0) -> base
   return baselines.no_baseline()
 
 
-def trajectory_metrics(traj: attention.Trajectory, num_scales: int, *, mask=None) -> dict[str, jax.Array]:
-  """Diagnostics of a batch of trajectories (fields ``[B, M, ...]``): the ESS of the importance weights
-  (Eqn 7; at most M), the Eqn 9 bound, the prior's mean entropy and how often each scale is used.
-  ``mask [B, N]`` (optional) leaves steps out of the entropy and the scale usage (a caption's padding)."""
+# A prior location mean counts as saturated when |tanh^-1(mean)| > 2: tanh's slope there is below 0.071, so the
+# gradient through the mean is at least 14 times smaller than at the centre.
+SATURATION = 2.0
+QUANTILES = (0.1, 0.5, 0.9)
+
+
+def trajectory_metrics(traj: attention.Trajectory, num_scales: int, *, mask=None,
+                       per_glimpse: bool = False) -> dict[str, jax.Array]:
+  """Diagnostics of a batch of trajectories (fields ``[B, M, N, ...]``), all stop-gradient'ed:
+
+  * ``ess``, ``bound``: the mean ESS of the importance weights (Eqn 7; at most M) and the mean Eqn 9 bound;
+    ``ess/q10``, ``ess/q50``, ``ess/q90``, ``ess/min``: the ESS's quantiles and minimum over the batch;
+  * ``log_p_minus_log_q/q10`` (``q50``, ``q90``): quantiles over the B M samples of log p(a) - log q(a), how far
+    the prior is from the proposal (0 everywhere with the prior as proposal);
+  * ``entropy``: the prior's mean entropy; ``scale_usage_{s}``: how often the samples use scale s, and with
+    `per_glimpse`, ``scale_usage/g{n}_s{s}`` per glimpse n = 1..N;
+  * ``outside_canvas``: the fraction of sampled locations outside the canvas ([-1, 1]^2 in either coordinate),
+    where the glimpse is taken at the clipped location;
+  * ``loc_saturation``: the fraction of the prior's location means (each coordinate, each glimpse) whose
+    ``tanh`` pre-activation exceeds `SATURATION` in size.
+
+  ``mask [B, N]`` (optional) leaves steps out of the per-step metrics (a caption's padding).
+  """
   sg = jax.lax.stop_gradient
   log_w = estimators.log_importance_weights(sg(traj.log_p_a), sg(traj.log_p_y), sg(traj.log_q_a))
-  metrics = {
-      "ess": jnp.mean(estimators.effective_sample_size(log_w)),
-      "bound": jnp.mean(estimators.log_marginal_bound(log_w)),
-  }
+  ess = estimators.effective_sample_size(log_w)  # [B]
+  log_ratio = sg(traj.log_p_a - traj.log_q_a).reshape(-1)
+  metrics = {"ess": jnp.mean(ess), "bound": jnp.mean(estimators.log_marginal_bound(log_w))}
+  for q, v in zip(QUANTILES, jnp.quantile(ess, jnp.asarray(QUANTILES))):
+    metrics[f"ess/q{round(100 * q)}"] = v
+  metrics["ess/min"] = jnp.min(ess)
+  for q, v in zip(QUANTILES, jnp.quantile(log_ratio, jnp.asarray(QUANTILES))):
+    metrics[f"log_p_minus_log_q/q{round(100 * q)}"] = v
   onehot = jax.nn.one_hot(traj.scales, num_scales)  # [B, M, N, S]
+  outside = jnp.any(jnp.abs(sg(traj.actions.loc)) > 1.0, axis=-1).astype(jnp.float32)  # [B, M, N]
+  saturated = (jnp.abs(jnp.arctanh(jnp.clip(sg(traj.prior_loc_mean), -1 + 1e-6, 1 - 1e-6))) > SATURATION)
+  saturated = jnp.mean(saturated.astype(jnp.float32), axis=-1)  # [B, M, N]
   if mask is None:
     metrics["entropy"] = jnp.mean(sg(traj.entropy))
     usage = jnp.mean(onehot, axis=(0, 1, 2))
+    metrics["outside_canvas"] = jnp.mean(outside)
+    metrics["loc_saturation"] = jnp.mean(saturated)
   else:
     mask = mask[:, None, :]  # [B, 1, N]
     steps = jnp.maximum(jnp.sum(mask) * traj.scales.shape[1], 1.0)
     metrics["entropy"] = jnp.sum(sg(traj.entropy) * mask) / steps
     usage = jnp.sum(onehot * mask[..., None], axis=(0, 1, 2)) / steps
+    metrics["outside_canvas"] = jnp.sum(outside * mask) / steps
+    metrics["loc_saturation"] = jnp.sum(saturated * mask) / steps
   for s in range(num_scales):
     metrics[f"scale_usage_{s}"] = usage[s]
+  if per_glimpse:
+    per = jnp.mean(onehot, axis=(0, 1))  # [N, S]
+    for n in range(per.shape[0]):
+      for s in range(num_scales):
+        metrics[f"scale_usage/g{n + 1}_s{s}"] = per[n, s]
   return metrics
 
 

@@ -96,9 +96,13 @@ def _glimpse_window(loc, scale, canvas_hw, glimpse_size):
   return top, left, side
 
 
-def _draw_glimpse_path(ax, canvas, locations, scales, glimpse_size, vmax, cmap, label):
+def _draw_glimpse_path(ax, canvas, locations, scales, glimpse_size, vmax, cmap, label, box=None):
   ax.imshow(canvas, cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
   h, w = canvas.shape
+  if box is not None:
+    top, left, bottom, right = (int(v) for v in box)
+    ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False, edgecolor="cyan",
+                           linewidth=0.8, linestyle="--"))
   num = locations.shape[0]
   colours = [cmap(0.15 + 0.7 * n / max(num - 1, 1)) for n in range(num)]
   centres = []
@@ -122,7 +126,8 @@ def _draw_glimpse_path(ax, canvas, locations, scales, glimpse_size, vmax, cmap, 
 
 
 def glimpse_paths(canvases, locations, scales, *, glimpse_size: int, path: Optional[PathLike] = None,
-                  ax=None, labels=None, ncols: int = 4, title: Optional[str] = None, cmap: str = "autumn"):
+                  ax=None, labels=None, ncols: int = 4, title: Optional[str] = None, cmap: str = "autumn",
+                  boxes=None):
   """Draws glimpse sequences on their canvases: one square per glimpse, numbered in order, joined by a line.
 
   Each square is the window `wsram_jax.glimpse.extract_glimpse` reads: side `glimpse_size * 2**scale` pixels,
@@ -141,6 +146,7 @@ def glimpse_paths(canvases, locations, scales, *, glimpse_size: int, path: Optio
     ncols: canvases per row of the grid.
     title: optional figure title.
     cmap: matplotlib colormap name for the glimpse order.
+    boxes: optional `[B, 4]` `(top, left, bottom, right)` boxes (e.g. the digits'), drawn dashed.
 
   Returns:
     `ax` if given; else the path written if `path` is given; else the matplotlib `Figure`.
@@ -161,6 +167,10 @@ def glimpse_paths(canvases, locations, scales, *, glimpse_size: int, path: Optio
     labels = np.asarray(labels).reshape(-1)
     if labels.shape != (num,):
       raise ConfigError(f"glimpse_paths needs one label per canvas, got {labels.shape[0]} for {num} canvases.")
+  if boxes is not None:
+    boxes = np.asarray(boxes)
+    if boxes.shape != (num, 4):
+      raise ConfigError(f"glimpse_paths needs one box [4] per canvas, got {boxes.shape} for {num} canvases.")
   vmax = 255 if np.issubdtype(canvases.dtype, np.integer) else 1.0
   colour_map = colormaps[cmap]
   if ax is not None:
@@ -172,14 +182,14 @@ def glimpse_paths(canvases, locations, scales, *, glimpse_size: int, path: Optio
         a.set_axis_off()
         continue
       _draw_glimpse_path(a, canvases[j], locations[j], scales[j], glimpse_size, vmax, colour_map,
-                         None if labels is None else labels[j])
+                         None if labels is None else labels[j], None if boxes is None else boxes[j])
     return ax
   if ncols < 1:
     raise ConfigError(f"glimpse_paths needs ncols >= 1, got {ncols}.")
   fig, axes = figure_grid(num, ncols, (2.2, 2.35), title=title)
   for j, a in enumerate(axes):
     _draw_glimpse_path(a, canvases[j], locations[j], scales[j], glimpse_size, vmax, colour_map,
-                       None if labels is None else labels[j])
+                       None if labels is None else labels[j], None if boxes is None else boxes[j])
   if title:
     fig.suptitle(title)
   fig.tight_layout()

@@ -28,13 +28,14 @@ from wsram_jax.classifier import rollout as rollout_lib
 __all__ = ["batched_rollout", "make_loss_fn", "sleep_loss"]
 
 
-def batched_rollout(params, canvases, labels, key, *, model, proposal, num_glimpses, num_samples,
-                    greedy=False) -> rollout_lib.ClassifierTrajectory:
-  """`rollout.rollout` vmapped over the batch: every field gets a leading axis B."""
+def batched_rollout(params, canvases, labels, key, *, model, proposal, num_glimpses, num_samples, greedy=False,
+                    actions=None, patch_mask=None) -> rollout_lib.ClassifierTrajectory:
+  """`rollout.rollout` vmapped over the batch: every field gets a leading axis B (``actions``, if given,
+  ``[B, M, N, ...]``; ``patch_mask`` ``[N]`` is the same for every canvas)."""
   roll = functools.partial(rollout_lib.rollout, model=model, proposal=proposal, num_glimpses=num_glimpses,
-                           num_samples=num_samples, greedy=greedy)
+                           num_samples=num_samples, greedy=greedy, patch_mask=patch_mask)
   keys = jax.random.split(key, canvases.shape[0])
-  return jax.vmap(roll, in_axes=(None, 0, 0, 0))(params, canvases, labels, keys)
+  return jax.vmap(lambda c, y, k, a: roll(params, c, y, k, actions=a))(canvases, labels, keys, actions)
 
 
 def make_loss_fn(cfg: objectives.ObjectiveConfig, model: model_lib.AttentionModel, *, num_glimpses: int):
@@ -47,7 +48,7 @@ def make_loss_fn(cfg: objectives.ObjectiveConfig, model: model_lib.AttentionMode
     canvases, labels = batch
     k_roll, k_sleep = jax.random.split(key)
     traj = roll(params, canvases, labels, k_roll)
-    metrics = objectives.trajectory_metrics(traj, model.num_scales)
+    metrics = objectives.trajectory_metrics(traj, model.num_scales, per_glimpse=True)
     metrics["log_p_y"] = jnp.mean(jax.lax.stop_gradient(traj.log_p_y))
     predictions = jnp.argmax(traj.logits, axis=-1)
     metrics["error"] = jnp.mean((predictions != labels[:, None]).astype(jnp.float32))

@@ -60,7 +60,8 @@ class ClassifierTrajectory(attention.Trajectory):
 
 def rollout(params, canvas: jax.Array, label: jax.Array, key: jax.Array, *, model: model_lib.AttentionModel,
             proposal: proposals_lib.Proposal, num_glimpses: int, num_samples: int,
-            actions: Optional[Action] = None, greedy: bool = False) -> ClassifierTrajectory:
+            actions: Optional[Action] = None, greedy: bool = False,
+            patch_mask: Optional[jax.Array] = None) -> ClassifierTrajectory:
   """Samples (or scores) ``num_samples`` glimpse sequences of one image; see the module docstring.
 
   Args:
@@ -76,6 +77,9 @@ def rollout(params, canvas: jax.Array, label: jax.Array, key: jax.Array, *, mode
       the trajectory then takes exactly these glimpses and reports their log-probabilities.
     greedy: take `actions.mode` of the proposal at every glimpse instead of sampling (evaluation; every m is then
       identical).
+    patch_mask: optional ``[N]`` factors for the glimpses' patches (a measurement, not part of the model): 0 at n
+      replaces glimpse n's patch by zeros, e.g. with the greedy ``actions`` given, to see how much the classifier
+      uses that glimpse (`classifier.train`'s glimpse ablation).
 
   Returns:
     A `ClassifierTrajectory` with leading axis M.
@@ -109,6 +113,8 @@ def rollout(params, canvas: jax.Array, label: jax.Array, key: jax.Array, *, mode
                                      greedy=greedy)
     patch = glimpse_lib.extract_prepared(prepared, record.location, record.action.scale, size=size,
                                          num_scales=num_scales, canvas_hw=hw)
+    if patch_mask is not None:
+      patch = patch * patch_mask[n]
     return net(model_lib.AttentionModel.glimpse_update, patch, record.action, recurrent1), record
 
   def one_sample(noise, given):

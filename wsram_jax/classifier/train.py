@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,7 @@ import numpy as np
 
 from wsram_jax import baselines
 from wsram_jax import estimators
+from wsram_jax import glimpse as glimpse_lib
 from wsram_jax import objectives
 from wsram_jax import proposals
 from wsram_jax.classifier import loss as loss_lib
@@ -172,29 +173,66 @@ def make_train_step(config, model, optimizer) -> Callable[..., tuple[loop.TrainS
 
 
 def make_eval_batch(config, model) -> Callable[..., dict]:
-  """`(params, canvases uint8 [E, H, W, 1], labels [E], mask [E], key) -> sums` for the evaluator (jitted)."""
-  m_ = config.num_samples
+  """`(params, canvases uint8 [E, H, W, 1], labels [E], boxes [E, 4], mask [E], key) -> sums` for the evaluator
+  (jitted; see `make_evaluator` for what is summed)."""
+  m_, n_ = config.num_samples, config.num_glimpses
+  roll = functools.partial(loss_lib.batched_rollout, model=model, proposal=proposals.prior, num_glimpses=n_)
+  on_box = jax.vmap(jax.vmap(functools.partial(glimpse_lib.window_on_box, size=model.glimpse_size,
+                                               num_scales=model.num_scales,
+                                               canvas_hw=(config.data.canvas_size,) * 2),
+                             in_axes=(0, 0, None)))  # over E, then over the N glimpses
 
   @functools.partial(jax.jit, compiler_options=step_lib.compiler_options())
-  def eval_batch(params, canvases, labels, mask, key):
+  def eval_batch(params, canvases, labels, boxes, mask, key):
     canvases = canvas_lib.to_float(canvases)
-    greedy = loss_lib.batched_rollout(params, canvases, labels, key, model=model, proposal=proposals.prior,
-                                      num_glimpses=config.num_glimpses, num_samples=1, greedy=True)
-    sampled = loss_lib.batched_rollout(params, canvases, labels, key, model=model, proposal=proposals.prior,
-                                       num_glimpses=config.num_glimpses, num_samples=m_)
+    greedy = roll(params, canvases, labels, key, num_samples=1, greedy=True)
+    sampled = roll(params, canvases, labels, key, num_samples=m_)
     mean_probs = jnp.mean(jax.nn.softmax(sampled.logits), axis=1)  # [E, C]
-    wrong_greedy = (jnp.argmax(greedy.logits[:, 0], -1) != labels).astype(jnp.float32)
-    wrong_sampled = (jnp.argmax(mean_probs, -1) != labels).astype(jnp.float32)
+    wrong = lambda logits: (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
     # Prior proposal: log w = log p(y|a), so Eqn 9 is log mean_m p(y|a^m).
     bound = estimators.log_marginal_bound(sampled.log_p_y)
-    return {"error_greedy": jnp.sum(wrong_greedy * mask), "error_sampled": jnp.sum(wrong_sampled * mask),
-            "log_p_y": jnp.sum(bound * mask)}
+    sums = {"error_greedy": wrong(greedy.logits[:, 0]), "error_sampled": wrong(mean_probs), "log_p_y": bound}
+    # Where the greedy glimpses go: on the digit's box (measurement only; nothing in training sees the boxes).
+    inside, overlaps, coverage = on_box(greedy.locations[:, 0], greedy.scales[:, 0], boxes)  # [E, N] each
+    scales = jax.nn.one_hot(greedy.scales[:, 0], model.num_scales)  # [E, N, S]
+    for n in range(n_):
+      sums[f"on_digit/g{n + 1}"] = inside[:, n]
+      sums[f"overlap/g{n + 1}"] = overlaps[:, n]
+      sums[f"box_coverage/g{n + 1}"] = coverage[:, n]
+      for s in range(model.num_scales):
+        sums[f"scale_usage/g{n + 1}_s{s}"] = scales[:, n, s]
+    if n_ > 1:
+      sums["on_digit/later"] = jnp.mean(inside[:, 1:], axis=1)
+    for s in range(model.num_scales):
+      sums[f"scale_usage/s{s}"] = jnp.mean(scales[:, :, s], axis=1)
+    sums["outside_canvas"] = jnp.mean(jnp.any(jnp.abs(sampled.actions.loc) > 1.0, -1).astype(jnp.float32),
+                                      axis=(1, 2))
+    # Glimpse ablation: the greedy glimpses again with glimpse n's patch replaced by zeros.
+    for n in range(n_):
+      ablated = roll(params, canvases, labels, key, num_samples=1, actions=greedy.actions,
+                     patch_mask=jnp.ones((n_,)).at[n].set(0.0))
+      sums[f"ablation_error/g{n + 1}"] = wrong(ablated.logits[:, 0])
+    return {k: jnp.sum(v * mask) for k, v in sums.items()}
 
   return eval_batch
 
 
-def make_evaluator(config, model, test_canvases, test_labels) -> Callable[[loop.TrainState], dict]:
-  """Evaluates on the fixed test canvases in batches of `config.data.eval_batch_size` (the last one padded)."""
+def make_evaluator(config, model, test_canvases, test_labels, test_boxes) -> Callable[[loop.TrainState], dict]:
+  """Evaluates on the fixed test canvases in batches of `config.data.eval_batch_size` (the last one padded).
+
+  Metrics (means over the test canvases; ``g{n}``: glimpse n = 1..N):
+
+  * ``eval/error_greedy``, ``eval/error_sampled``, ``eval/log_p_y``: see the module docstring;
+  * where the greedy glimpses go, measured against the digit's box (which nothing in training sees):
+    ``eval/on_digit/g{n}`` the fraction whose window's centre lies inside the box, ``eval/on_digit/later`` the
+    same over glimpses 2..N, ``eval/overlap/g{n}`` the fraction whose window shares a pixel with the box,
+    ``eval/box_coverage/g{n}`` the mean fraction of the box inside the window;
+  * ``eval/scale_usage/g{n}_s{s}`` and ``eval/scale_usage/s{s}``: the greedy glimpses' scales, per glimpse and
+    over all glimpses;
+  * ``eval/outside_canvas``: the fraction of the M sampled locations outside the canvas;
+  * ``eval/ablation_error/g{n}``: the greedy test error when glimpse n's patch is replaced by zeros (the
+    glimpses kept where they were): how much the classifier uses glimpse n.
+  """
   eval_batch = make_eval_batch(config, model)
   e = config.data.eval_batch_size
   n = test_canvases.shape[0]
@@ -205,7 +243,7 @@ def make_evaluator(config, model, test_canvases, test_labels) -> Callable[[loop.
     for start in range(0, n, e):
       index = np.minimum(np.arange(start, start + e), n - 1)
       mask = (np.arange(start, start + e) < n).astype(np.float32)
-      out = eval_batch(state.params, test_canvases[index], test_labels[index], mask,
+      out = eval_batch(state.params, test_canvases[index], test_labels[index], test_boxes[index], mask,
                        jax.random.fold_in(key, start))
       for k, v in out.items():
         totals[k] = totals.get(k, 0.0) + v
@@ -228,32 +266,43 @@ def make_diagnose(config, model, images, labels) -> Callable[[loop.TrainState], 
 # The whole run.
 
 
-def load_data(config):
-  """(train images, train labels, test canvases uint8, test labels) for `config.data`."""
+class Data(NamedTuple):
+  """What a run trains and evaluates on: the training set (``images [N, 28, 28]`` uint8, ``labels [N]``) and the
+  fixed test canvases (``test_canvases [E, H, W, 1]`` uint8, ``test_labels [E]``, ``test_boxes [E, 4]``, the
+  digits' boxes, for measuring where the glimpses go)."""
+  images: np.ndarray
+  labels: np.ndarray
+  test_canvases: np.ndarray
+  test_labels: np.ndarray
+  test_boxes: np.ndarray
+
+
+def load_data(config) -> Data:
+  """The `Data` of `config.data`."""
   d = config.data
   data_dir = d.data_dir or None
   images, labels = mnist.load_mnist("train", source=d.source, data_dir=data_dir)
   test_images, test_labels = mnist.load_mnist("test", source=d.source, data_dir=data_dir)
   num_test = min(int(d.num_test), test_images.shape[0])
-  test_canvases, test_labels, _ = canvas_lib.fixed_test_set(test_images, test_labels, seed=d.test_seed,
-                                                            num=num_test, **canvas_kwargs(config))
-  return images, labels, test_canvases, test_labels
+  test_canvases, test_labels, test_boxes = canvas_lib.fixed_test_set(test_images, test_labels, seed=d.test_seed,
+                                                                     num=num_test, **canvas_kwargs(config))
+  return Data(images, labels, test_canvases, test_labels, test_boxes)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a run) and returns the last value of every metric."""
   validate_config(config)
-  images, labels, test_canvases, test_labels = load_data(config)
+  data = load_data(config)
   model = build_model(config)
   optimizer = step_lib.make_optimizer(config)
   step = make_train_step(config, model, optimizer)
   mesh = step_lib.make_mesh(config.mesh_devices)
-  images_dev, labels_dev = step_lib.replicate(mesh, (jnp.asarray(images), jnp.asarray(labels)))
+  images_dev, labels_dev = step_lib.replicate(mesh, (jnp.asarray(data.images), jnp.asarray(data.labels)))
   _, last = loop.run(
       config=config, workdir=workdir,
       init_state=functools.partial(create_train_state, config, model, optimizer),
       train_step=lambda state: step(state, images_dev, labels_dev),
-      evaluate=make_evaluator(config, model, test_canvases, test_labels),
+      evaluate=make_evaluator(config, model, data.test_canvases, data.test_labels, data.test_boxes),
       diagnose=(make_diagnose(config, model, images_dev, labels_dev) if config.diag_every > 0 else None),
       progress_keys=("train/loss", "train/error", "train/ess"))
   return last
@@ -266,8 +315,9 @@ def restore_state(config, workdir: str) -> loop.TrainState:
   return step_lib.restore_latest(target, workdir)[0]
 
 
-def glimpse_figure(config, params, canvases, labels, path: str, *, num: int = 16) -> str:
-  """Draws the glimpse paths of the prior's mean glimpses (the greedy policy) on `num` test canvases."""
+def glimpse_figure(config, params, canvases, labels, path: str, *, boxes=None, num: int = 16) -> str:
+  """Draws the glimpse paths of the prior's mean glimpses (the greedy policy) on `num` test canvases, each window
+  at its scale, and the digits' boxes (dashed) when `boxes` are given."""
   from wsram_jax import plots  # pylint: disable=g-import-not-at-top
   model = build_model(config)
   canvases, labels = canvases[:num], labels[:num]
@@ -279,7 +329,9 @@ def glimpse_figure(config, params, canvases, labels, path: str, *, num: int = 16
   titles = [f"label {int(y)}, predicted {int(p)}" for y, p in zip(labels, predicted)]
   return plots.glimpse_paths(np.asarray(canvases), np.asarray(traj.locations[:, 0]),
                              np.asarray(traj.scales[:, 0]), glimpse_size=config.model.glimpse_size, path=path,
-                             labels=titles, title="greedy glimpse paths (1 = first glimpse)")
+                             labels=titles, boxes=None if boxes is None else np.asarray(boxes)[:num],
+                             title="greedy glimpse paths (1 = first glimpse; dashed: the digit's box)"
+                             if boxes is not None else "greedy glimpse paths (1 = first glimpse)")
 
 
 def summary(last: dict[str, Any]) -> str:
@@ -287,6 +339,7 @@ def summary(last: dict[str, Any]) -> str:
   parts = []
   for name, key, fmt in (("test error (greedy)", "eval/error_greedy", "{:.2%}"),
                          ("test error (M samples)", "eval/error_sampled", "{:.2%}"),
+                         ("greedy glimpses 2-N on the digit", "eval/on_digit/later", "{:.1%}"),
                          ("test log p(y|I) >=", "eval/log_p_y", "{:.4f}"),
                          ("ESS", "diag/ess/mean", "{:.2f}"),
                          ("grad var (theta)", "diag/grad_var/theta", "{:.3g}"),
