@@ -131,6 +131,34 @@ class WsramLossesTest(chex.TestCase):
     for got, want in zip(grad_p + grad_q, expected_p + expected_q):
       np.testing.assert_allclose(got, want, **TOL)
 
+  @parameterized.parameters("unbiased", "as_printed")
+  def test_p_baseline_forms(self, form):
+    """The p-side coefficient r_m: p/(M q) (unbiased) or p/q (Eqn 16 as printed), instead of Eqn 18's."""
+    a, y, q = _log_probs(11, (3, 4))
+    b, m = 3, 4
+    grad = jax.jit(jax.grad(lambda *x: estimators.wsram_losses(*x, control_variates=True, p_baseline=form)[0],
+                            argnums=(0, 1, 2)))(a, y, q)
+    w = _softmax(np.asarray(a, np.float64) + np.asarray(y) - np.asarray(q))
+    r = np.exp(np.asarray(a, np.float64) - np.asarray(q)) / (m if form == "unbiased" else 1)
+    np.testing.assert_allclose(grad[0], -(w - r) / b, **TOL)
+    np.testing.assert_allclose(grad[1], -w / b, **TOL)
+    np.testing.assert_allclose(grad[2], 0.0)
+    with self.assertRaises(ValueError):
+      estimators.wsram_losses(a, y, q, control_variates=True, p_baseline="normalised")
+
+  def test_wake_q_on_the_inference_networks_own_density(self):
+    """Samples from a proposal r (log_q_a) that is not q: loss_q trains q's own log-density (log_q_own), with
+    the weights of r and the control-variate coefficient (q/r)_m self-normalised."""
+    a, y, r = _log_probs(12, (3, 4))
+    own = _log_probs(13, (3, 4))[0]
+    b = 3
+    grad = jax.jit(jax.grad(lambda q_a, q_own: estimators.wsram_losses(
+        a, y, q_a, control_variates=True, log_q_own=q_own)[1], argnums=(0, 1)))(r, own)
+    w = _softmax(np.asarray(a, np.float64) + np.asarray(y) - np.asarray(r))
+    coeff = _softmax(np.asarray(own, np.float64) - np.asarray(r))
+    np.testing.assert_allclose(grad[0], 0.0)
+    np.testing.assert_allclose(grad[1], -(w - coeff) / b, **TOL)
+
   def test_two_leading_axes(self):
     a, y, q = _log_probs(14, (2, 3, 4))
     grad_p = jax.jit(jax.grad(lambda *x: estimators.wsram_losses(*x, control_variates=True)[0],

@@ -28,7 +28,7 @@ EXACT = dict(rtol=1e-9, atol=1e-10)
 
 # Estimators bundled per proposal, so that one compilation per M serves many tests (index with the names).
 PRIOR_NAMES = ("var", "var_const", "wsram", "wsram_cv", "var_loo", "vimco")
-Q_NAMES = ("wsram_p", "wsram_q", "wsram_p_cv", "wsram_q_cv", "vimco")
+Q_NAMES = ("wsram_p", "wsram_q", "wsram_p_cv", "wsram_q_cv", "wsram_p_cv_unbiased", "wsram_p_cv_printed", "vimco")
 
 
 def prior_losses(log_p_a, log_p_y, log_q_a):
@@ -44,7 +44,9 @@ def prior_losses(log_p_a, log_p_y, log_q_a):
 
 def q_losses(log_p_a, log_p_y, log_q_a):
   losses = [*estimators.wsram_losses(log_p_a, log_p_y, log_q_a, control_variates=False),
-            *estimators.wsram_losses(log_p_a, log_p_y, log_q_a, control_variates=True)]
+            *estimators.wsram_losses(log_p_a, log_p_y, log_q_a, control_variates=True),
+            estimators.wsram_losses(log_p_a, log_p_y, log_q_a, control_variates=True, p_baseline="unbiased")[0],
+            estimators.wsram_losses(log_p_a, log_p_y, log_q_a, control_variates=True, p_baseline="as_printed")[0]]
   if log_p_a.shape[-1] >= 2:
     losses.append(estimators.vimco_loss(log_p_a, log_p_y, log_q_a))
   return jnp.stack(losses)
@@ -266,6 +268,10 @@ class ExpectationTest(chex.TestCase):
     gap = [np.linalg.norm(_moments("q", k)["wsram_p_cv"][0] - _moments("q", k)["wsram_p"][0])
            for k in (1, 2, 3)]
     self.assertTrue(gap[0] > gap[1] > gap[2] > 1e-3, gap)
+    # The unbiased forms of the p-side control variate (p/(M q), and Eqn 16 as printed, p/q) leave the
+    # expectation exactly where it is.
+    for form in ("wsram_p_cv_unbiased", "wsram_p_cv_printed"):
+      np.testing.assert_allclose(moments[form][0], moments["wsram_p"][0], **EXACT)
 
   def test_wake_q_bias_decreases_with_m(self):
     grad_kl = _flat(jax.grad(toy.kl_posterior_to_proposal, argnums=1)(

@@ -184,8 +184,12 @@ def log_marginal_bound(log_w: Array) -> Array:
   return jax.nn.logsumexp(log_w, axis=-1) - jnp.log(num_samples).astype(log_w.dtype)
 
 
+P_BASELINES = ("self_normalized", "unbiased", "as_printed")
+
+
 def wsram_losses(
-    log_p_a: Array, log_p_y: Array, log_q_a: Array, *, control_variates: bool
+    log_p_a: Array, log_p_y: Array, log_q_a: Array, *, control_variates: bool,
+    p_baseline: str = "self_normalized", log_q_own: Optional[Array] = None
 ) -> tuple[Array, Array]:
   """The WS-RAM wake-p and wake-q surrogate losses (Eqns 8, 14; with control variates Eqns 16-19).
 
@@ -205,16 +209,34 @@ def wsram_losses(
   With the prior as proposal pass `log_q_a = jax.lax.stop_gradient(log_p_a)` (then r_m = 1/M) and use
   loss_p only.
 
+  `p_baseline` chooses r_m, the coefficient of the p-side control variate (Eqn 15: E_q[p/q d log p] = 0, so
+  any r_m proportional to p(a^m)/q(a^m) with a fixed factor leaves the expectation unchanged):
+  ``self_normalized`` (default, the paper's Eqn 18) r_m = (p/q)_m / sum_i (p/q)_i, a ratio estimate, biased by
+  O(1/M) when q is not the prior; ``unbiased`` r_m = p(a^m) / (M q(a^m)); ``as_printed`` r_m = p(a^m) / q(a^m),
+  Eqn 16 as the paper prints it (unbiased, M times the unbiased coefficient). With the prior as proposal the
+  first two are 1/M.
+
+  The wake-q gradient is sum_m w_m d log q(a^m) with q's *own* density: when the samples come from a proposal
+  r other than q itself (tempered, a mixture), pass q's own log-density as `log_q_own` (it then takes the place
+  of `log_q_a` in loss_q, while the weights keep the proposal's density), and the q-side control variate's
+  coefficient becomes (q/r)_m, self-normalised or divided by M as for the p side (1/M when r = q). By default
+  `log_q_own = log_q_a` (q is the proposal).
+
   Args:
     log_p_a: `[..., M]` log p(a^m | I, theta).
     log_p_y: `[..., M]` log p(y | a^m, I, theta).
     log_q_a: `[..., M]` log q(a^m | y, I, eta), the proposal the samples were drawn from.
     control_variates: whether to subtract the baselines of Eqns 18 and 19.
+    p_baseline: ``self_normalized``, ``unbiased`` or ``as_printed`` (above).
+    log_q_own: `[..., M]` the inference network's own log q(a^m | y, I, eta), if the proposal is another
+      distribution.
 
   Returns:
     `(loss_p, loss_q)`, scalars: loss_p updates theta, loss_q updates eta.
   """
   _check_log_probs(log_p_a, log_p_y, log_q_a)
+  if p_baseline not in P_BASELINES:
+    raise ValueError(f"p_baseline must be one of {P_BASELINES}, got {p_baseline!r}.")
   num_samples = log_p_a.shape[-1]
 
   # Eqn 8 is the gradient of the Eqn 9 bound with the proposal held fixed: d bound / d log p(a^m) =
@@ -222,18 +244,29 @@ def wsram_losses(
   log_w_p = log_importance_weights(log_p_a, log_p_y, jax.lax.stop_gradient(log_q_a))
   bound = log_marginal_bound(log_w_p)
   if control_variates:
-    # Eqns 15, 16, 18: the self-normalised baseline r_m comes off log p(a^m)'s coefficient.
-    log_ratio = log_importance_weights(log_p_a, jnp.zeros_like(log_p_a), log_q_a)
-    r = jax.lax.stop_gradient(normalized_weights(log_ratio))
+    # Eqns 15, 16, 18: the baseline r_m comes off log p(a^m)'s coefficient.
+    log_ratio = jax.lax.stop_gradient(log_importance_weights(log_p_a, jnp.zeros_like(log_p_a), log_q_a))
+    if p_baseline == "self_normalized":
+      r = normalized_weights(log_ratio)
+    elif p_baseline == "unbiased":
+      r = jnp.exp(log_ratio - jnp.log(num_samples).astype(log_ratio.dtype))
+    else:
+      r = jnp.exp(log_ratio)
     bound = bound - jnp.sum(_weighted(r, _zero_with_unit_gradient(log_p_a)), axis=-1)
   loss_p = -jnp.mean(bound)
 
   # Eqns 12-14: -sum_m w_m log q(a^m); its gradient estimates dKL(p(a|y) || q)/d eta.
+  log_q = log_q_a if log_q_own is None else log_q_own
   w = jax.lax.stop_gradient(normalized_weights(log_w_p))
-  cross_entropy = -jnp.sum(_weighted(w, log_q_a), axis=-1)
+  cross_entropy = -jnp.sum(_weighted(w, log_q), axis=-1)
   if control_variates:
-    # Eqns 15, 17, 19: the baseline b_q = 1/M.
-    cross_entropy = cross_entropy + jnp.sum(_zero_with_unit_gradient(log_q_a), axis=-1) / num_samples
+    if log_q_own is None:  # Eqns 15, 17, 19: the baseline b_q = 1/M.
+      cross_entropy = cross_entropy + jnp.sum(_zero_with_unit_gradient(log_q), axis=-1) / num_samples
+    else:  # Samples from another proposal r: E_r[(q/r) d log q] = 0 gives b_q,m proportional to (q/r)_m.
+      log_ratio_q = jax.lax.stop_gradient(log_q_own - log_q_a)
+      b = (normalized_weights(log_ratio_q) if p_baseline == "self_normalized"
+           else jnp.exp(log_ratio_q - jnp.log(num_samples).astype(log_ratio_q.dtype)))
+      cross_entropy = cross_entropy + jnp.sum(_weighted(b, _zero_with_unit_gradient(log_q)), axis=-1)
   loss_q = jnp.mean(cross_entropy)
   return loss_p, loss_q
 

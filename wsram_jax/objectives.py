@@ -93,12 +93,16 @@ class ObjectiveConfig:
     proposal: what the samples are drawn from (see the module docstring); None means the inference network for
       ``wsram`` and the prior for the others, which need the prior.
     control_variates: WS-RAM's Eqns 16-19 (VAR's control variate is ``baseline``).
+    p_baseline: the coefficient of WS-RAM's p-side control variate (`estimators.wsram_losses`):
+      ``self_normalized`` (Eqn 18, the paper's), ``unbiased`` (p / (M q)) or ``as_printed`` (p / q, Eqn 16).
     baseline: VAR's baseline: ``none``, ``moving``, ``learned`` or ``loo``.
     baseline_decay: the moving average's decay, in [0, 1).
     baseline_weight: weight of the learned baseline's regression loss.
     num_samples: M.
     temperature: heuristic (1), the proposal's temperature (1 = off).
     coverage_weight: heuristic (2) (0 = off).
+    coverage_location_weight: the weight of heuristic (2)'s location term against its scale term (1: the
+      paper's "view all image locations"; 0: only the scales are spread).
     entropy_weight: heuristic (3) (0 = off).
     mixture_alpha: weight of q in the ``defensive_mixture`` proposal.
     sleep_weight: weight of the sleep-phase q loss (WS-RAM only; 0 = off).
@@ -106,12 +110,14 @@ class ObjectiveConfig:
   method: str = "wsram"
   proposal: Optional[str] = None
   control_variates: bool = True
+  p_baseline: str = "self_normalized"
   baseline: str = "none"
   baseline_decay: float = 0.9
   baseline_weight: float = 1.0
   num_samples: int = 5
   temperature: float = 1.0
   coverage_weight: float = 0.0
+  coverage_location_weight: float = 1.0
   entropy_weight: float = 0.0
   mixture_alpha: float = 0.5
   sleep_weight: float = 0.0
@@ -121,6 +127,8 @@ class ObjectiveConfig:
              f"Unknown --config.method {self.method!r}; choose one of {', '.join(METHODS)}.")
     if self.proposal is None:
       object.__setattr__(self, "proposal", "inference_network" if self.method == "wsram" else "prior")
+    _require(self.p_baseline in estimators.P_BASELINES,
+             f"Unknown --config.p_baseline {self.p_baseline!r}; choose one of {', '.join(estimators.P_BASELINES)}.")
     _require(self.baseline in BASELINES,
              f"Unknown --config.baseline {self.baseline!r}; choose one of {', '.join(BASELINES)}.")
     m = self.num_samples
@@ -142,8 +150,10 @@ class ObjectiveConfig:
       _require(float(self.temperature) == 1.0,
                "VIMCO's learning signal assumes samples from the untempered prior; set "
                "--config.heuristics.temperature=1.")
-    _require(float(self.coverage_weight) >= 0 and float(self.entropy_weight) >= 0,
-             "The heuristic weights --config.heuristics.coverage_weight and entropy_weight must be >= 0.")
+    _require(float(self.coverage_weight) >= 0 and float(self.entropy_weight) >= 0
+             and float(self.coverage_location_weight) >= 0,
+             "The heuristic weights --config.heuristics.coverage_weight, coverage_location_weight and "
+             "entropy_weight must be >= 0.")
     _require(0.0 <= float(self.mixture_alpha) <= 1.0,
              f"--config.mixture_alpha must be in [0, 1], got {self.mixture_alpha}.")
     _require(0.0 <= float(self.baseline_decay) < 1.0,
@@ -162,10 +172,10 @@ class ObjectiveConfig:
     ``heuristics`` block. Raises `errors.ConfigError` for an invalid combination."""
     h = config.heuristics
     return cls(method=config.method, proposal=config.proposal, control_variates=bool(config.control_variates),
-               baseline=config.baseline, baseline_decay=float(config.baseline_decay),
+               p_baseline=config.p_baseline, baseline=config.baseline, baseline_decay=float(config.baseline_decay),
                baseline_weight=float(config.baseline_weight), num_samples=config.num_samples,
                temperature=float(h.temperature), coverage_weight=float(h.coverage_weight),
-               entropy_weight=float(h.entropy_weight), mixture_alpha=float(config.mixture_alpha),
+               coverage_location_weight=float(h.coverage_location_weight), entropy_weight=float(h.entropy_weight), mixture_alpha=float(config.mixture_alpha),
                sleep_weight=float(config.sleep_weight))
 
   @property
@@ -251,21 +261,26 @@ def trajectory_metrics(traj: attention.Trajectory, num_scales: int, *, mask=None
 
 
 def method_loss(cfg: ObjectiveConfig, log_p_a: jax.Array, log_p_y: jax.Array, log_q_a: jax.Array, *,
-                baseline_value=0.0, learned_baseline=None) -> tuple[jax.Array, dict]:
+                baseline_value=0.0, learned_baseline=None, log_inference_a=None) -> tuple[jax.Array, dict]:
   """The estimator part of `cfg.method`'s loss, from per-sample log-probabilities `[B, M]` of any model.
 
   ``wsram`` -> `estimators.wsram_losses` (``loss_q`` added unless the proposal is the prior), ``vimco`` ->
   `estimators.vimco_loss`, ``var`` -> `estimators.variational_loss` with the baseline `cfg.baseline`
   (``moving``: ``baseline_value``; ``learned``: ``learned_baseline`` `[B, M]`, also regressed with weight
   `cfg.baseline_weight`; ``loo``: leave-one-out). The sleep update and the exploration heuristics need the
-  rollout and are added by the task's loss (`with_heuristics`).
+  rollout and are added by the task's loss (`with_heuristics`). ``log_inference_a`` `[B, M]` is the inference
+  network's own log-density of the samples: when the proposal is not q itself (tempered, a mixture, one of the
+  user's), wake-q trains q's own density on them (`estimators.wsram_losses`' ``log_q_own``).
 
   Returns:
     `(loss, metrics)`: the scalar loss and its parts (``loss_p``, ``loss_q``, ``baseline_mse``).
   """
   metrics = {}
   if cfg.method == "wsram":
-    loss_p, loss_q = estimators.wsram_losses(log_p_a, log_p_y, log_q_a, control_variates=cfg.control_variates)
+    proposal_is_q = cfg.proposal == "inference_network" and cfg.temperature == 1.0
+    loss_p, loss_q = estimators.wsram_losses(
+        log_p_a, log_p_y, log_q_a, control_variates=cfg.control_variates, p_baseline=cfg.p_baseline,
+        log_q_own=None if proposal_is_q or log_inference_a is None else log_inference_a)
     loss = loss_p
     metrics["loss_p"] = loss_p
     if cfg.proposal != "prior":
@@ -298,8 +313,8 @@ def with_heuristics(cfg: ObjectiveConfig, loss: jax.Array, traj: attention.Traje
   metrics every task's loss reports with it: ``loss`` and ``reward`` (the batch's mean log p(y|a), which the
   moving-average baseline tracks)."""
   if cfg.coverage_weight > 0:
-    loss = loss + cfg.coverage_weight * exploration.coverage_regularizer(traj.prior_scale_probs,
-                                                                         traj.prior_loc_mean)
+    loss = loss + cfg.coverage_weight * exploration.coverage_regularizer(
+        traj.prior_scale_probs, traj.prior_loc_mean, location_weight=cfg.coverage_location_weight)
   if cfg.entropy_weight > 0:
     loss = loss + exploration.entropy_bonus(traj.entropy, weight=cfg.entropy_weight)
   metrics["loss"] = loss

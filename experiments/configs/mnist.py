@@ -15,8 +15,9 @@ VARIANTS = ("var", "var_cv", "wsram", "wsram_cv", "wsram_q", "wsram_q_cv", "quic
 # The exploration heuristics of Sec. 4.5 "on" (ours: the paper gives no values). The paper found them
 # important for VAR and unnecessary for WS-RAM, so the VAR variants use them by default and the WS-RAM ones
 # do not; Figure 3 runs each with the other setting too.
-HEURISTICS_ON = {"temperature": 1.5, "coverage_weight": 0.1, "entropy_weight": 0.01}
-HEURISTICS_OFF = {"temperature": 1.0, "coverage_weight": 0.0, "entropy_weight": 0.0}
+# coverage_location_weight: heuristic (2)'s location term against its scale term (1: "view all image locations").
+HEURISTICS_ON = {"temperature": 1.5, "coverage_weight": 0.1, "coverage_location_weight": 1.0, "entropy_weight": 0.01}
+HEURISTICS_OFF = {"temperature": 1.0, "coverage_weight": 0.0, "coverage_location_weight": 1.0, "entropy_weight": 0.0}
 
 
 def method_config(variant: str) -> ml_collections.ConfigDict:
@@ -31,6 +32,8 @@ def method_config(variant: str) -> ml_collections.ConfigDict:
   base = "wsram_q_cv" if variant == "quick" else variant
   c.method = "var" if base.startswith("var") else "wsram"
   c.control_variates = base.endswith("_cv")
+  # WS-RAM's p-side control variate coefficient: self_normalized (Eqn 18, paper) | unbiased | as_printed (Eqn 16).
+  c.p_baseline = "self_normalized"
   # prior | inference_network | defensive_mixture | module.path:function (a proposal of your own).
   c.proposal = "inference_network" if "_q" in base else "prior"
   c.mixture_alpha = 0.5  # Weight of q in the defensive mixture (ours).

@@ -64,7 +64,8 @@ def make_loss_fn(cfg: objectives_lib.ObjectiveConfig, model: model_lib.CaptionMo
     traj = roll(params, images, captions, key)
     metrics = caption_metrics(traj, model.num_scales)
     loss, parts = objectives_lib.method_loss(cfg, traj.log_p_a, traj.log_p_y, traj.log_q_a,
-                                             baseline_value=baseline_value, learned_baseline=traj.baseline)
+                                             baseline_value=baseline_value, learned_baseline=traj.baseline,
+                                                     log_inference_a=traj.log_inference_a)
     metrics.update(parts)
     return objectives_lib.with_heuristics(cfg, loss, traj, metrics)
 

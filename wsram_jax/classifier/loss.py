@@ -55,7 +55,8 @@ def make_loss_fn(cfg: objectives.ObjectiveConfig, model: model_lib.AttentionMode
 
     loss, estimator_metrics = objectives.method_loss(cfg, traj.log_p_a, traj.log_p_y, traj.log_q_a,
                                                      baseline_value=baseline_value,
-                                                     learned_baseline=traj.baseline)
+                                                     learned_baseline=traj.baseline,
+                                                     log_inference_a=traj.log_inference_a)
     metrics.update(estimator_metrics)
     if cfg.sleep_weight > 0:
       sleep = sleep_loss(params, canvases, k_sleep, model=model, num_glimpses=num_glimpses,
