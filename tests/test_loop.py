@@ -1,6 +1,7 @@
 """The shared training loop and checkpoints, on a tiny noisy quadratic (no model needed)."""
 import gc
 import glob
+import json
 import os
 import shutil
 import time
@@ -84,6 +85,48 @@ def test_changed_config_is_refused_on_resume(tmp_path):
   longer = _config(num_steps=10)  # A schedule key may change: the run continues.
   state, _ = loop.run(config=longer, workdir=str(tmp_path), **_task(longer))
   assert int(state.step) == 10
+
+
+def test_a_failed_resume_leaves_the_workdir_as_it_was(tmp_path):
+  config = _config(num_steps=5)
+  loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  recorded = (tmp_path / "config.json").read_text()
+  # Checkpoints but no config.json: refused (the method they were trained with is unknown), nothing written.
+  (tmp_path / "config.json").unlink()
+  other = _config(num_steps=10, lr=0.5)
+  with pytest.raises(errors.ConfigError, match="no config.json"):
+    loop.run(config=other, workdir=str(tmp_path), **_task(other))
+  assert not (tmp_path / "config.json").exists()
+  # A restore that fails writes nothing either.
+  (tmp_path / "config.json").write_text(recorded)
+  for f in glob.glob(str(tmp_path / "checkpoints" / "5" / "**" / "*"), recursive=True):
+    if os.path.isfile(f):
+      os.truncate(f, 3)
+  longer = _config(num_steps=10)
+  with pytest.raises(errors.CheckpointError):
+    loop.run(config=longer, workdir=str(tmp_path), **_task(longer))
+  assert (tmp_path / "config.json").read_text() == recorded
+  assert not glob.glob(str(tmp_path / "*.tmp"))
+
+
+def test_a_garbage_config_json_is_one_clear_error(tmp_path):
+  config = _config(num_steps=5)
+  loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(errors.ConfigError, match=r"config.json cannot be read"):
+    loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  assert (tmp_path / "config.json").read_text() == "{not json"  # kept as it was, for the user to fix
+
+
+def test_a_workdir_without_checkpoints_takes_another_config(tmp_path):
+  # A run that stopped on a NaN before its first checkpoint leaves nothing to protect.
+  config = _config(poison_at=1, checkpoint_every=100)
+  with pytest.raises(errors.NonFiniteError, match="no checkpoint has been written"):
+    loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  other = _config(lr=0.01)
+  state, _ = loop.run(config=other, workdir=str(tmp_path), **_task(other))
+  assert int(state.step) == 20
+  assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.01
 
 
 def test_nan_stops_the_run_and_is_never_checkpointed(tmp_path):

@@ -97,12 +97,17 @@ class Checkpointer:
     steps = self.steps()
     return steps[-1] if steps else None
 
+  def last_good(self) -> str:
+    """A phrase for messages: "the last good checkpoint is step S in DIR", or that there is none yet."""
+    latest = self.latest_step()
+    if latest is None:
+      return f"no checkpoint has been written in {self.directory} yet"
+    return f"the last good checkpoint is step {latest} in {self.directory}"
+
   def save(self, step: int, state: Any) -> None:
     if not all_finite(state):
-      latest = self.latest_step()
-      last_good = (f"the last good checkpoint is step {latest} in {self.directory}" if latest is not None
-                   else f"no checkpoint has been written in {self.directory} yet")
-      raise errors.NonFiniteError(f"Refusing to checkpoint step {step}: the state holds a NaN or inf; {last_good}.")
+      raise errors.NonFiniteError(
+          f"Refusing to checkpoint step {step}: the state holds a NaN or inf; {self.last_good()}.")
     self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
     self._manager.wait_until_finished()
 

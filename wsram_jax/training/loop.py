@@ -107,27 +107,67 @@ def _config_dict(config) -> dict[str, Any]:
   return json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
 
 
-def check_resume_compatible(workdir: str, config) -> None:
-  """Writes WORKDIR/config.json on the first start; on a resume refuses a config that changes the run.
-
-  Only schedule keys (`SCHEDULE_KEYS`: step counts, logging periods) may differ from the recorded config.
-  """
-  path = os.path.join(workdir, "config.json")
-  current = _config_dict(config)
-  if os.path.exists(path):
+def _read_recorded_config(path: str) -> dict[str, Any]:
+  try:
     with open(path, encoding="utf-8") as f:
       recorded = json.load(f)
-    a, b = _flatten(recorded), _flatten(current)
-    changed = sorted(k for k in set(a) | set(b)
-                     if a.get(k) != b.get(k) and k.split(".")[-1] not in SCHEDULE_KEYS)
-    if changed:
-      raise errors.ConfigError(
-          f"{workdir} holds a run with a different configuration ({', '.join(changed[:6])} differ); "
-          "resume it with the same configuration or choose a new --workdir.")
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(current, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+    raise errors.ConfigError(
+        f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); put back the "
+        "configuration the run was started with, or choose a new --workdir.") from None
+  if not isinstance(recorded, dict):
+    raise errors.ConfigError(f"{path} holds no configuration (a JSON object); put back the configuration the run "
+                             "was started with, or choose a new --workdir.")
+  return recorded
+
+
+def _changed_keys(recorded: Mapping[str, Any], config) -> list[str]:
+  a, b = _flatten(recorded), _flatten(_config_dict(config))
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k.split(".")[-1] not in SCHEDULE_KEYS)
+
+
+def check_resume_compatible(workdir: str, config, checkpoint_steps) -> None:
+  """Refuses to resume the checkpoints in `workdir` under a configuration that changes the run; writes nothing.
+
+  With checkpoints (`checkpoint_steps` non-empty) WORKDIR/config.json must exist, be readable and agree with
+  `config` on everything but the schedule keys (`SCHEDULE_KEYS`: step counts, logging periods); otherwise
+  `errors.ConfigError` (one sentence). Without checkpoints there is nothing to protect: any configuration may
+  start there (a run that stopped before its first checkpoint, e.g. on a NaN, can be rerun with another).
+  """
+  path = os.path.join(workdir, "config.json")
+  if not checkpoint_steps:
+    if os.path.exists(path):
+      try:
+        changed = _changed_keys(_read_recorded_config(path), config)
+      except errors.ConfigError:
+        changed = ["all"]
+      if changed:
+        log.warning("%s holds no checkpoint, so this configuration replaces the one its config.json records.",
+                    workdir)
+    return
+  if not os.path.exists(path):
+    raise errors.ConfigError(
+        f"{workdir} holds checkpoints (steps {list(checkpoint_steps)}) but no config.json, so the configuration "
+        "they were trained with is unknown; put its config.json back, or choose a new --workdir.")
+  changed = _changed_keys(_read_recorded_config(path), config)
+  if changed:
+    raise errors.ConfigError(
+        f"{workdir} holds a run with a different configuration ({', '.join(changed[:6])} differ); "
+        "resume it with the same configuration or choose a new --workdir.")
+
+
+def record_config(workdir: str, config) -> None:
+  """Writes `config` to WORKDIR/config.json atomically (a new file renamed over the old one): called for a new run
+  and after a successful restore, so that a failed start never changes what the workdir records."""
+  path = os.path.join(workdir, "config.json")
+  tmp = f"{path}.{os.getpid()}.tmp"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(_config_dict(config), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
 
 
 def _format_eta(seconds: float) -> str:
@@ -182,8 +222,16 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
     The final state and the last value written of every metric.
   """
   os.makedirs(workdir, exist_ok=True)
-  check_resume_compatible(workdir, config)
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+  try:
+    check_resume_compatible(workdir, config, ckpt.steps())
+    with jax.disable_jit(not config.jit):
+      state = init_state()
+      restored, restored_step = ckpt.restore_latest(state)
+  except BaseException:
+    ckpt.close()
+    raise
+  record_config(workdir, config)
   writer = metric_writers.MetricWriter(workdir)
   writer.write_hparams(_flatten(_config_dict(config)))
   last: dict[str, Any] = {}
@@ -197,12 +245,10 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
     bad = int(state.nonfinite_step)
     if bad >= 0:
       raise errors.NonFiniteError(
-          f"The loss or gradients became NaN or inf at step {bad + 1}; training stopped, and the last good "
-          f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory} (try a lower learning rate).")
+          f"The loss or gradients became NaN or inf at step {bad + 1}; training stopped, and {ckpt.last_good()} "
+          "(try a lower learning rate).")
 
   with jax.disable_jit(not config.jit):
-    state = init_state()
-    restored, restored_step = ckpt.restore_latest(state)
     if restored is not None:
       state = restored
       log.info("Resuming from the checkpoint of step %d in %s.", restored_step, ckpt.directory)
