@@ -4,6 +4,8 @@ import glob
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import jax
@@ -17,6 +19,8 @@ from wsram_jax.training import checkpoints
 from wsram_jax import errors
 from wsram_jax.training import loop
 from wsram_jax.training import metric_writers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
@@ -127,6 +131,52 @@ def test_a_workdir_without_checkpoints_takes_another_config(tmp_path):
   state, _ = loop.run(config=other, workdir=str(tmp_path), **_task(other))
   assert int(state.step) == 20
   assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.01
+
+
+_HOLD_LOCK = """
+import sys, time
+from wsram_jax.training import loop
+lock = loop.WorkdirLock(sys.argv[1])
+lock.acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_process_per_workdir_and_kill_9_frees_it(tmp_path):
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": REPO})
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    config = _config(num_steps=5)
+    with pytest.raises(errors.ConfigError, match=rf"in use by process {holder.pid} on "):
+      loop.run(config=config, workdir=str(tmp_path), **_task(config))
+    assert not (tmp_path / "metrics.jsonl").exists()  # the refused process wrote nothing
+  finally:
+    holder.kill()  # SIGKILL: the OS releases the lock
+    holder.wait()
+  state, _ = loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  assert int(state.step) == 5
+
+
+@pytest.mark.parametrize("where", ["a_file", "under_a_file"])
+def test_an_unusable_workdir_is_one_clear_error(tmp_path, where):
+  (tmp_path / "f").write_text("")
+  workdir = tmp_path / "f" if where == "a_file" else tmp_path / "f" / "run"
+  config = _config(num_steps=5)
+  with pytest.raises(errors.ConfigError, match="cannot be used as --workdir"):
+    loop.run(config=config, workdir=str(workdir), **_task(config))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_a_read_only_workdir_is_one_clear_error(tmp_path):
+  os.chmod(tmp_path, 0o500)
+  try:
+    config = _config(num_steps=5)
+    with pytest.raises(errors.ConfigError, match="cannot be used as --workdir"):
+      loop.run(config=config, workdir=str(tmp_path / "run"), **_task(config))
+  finally:
+    os.chmod(tmp_path, 0o700)
 
 
 def test_nan_stops_the_run_and_is_never_checkpointed(tmp_path):

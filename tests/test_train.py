@@ -1,5 +1,6 @@
 """The MNIST trainer: a whole run on a tiny config, exact resume after SIGKILL, and bad input."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 
 from conftest import tiny_overrides
 from wsram_jax.training import checkpoints
+from wsram_jax.training import loop
 from wsram_jax.training import step as step_lib
 from wsram_jax import errors
 from wsram_jax.training import metric_writers
@@ -82,6 +84,28 @@ def test_binary_reports_missing_data_in_one_sentence(tmp_path):
                         text=True, timeout=120)
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr and "error:" in proc.stderr
+
+
+def message_lines(stderr: str) -> list[str]:
+  """The lines of a binary's stderr other than progress lines and absl's log lines (``I1128 12:00:00...``)."""
+  return [l for l in stderr.splitlines()
+          if l.strip() and not l.startswith("step ") and not re.match(r"[IWE]\d{4} ", l)]
+
+
+def test_binary_refuses_a_busy_or_unusable_workdir_in_one_line(tiny_mnist_dir, tmp_path):
+  busy = tmp_path / "busy"
+  os.makedirs(busy)
+  with loop.WorkdirLock(str(busy)):  # as if another training process held it
+    proc = subprocess.run(_train_cmd(busy, tiny_mnist_dir), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = message_lines(proc.stderr)
+  assert len(lines) == 1 and f"in use by process {os.getpid()} on " in lines[0], proc.stderr[-2000:]
+  (tmp_path / "file").write_text("")
+  proc = subprocess.run(_train_cmd(tmp_path / "file", tiny_mnist_dir), cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  lines = message_lines(proc.stderr)
+  assert len(lines) == 1 and "it is a file" in lines[0], proc.stderr[-2000:]
 
 
 def _final_params(config, workdir):

@@ -16,10 +16,13 @@ checkpointed and no host round-trip is added to every step.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from typing import Any, Callable, Mapping, Optional
@@ -170,6 +173,68 @@ def record_config(workdir: str, config) -> None:
       os.unlink(tmp)
 
 
+class WorkdirLock:
+  """One process per workdir: an exclusive `fcntl.flock` on WORKDIR/.lock, held from `acquire` to `release`.
+
+  The OS drops the lock when the process ends, however it ends (`kill -9` included), so a stale lock cannot
+  block the next run. The holder writes its PID, host and start time into the file; a second process reads
+  them back into its one-line refusal (`errors.ConfigError`). On a file system without flock the run goes on
+  unlocked, with a warning.
+  """
+
+  NAME = ".lock"
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, self.NAME)
+    self._fd: Optional[int] = None
+
+  def acquire(self) -> "WorkdirLock":
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 1000, 0).decode("utf-8", "replace").strip() or "another process"
+      os.close(fd)
+      raise errors.ConfigError(
+          f"{self.workdir} is in use by {holder}; wait for it to end (or stop it), or choose another "
+          "--workdir.") from None
+    except OSError as e:  # e.g. ENOLCK: a file system without locks
+      log.warning("Cannot lock %s (%s); nothing stops a second process from using it.", self.path, e)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (f"process {os.getpid()} on {socket.gethostname()} (since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n").encode(), 0)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing the file drops the lock
+      self._fd = None
+
+  def __enter__(self) -> "WorkdirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed; `errors.ConfigError` (one sentence) when it is a file, lies under one or
+  cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK | os.X_OK):
+      raise PermissionError(f"no permission to write in {workdir}")
+  except OSError as e:
+    why = e.strerror or str(e)
+    if isinstance(e, FileExistsError) or (os.path.exists(workdir) and not os.path.isdir(workdir)):
+      why = "it is a file, not a directory"
+    elif isinstance(e, NotADirectoryError):
+      why = "part of its path is a file, not a directory"
+    raise errors.ConfigError(f"{workdir} cannot be used as --workdir: {why}; choose another.") from None
+
+
 def _format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -221,18 +286,24 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
   Returns:
     The final state and the last value written of every metric.
   """
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
-  try:
+  prepare_workdir(workdir)
+  with contextlib.ExitStack() as cleanup:
+    cleanup.enter_context(WorkdirLock(workdir))  # before anything is read or written there
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    cleanup.callback(ckpt.close)
     check_resume_compatible(workdir, config, ckpt.steps())
     with jax.disable_jit(not config.jit):
       state = init_state()
       restored, restored_step = ckpt.restore_latest(state)
-  except BaseException:
-    ckpt.close()
-    raise
-  record_config(workdir, config)
-  writer = metric_writers.MetricWriter(workdir)
+    record_config(workdir, config)
+    writer = metric_writers.MetricWriter(workdir)
+    cleanup.callback(writer.close)
+    return _train(config, state, restored, restored_step, ckpt, writer, train_step, evaluate, diagnose,
+                  progress_keys)
+
+
+def _train(config, state, restored, restored_step, ckpt, writer, train_step, evaluate, diagnose, progress_keys):
+  """The body of `run`, once the workdir is locked, the checkpoint restored and the writers open."""
   writer.write_hparams(_flatten(_config_dict(config)))
   last: dict[str, Any] = {}
 
@@ -284,7 +355,4 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
         ckpt.save(int(state.step), state)
         print(f"Interrupted; saved step {int(state.step)} in {ckpt.directory}.", file=sys.stderr)
       raise
-    finally:
-      writer.close()
-      ckpt.close()
   return state, last
