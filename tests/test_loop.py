@@ -19,6 +19,7 @@ from wsram_jax.training import checkpoints
 from wsram_jax import errors
 from wsram_jax.training import loop
 from wsram_jax.training import metric_writers
+from wsram_jax.training import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,6 +79,31 @@ def test_resume_is_bit_identical(tmp_path):
   resumed, _ = loop.run(config=config, workdir=str(tmp_path / "b"), **_task(config))
   np.testing.assert_array_equal(full.params["w"], resumed.params["w"])
   np.testing.assert_array_equal(full.opt_state[0].mu["w"], resumed.opt_state[0].mu["w"])
+
+
+def test_a_resume_supersedes_the_metrics_of_the_lost_steps(tmp_path):
+  config = _config(num_steps=20, log_every=4, checkpoint_every=10, eval_every=10)
+  loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  # As if killed after logging steps 11..20 but before the checkpoint of step 20, in the middle of a line:
+  shutil.rmtree(tmp_path / "checkpoints" / "20")
+  with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"step": 24, "train/lo')
+  before = metric_writers.read_metrics(str(tmp_path))
+  loop.run(config=config, workdir=str(tmp_path), **_task(config))  # resumes from step 10
+  records = metric_writers.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records if "train/loss" in r] == [4, 8, 12, 16, 20]
+  assert [r["step"] for r in records if "eval/w_norm" in r] == [10, 20]
+  # The first average after the resume covers steps 11 and 12 only, and says so.
+  assert {r["step"]: r.get("averaged_steps") for r in records if "train/loss" in r} == {
+      4: None, 8: None, 12: 2, 16: None, 20: None}
+  # Nothing was deleted: the lines of the first process stay in the file, superseded.
+  assert len(open(tmp_path / "metrics.jsonl", encoding="utf-8").read().splitlines()) > len(records)
+  # Evaluation repeats exactly; the readers see the resumed run's values.
+  old_eval = [r["eval/w_norm"] for r in before if "eval/w_norm" in r]
+  assert [r["eval/w_norm"] for r in records if "eval/w_norm" in r] == old_eval
+  steps, _ = metric_writers.series(records, "train/loss")
+  np.testing.assert_array_equal(steps, [4, 8, 12, 16, 20])
+  assert report.final_metrics(str(tmp_path))["step_of"]["train/loss"] == 20
 
 
 def test_changed_config_is_refused_on_resume(tmp_path):

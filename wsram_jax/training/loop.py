@@ -296,7 +296,7 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
       state = init_state()
       restored, restored_step = ckpt.restore_latest(state)
     record_config(workdir, config)
-    writer = metric_writers.MetricWriter(workdir)
+    writer = metric_writers.MetricWriter(workdir, start_step=restored_step or 0)
     cleanup.callback(writer.close)
     return _train(config, state, restored, restored_step, ckpt, writer, train_step, evaluate, diagnose,
                   progress_keys)
@@ -307,9 +307,8 @@ def _train(config, state, restored, restored_step, ckpt, writer, train_step, eva
   writer.write_hparams(_flatten(_config_dict(config)))
   last: dict[str, Any] = {}
 
-  def record(step, metrics):
-    metrics = {k: v for k, v in metrics.items()}
-    writer.write_scalars(step, metrics)
+  def record(step, metrics, averaged_steps=None):
+    writer.write_scalars(step, metrics, averaged_steps=averaged_steps)
     last.update({k: np.asarray(v).tolist() for k, v in metrics.items()})
 
   def check_finite(state):
@@ -337,8 +336,9 @@ def _train(config, state, restored, restored_step, ckpt, writer, train_step, eva
         if step % config.log_every == 0 or step == config.num_steps:
           check_finite(state)
           means = _mean_metrics(history)
+          # Fewer steps than log_every: the first average after a resume, or the last one of the run.
+          record(step, means, averaged_steps=len(history) if len(history) < config.log_every else None)
           history = []
-          record(step, means)
           progress.line(step, means, progress_keys)
         if evaluate is not None and (step % config.eval_every == 0 or step == config.num_steps):
           check_finite(state)
