@@ -1,5 +1,6 @@
 """The caption trainer: a whole run on a tiny config, resume, Flickr8k end to end, bad configs."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -125,6 +126,23 @@ def test_invalid_config_is_one_clear_error(tiny_caption_config, overrides, match
   config = tiny_caption_config("wsram_q_cv", **overrides)
   with pytest.raises(errors.ConfigError, match=match):
     train.validate_config(config)
+
+
+def test_binary_sigint_saves_the_step_reached(tiny_mnist_dir, tiny_caption_config, tmp_path):
+  from test_train import message_lines, stop_running_binary  # pylint: disable=g-import-not-at-top
+  overrides = {**tiny_caption_overrides(tiny_mnist_dir), "num_steps": 100000, "checkpoint_every": 50000,
+               "eval_every": 100000, "log_every": 2}
+  cmd = [sys.executable, "-m", "experiments.train_captions", "--config=experiments/configs/captions.py:wsram_q_cv",
+         f"--workdir={tmp_path}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+  rc, stderr = stop_running_binary([c.replace(" ", "") for c in cmd], tmp_path, signal.SIGINT)
+  assert rc == 130, stderr[-2000:]
+  lines = message_lines(stderr)
+  assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+  assert lines[0].startswith("stopped: Stopped by SIGINT at step ") and "saved it in" in lines[0]
+  step = int(lines[0].split(" at step ")[1].split(";")[0])
+  restored = train.restore(tiny_caption_config("wsram_q_cv", num_steps=100000, checkpoint_every=50000,
+                                               eval_every=100000, log_every=2), str(tmp_path))
+  assert restored.step == step and int(restored.state.step) == step
 
 
 def test_binary_rejects_bad_config_with_exit_code_2(tmp_path):

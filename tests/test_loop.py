@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -104,6 +105,53 @@ def test_a_resume_supersedes_the_metrics_of_the_lost_steps(tmp_path):
   steps, _ = metric_writers.series(records, "train/loss")
   np.testing.assert_array_equal(steps, [4, 8, 12, 16, 20])
   assert report.final_metrics(str(tmp_path))["step_of"]["train/loss"] == 20
+
+
+def _signalling(task, at_step, signum):
+  """`task` whose step sends `signum` to this process once the state reaches `at_step`."""
+  step = task["train_step"]
+
+  def train_step(state):
+    state, metrics = step(state)
+    if int(state.step) == at_step:
+      os.kill(os.getpid(), signum)
+    return state, metrics
+
+  return {**task, "train_step": train_step}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, signum):
+  config = _config(num_steps=20, checkpoint_every=5)
+  full, _ = loop.run(config=config, workdir=str(tmp_path / "full"), **_task(config))
+  with pytest.raises(errors.Interrupted) as stopped:
+    loop.run(config=config, workdir=str(tmp_path / "w"), **_signalling(_task(config), 7, signum))
+  assert stopped.value.exit_code == 128 + signum
+  saved = checkpoints.Checkpointer(str(tmp_path / "w" / "checkpoints")).latest_step()
+  assert saved in (6, 7)  # the step reached when the signal arrived, not the last periodic checkpoint (5)
+  assert str(stopped.value) == (f"Stopped by {signal.Signals(signum).name} at step {saved}; saved it in "
+                                f"{tmp_path / 'w' / 'checkpoints'}; run the same command again to resume.")
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the loop's handlers are gone
+  resumed, _ = loop.run(config=config, workdir=str(tmp_path / "w"), **_task(config))
+  np.testing.assert_array_equal(full.params["w"], resumed.params["w"])
+
+
+def test_a_signal_during_a_save_lets_the_save_finish(tmp_path, monkeypatch):
+  save = checkpoints.Checkpointer.save
+
+  def save_and_get_interrupted(self, step, state):
+    os.kill(os.getpid(), signal.SIGINT)  # arrives while the save is in progress
+    save(self, step, state)
+
+  monkeypatch.setattr(checkpoints.Checkpointer, "save", save_and_get_interrupted)
+  config = _config(num_steps=20, checkpoint_every=5)
+  with pytest.raises(errors.Interrupted, match=r"Stopped by SIGINT at step 5; it is saved in") as stopped:
+    loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  assert stopped.value.exit_code == 130
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+  assert ckpt.steps() == [5] and sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]
+  state, _ = ckpt.restore_latest(_task(config)["init_state"]())
+  assert int(state.step) == 5
 
 
 def test_changed_config_is_refused_on_resume(tmp_path):

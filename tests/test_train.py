@@ -108,6 +108,49 @@ def test_binary_refuses_a_busy_or_unusable_workdir_in_one_line(tiny_mnist_dir, t
   assert len(lines) == 1 and "it is a file" in lines[0], proc.stderr[-2000:]
 
 
+def stop_running_binary(cmd, workdir, signum):
+  """Starts `cmd`, sends it `signum` once it has logged a training line; returns (returncode, stderr)."""
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+      if any('"train/' in line for line in _lines(workdir / "metrics.jsonl")):
+        break
+      time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal; make it longer"
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  return proc.returncode, stderr
+
+
+def _lines(path):
+  try:
+    return path.read_text().splitlines()
+  except FileNotFoundError:
+    return []
+
+
+def test_sigterm_saves_the_step_reached_and_it_resumes(tiny_mnist_dir, tmp_path):
+  long_run = ["--config.num_steps=100000", "--config.checkpoint_every=50000", "--config.eval_every=100000",
+              "--config.log_every=5", "--config.diag_every=0"]
+  workdir = tmp_path / "w"
+  rc, stderr = stop_running_binary(_train_cmd(workdir, tiny_mnist_dir, *long_run), workdir, signal.SIGTERM)
+  assert rc == 143, stderr[-2000:]
+  assert "Traceback" not in stderr
+  lines = message_lines(stderr)
+  assert len(lines) == 1, stderr[-2000:]
+  saved = checkpoints.Checkpointer(str(workdir / "checkpoints")).steps()
+  assert len(saved) == 1 and saved[0] >= 5  # the step reached: no periodic checkpoint was due
+  assert lines[0] == (f"stopped: Stopped by SIGTERM at step {saved[0]}; saved it in {workdir / 'checkpoints'}; "
+                      "run the same command again to resume.")
+  resumed = subprocess.run(_train_cmd(workdir, tiny_mnist_dir, *long_run[1:], f"--config.num_steps={saved[0] + 2}"),
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert checkpoints.Checkpointer(str(workdir / "checkpoints")).latest_step() == saved[0] + 2
+
+
 def _final_params(config, workdir):
   model = train.build_model(config)
   target = train.create_train_state(config, model, step_lib.make_optimizer(config))

@@ -12,16 +12,20 @@ page faults.
 import functools
 import logging
 import os
+import signal
 import sys
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from wsram_jax.errors import ConfigError, UserError
+from wsram_jax.training import signals
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def report_user_errors(fn: F) -> F:
-  """Wraps `fn` so that a `UserError` prints `error: <message>` to stderr and exits with its `exit_code`."""
+  """Wraps `fn` so that a `UserError` prints `error: <message>` to stderr and exits with its `exit_code`, and
+  so that SIGINT or SIGTERM outside the training loop (which saves and raises `errors.Interrupted` itself)
+  prints one line and exits with 128 + the signal's number (`training.signals`)."""
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
@@ -30,10 +34,16 @@ def report_user_errors(fn: F) -> F:
     for name in ("absl", "jax"):
       logging.getLogger(name).setLevel(logging.WARNING)
     try:
-      return fn(*args, **kwargs)
+      with signals.StopOnSignals():
+        return fn(*args, **kwargs)
     except UserError as e:
-      print(f"error: {e}", file=sys.stderr)
+      print(f"{e.label}: {e}", file=sys.stderr)
       sys.exit(e.exit_code)
+    except (signals.StopRequested, KeyboardInterrupt) as e:
+      signum = getattr(e, "signum", signal.SIGINT)
+      print(f"stopped: Stopped by {signals.signal_name(signum)} outside the training loop; the checkpoints "
+            "written so far are intact.", file=sys.stderr)
+      sys.exit(128 + signum)
 
   return wrapped  # type: ignore[return-value]
 

@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -35,6 +36,7 @@ import numpy as np
 from wsram_jax.training import checkpoints
 from wsram_jax import errors
 from wsram_jax.training import metric_writers
+from wsram_jax.training import signals
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +320,7 @@ def _train(config, state, restored, restored_step, ckpt, writer, train_step, eva
           f"The loss or gradients became NaN or inf at step {bad + 1}; training stopped, and {ckpt.last_good()} "
           "(try a lower learning rate).")
 
-  with jax.disable_jit(not config.jit):
+  with jax.disable_jit(not config.jit), signals.StopOnSignals() as stop:
     if restored is not None:
       state = restored
       log.info("Resuming from the checkpoint of step %d in %s.", restored_step, ckpt.directory)
@@ -348,11 +350,27 @@ def _train(config, state, restored, restored_step, ckpt, writer, train_step, eva
           record(step, diagnose(state))
         if step % config.checkpoint_every == 0 or step == config.num_steps:
           check_finite(state)
-          ckpt.save(step, state)
-    except KeyboardInterrupt:
-      # Keep what was done: save the state reached (if it is good) before leaving.
-      if int(state.nonfinite_step) < 0 and int(state.step) != ckpt.latest_step():
-        ckpt.save(int(state.step), state)
-        print(f"Interrupted; saved step {int(state.step)} in {ckpt.directory}.", file=sys.stderr)
-      raise
+          with stop.deferred():  # a signal now waits for the save to finish
+            ckpt.save(step, state)
+    except (signals.StopRequested, KeyboardInterrupt) as e:
+      raise _stop(getattr(e, "signum", signal.SIGINT), state, ckpt, stop) from None
   return state, last
+
+
+def _stop(signum: int, state: TrainState, ckpt: checkpoints.Checkpointer,
+          stop: signals.StopOnSignals) -> errors.Interrupted:
+  """Saves `state` (unless it is saved already, untrained or not finite) and returns the one-line error."""
+  with stop.deferred(then_raise=False):  # a second signal does not interrupt this save either
+    step = int(state.step)
+    if int(state.nonfinite_step) >= 0:
+      what = (f"not saved, as it holds NaN or inf since step {int(state.nonfinite_step) + 1}; "
+              f"{ckpt.last_good()}")
+    elif step == ckpt.latest_step():
+      what = f"it is saved in {ckpt.directory}"
+    elif step == 0:
+      what = "nothing to save yet"
+    else:
+      ckpt.save(step, state)
+      what = f"saved it in {ckpt.directory}"
+  return errors.Interrupted(f"Stopped by {signals.signal_name(signum)} at step {step}; {what}; run the same "
+                            "command again to resume.", signum)
