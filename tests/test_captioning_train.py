@@ -145,6 +145,17 @@ def test_binary_sigint_saves_the_step_reached(tiny_mnist_dir, tiny_caption_confi
   assert restored.step == step and int(restored.state.step) == step
 
 
+def test_binary_bad_config_files_are_one_line_and_exit_2(tmp_path):
+  from test_train import message_lines, run_all  # pylint: disable=g-import-not-at-top
+  (tmp_path / "notes.txt").write_text("hello\n")
+  cmd = lambda config: [sys.executable, "-m", "experiments.train_captions", f"--config={config}",
+                        f"--workdir={tmp_path / 'w'}"]
+  for rc, stderr in run_all([cmd(tmp_path / "missing.py"), cmd(tmp_path / "notes.txt")]):
+    lines = message_lines(stderr)
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert lines[0].startswith("error: ") and str(tmp_path) in lines[0]
+
+
 def test_binary_rejects_bad_config_with_exit_code_2(tmp_path):
   cmd = [sys.executable, "-m", "experiments.train_captions", "--config=experiments/configs/captions.py:var",
          f"--workdir={tmp_path / 'w'}", "--config.model.q_word=caption"]

@@ -79,6 +79,41 @@ def test_binary_rejects_bad_config_with_exit_code_2(tiny_mnist_dir, tmp_path):
     assert not (tmp_path / "w" / "checkpoints").exists()  # Nothing was started.
 
 
+def run_all(cmds, timeout=300):
+  """Runs the commands side by side; returns their CompletedProcess-like (returncode, stderr) pairs."""
+  procs = [subprocess.Popen(c, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for c in cmds]
+  out = []
+  for p in procs:
+    try:
+      _, stderr = p.communicate(timeout=timeout)
+    finally:
+      p.kill()
+    out.append((p.returncode, stderr))
+  return out
+
+
+def test_binary_bad_command_lines_are_one_line_and_exit_2(tmp_path):
+  (tmp_path / "notes.txt").write_text("hello\n")
+  (tmp_path / "broken.py").write_text("def get_config(:\n")
+  base = [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'w'}"]
+  config = "--config=experiments/configs/mnist.py:wsram_q_cv"
+  cases = [
+      ([f"--config={tmp_path / 'missing.py'}"], [str(tmp_path / "missing.py"), "No such file"]),
+      ([f"--config={tmp_path / 'notes.txt'}"], [str(tmp_path / "notes.txt"), "line 1", "NameError"]),
+      ([f"--config={tmp_path / 'broken.py'}:x"], [str(tmp_path / "broken.py"), "line 1", "SyntaxError"]),
+      ([config, "extra"], ["Unexpected arguments: extra"]),
+      ([config, "--config.nosuchkey=1"], ["--config.nosuchkey", "no key", "closest"]),
+      (["--config.leaning_rate=1"], ["--config.leaning_rate", "learning_rate"]),
+      ([config, "--config.model.hiden_size=3"], ["--config.model.hiden_size", "model.hidden_size"]),
+  ]
+  for (extra, expected), (rc, stderr) in zip(cases, run_all([base + extra for extra, _ in cases])):
+    lines = message_lines(stderr)
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in stderr, (extra, stderr[-3000:])
+    assert lines[0].startswith("error: ") and all(e in lines[0] for e in expected), (extra, lines[0])
+  assert not (tmp_path / "w").exists()
+
+
 def test_binary_reports_missing_data_in_one_sentence(tmp_path):
   proc = subprocess.run(_train_cmd(tmp_path / "w", tmp_path / "nowhere"), cwd=REPO, capture_output=True,
                         text=True, timeout=120)
