@@ -78,7 +78,7 @@ def test_train_resume_and_plots(tiny_caption_config, tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_flickr8k_task_and_pretrained_encoder(tiny_caption_config, tmp_path):
+def test_flickr8k_task_and_pretrained_encoder(tiny_caption_config, tmp_path, caplog):
   json_path, image_dir = write_flickr_fixture(tmp_path / "flickr")
   config = tiny_caption_config(
       "var_cv", **{"data.task": "flickr8k", "data.flickr8k_json": str(json_path),
@@ -87,6 +87,7 @@ def test_flickr8k_task_and_pretrained_encoder(tiny_caption_config, tmp_path):
   train.validate_config(config)
   task = train.load_task(config)
   assert task.caption_length == 5 and task.test_images.shape == (1, 16, 16, 3)
+  assert "--config.data.num_test=6 asks for more than the 1 Flickr8k test images" in caplog.text
   assert task.test_references == [[["a", "dog", "sits"], ["the", "dog"], ["a", "red", "ball"]]]
   images, captions = jax.jit(task.sample, static_argnums=2)(jax.random.PRNGKey(0), task.train, 8)
   assert images.shape == (8, 16, 16, 3) and images.dtype == np.float32 and captions.shape == (8, 6)

@@ -51,6 +51,8 @@ def test_evaluation_is_deterministic(tiny_config):
     ({"method": "reinforce"}, "Unknown --config.method"),
     ({"proposal": "oracle"}, "Unknown --config.proposal"),
     ({"learning_rate": -1e-3}, "learning_rate must be positive"),
+    ({"learning_rate": float("inf")}, "learning_rate must be positive and finite"),
+    ({"grad_clip_norm": float("nan")}, "grad_clip_norm must be"),
     ({"method": "var", "proposal": "inference_network"}, "samples from the prior"),
     ({"baseline": "moving"}, "VAR's control variate"),
     ({"heuristics.temperature": 0.0}, "temperature must be positive"),
@@ -61,6 +63,14 @@ def test_invalid_config_is_one_clear_error(tiny_config, overrides, match):
   config = tiny_config("wsram_q_cv", **{k.replace(".", "__"): v for k, v in overrides.items()})
   with pytest.raises(errors.ConfigError, match=match):
     train.validate_config(config)
+
+
+def test_load_data_checks_the_labels_and_says_when_it_caps_num_test(tiny_config, caplog):
+  with pytest.raises(errors.DataError, match=r"outside 0\.\.4"):
+    train.load_data(tiny_config("var", model__num_classes=5))
+  _, _, test_canvases, _ = train.load_data(tiny_config("var", data__num_test=1000))
+  assert test_canvases.shape[0] == 32
+  assert "--config.data.num_test=1000" in caplog.text and "32" in caplog.text
 
 
 def _train_cmd(workdir, data_dir, *extra):

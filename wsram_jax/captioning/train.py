@@ -186,8 +186,9 @@ def load_task(config) -> TaskData:
   if d.task == "digits":
     spec = task_spec(config)
     data_dir = d.data_dir or None
-    images, labels = mnist.load_mnist("train", source=d.source, data_dir=data_dir)
-    test_images, test_labels = mnist.load_mnist("test", source=d.source, data_dir=data_dir)
+    classes = len(digits_data.DIGIT_WORDS)  # a caption names each digit's class
+    images, labels = mnist.load_mnist("train", source=d.source, data_dir=data_dir, num_classes=classes)
+    test_images, test_labels = mnist.load_mnist("test", source=d.source, data_dir=data_dir, num_classes=classes)
     test = digits_data.fixed_test_set(test_images, test_labels, spec, seed=d.test_seed, num=int(d.num_test))
 
     def sample(key, train, batch_size):
@@ -203,7 +204,7 @@ def load_task(config) -> TaskData:
                               max_words=int(d.max_words), min_count=int(d.min_word_count),
                               splits=("train", "test"))
   tr, te = ds.splits["train"], ds.splits["test"]
-  num = min(int(d.num_test), te.images.shape[0])
+  num = config_lib.capped("data.num_test", int(d.num_test), te.images.shape[0], "Flickr8k test images")
 
   def sample(key, train, batch_size):
     k_index, k_ref = jax.random.split(key)

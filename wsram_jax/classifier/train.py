@@ -232,9 +232,10 @@ def load_data(config):
   """(train images, train labels, test canvases uint8, test labels) for `config.data`."""
   d = config.data
   data_dir = d.data_dir or None
-  images, labels = mnist.load_mnist("train", source=d.source, data_dir=data_dir)
-  test_images, test_labels = mnist.load_mnist("test", source=d.source, data_dir=data_dir)
-  num_test = min(int(d.num_test), test_images.shape[0])
+  classes = int(config.model.num_classes)
+  images, labels = mnist.load_mnist("train", source=d.source, data_dir=data_dir, num_classes=classes)
+  test_images, test_labels = mnist.load_mnist("test", source=d.source, data_dir=data_dir, num_classes=classes)
+  num_test = config_lib.capped("data.num_test", int(d.num_test), test_images.shape[0], "test digits")
   test_canvases, test_labels, _ = canvas_lib.fixed_test_set(test_images, test_labels, seed=d.test_seed,
                                                             num=num_test, **canvas_kwargs(config))
   return images, labels, test_canvases, test_labels

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 
 import numpy as np
 
 from wsram_jax import errors
 from wsram_jax import objectives
 
-__all__ = ["require", "require_int", "model_fields", "check_model_block", "validate_common", "load_config"]
+__all__ = ["require", "require_int", "model_fields", "check_model_block", "validate_common", "capped",
+           "load_config"]
+
+log = logging.getLogger(__name__)
 
 
 def require(ok: bool, message: str) -> None:
@@ -58,9 +63,20 @@ def validate_common(config) -> objectives.ObjectiveConfig:
   for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     require_int(name, config[name])
   require_int("diag_every", config.diag_every, 0)
-  require(float(config.learning_rate) > 0, f"--config.learning_rate must be positive, got {config.learning_rate}.")
-  require(float(config.grad_clip_norm) >= 0, f"--config.grad_clip_norm must be >= 0, got {config.grad_clip_norm}.")
+  require(0 < float(config.learning_rate) < math.inf,
+          f"--config.learning_rate must be positive and finite, got {config.learning_rate}.")
+  require(0 <= float(config.grad_clip_norm) < math.inf,
+          f"--config.grad_clip_norm must be >= 0 and finite (0: no clipping), got {config.grad_clip_norm}.")
   return cfg
+
+
+def capped(name: str, requested: int, available: int, what: str) -> int:
+  """``min(requested, available)``, saying so (a warning naming ``--config.<name>``) when that is less than asked
+  for: e.g. `capped("data.num_test", 10000, 32, "test digits")`."""
+  if requested > available:
+    log.warning("--config.%s=%d asks for more than the %d %s there are; using %d.", name, requested, available, what,
+                available)
+  return min(int(requested), int(available))
 
 
 def load_config(workdir: str):
