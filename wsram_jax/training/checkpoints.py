@@ -38,18 +38,21 @@ def all_finite(tree: Any) -> bool:
   return all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.inexact))
 
 
-def _first_line(e: BaseException, limit: int = 300) -> str:
+def first_line(e: BaseException, limit: int = 300) -> str:
+  """"Type: the first line of the message" of `e`, cut at `limit` characters (TensorStore's run to thousands)."""
   text = str(e).strip().splitlines()[0] if str(e).strip() else ""
   text = text if len(text) <= limit else text[:limit] + " ..."
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 class _FailedReadNoise(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for orbax's abandoned reads of a bad checkpoint."""
+  """Drops asyncio's "Task/Future exception was never retrieved" for orbax's abandoned reads of a bad
+  checkpoint (TensorStore errors)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
-    return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+    ours = "orbax" in message or "tensorstore" in message
+    return not ("exception was never retrieved" in message and ours)
 
 
 _quiet = False
@@ -57,8 +60,8 @@ _quiet = False
 
 def quiet_failed_reads() -> None:
   """Keeps the debris of a failed checkpoint read off the console (once per process): asyncio's log records of
-  orbax's abandoned read tasks, and the "Event loop is closed" errors that TensorStore's late callbacks raise
-  (reported through `sys.unraisablehook`). Every other record and unraisable error passes through unchanged."""
+  orbax's abandoned read tasks and futures, and the "Event loop is closed" errors that TensorStore's late
+  callbacks raise (reported through `sys.unraisablehook`). Every other record and unraisable error passes."""
   global _quiet
   if _quiet:
     return
@@ -130,7 +133,7 @@ class Checkpointer:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
       except Exception as e:  # pylint: disable=broad-except
         quiet_failed_reads()
-        bad.append((step, f"cannot be read ({_first_line(e)})"))
+        bad.append((step, f"cannot be read ({first_line(e)})"))
         continue
       if not all_finite(state):
         bad.append((step, "holds a NaN or inf"))
