@@ -12,6 +12,7 @@ from conftest import apply_overrides
 from experiments.configs import captions as caption_configs
 from test_captioning_data import write_flickr_fixture
 from wsram_jax import errors
+from wsram_jax.training import memory
 from wsram_jax.training import step as step_lib
 from wsram_jax.training import metric_writers
 from wsram_jax.captioning import encoders
@@ -76,6 +77,12 @@ def test_train_resume_and_plots(tiny_caption_config, tmp_path):
   config.model.hidden_size = 16
   with pytest.raises(errors.ConfigError, match="different configuration"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_a_step_too_large_for_the_memory_is_refused_in_one_line(tiny_caption_config, tmp_path, monkeypatch):
+  monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+  with pytest.raises(errors.ConfigError, match=r"needs about .* only 1000 B are available"):
+    train.train_and_evaluate(tiny_caption_config("wsram_q_cv"), str(tmp_path))
 
 
 def test_flickr8k_task_and_pretrained_encoder(tiny_caption_config, tmp_path, caplog):

@@ -19,6 +19,7 @@ import pytest
 from wsram_jax.training import checkpoints
 from wsram_jax import errors
 from wsram_jax.training import loop
+from wsram_jax.training import memory
 from wsram_jax.training import metric_writers
 from wsram_jax.training import report
 
@@ -251,6 +252,38 @@ def test_a_read_only_workdir_is_one_clear_error(tmp_path):
       loop.run(config=config, workdir=str(tmp_path / "run"), **_task(config))
   finally:
     os.chmod(tmp_path, 0o700)
+
+
+def test_a_step_larger_than_the_memory_is_refused_before_training(tmp_path, monkeypatch):
+  config = _config(num_steps=5)
+  task = _task(config)
+  step_bytes = lambda state: memory.step_bytes(task["train_step"], state)
+  assert step_bytes(task["init_state"]()) > 0  # XLA's estimate: the new state, at least
+  monkeypatch.setattr(memory, "available_bytes", lambda: 100)
+  with pytest.raises(errors.ConfigError,
+                     match=r"needs about [\d.]+ [KMG]?B \(XLA's estimate\) but only 100 B are available"):
+    loop.run(config=config, workdir=str(tmp_path), step_memory=step_bytes, **task)
+  assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+  assert not (tmp_path / "metrics.jsonl").exists()
+  monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 40)
+  state, _ = loop.run(config=config, workdir=str(tmp_path), step_memory=step_bytes, **task)
+  assert int(state.step) == 5
+
+
+@pytest.mark.parametrize("oom", [MemoryError(), jax.errors.JaxRuntimeError(
+    "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456789 bytes.")])
+def test_running_out_of_memory_is_one_line(tmp_path, oom):
+  config = _config(num_steps=20, checkpoint_every=5)
+  task = _task(config)
+  step = task["train_step"]
+
+  def train_step(state):
+    if int(state.step) == 7:
+      raise oom
+    return step(state)
+
+  with pytest.raises(errors.ResourceError, match=r"Ran out of memory at step 8 .*last good checkpoint is step 5"):
+    loop.run(config=config, workdir=str(tmp_path), **{**task, "train_step": train_step})
 
 
 def test_nan_stops_the_run_and_is_never_checkpointed(tmp_path):

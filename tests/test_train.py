@@ -12,6 +12,7 @@ import pytest
 from conftest import tiny_overrides
 from wsram_jax.training import checkpoints
 from wsram_jax.training import loop
+from wsram_jax.training import memory
 from wsram_jax.training import step as step_lib
 from wsram_jax import errors
 from wsram_jax.training import metric_writers
@@ -33,6 +34,12 @@ def test_train_and_evaluate_smoke(tiny_config, tmp_path):
   steps, _ = metric_writers.series(metric_writers.read_metrics(str(tmp_path)), "train/loss")
   np.testing.assert_array_equal(steps, [2, 4, 6])
   assert "test error" in train.summary(last)
+
+
+def test_a_step_too_large_for_the_memory_is_refused_in_one_line(tiny_config, tmp_path, monkeypatch):
+  monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)
+  with pytest.raises(errors.ConfigError, match=r"needs about [\d.]+ MB .* only 1\.0 MB are available"):
+    train.train_and_evaluate(tiny_config("wsram_q_cv", num_samples=64), str(tmp_path))
 
 
 def test_evaluation_is_deterministic(tiny_config):

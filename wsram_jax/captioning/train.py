@@ -49,6 +49,7 @@ from wsram_jax.data import canvas as canvas_lib
 from wsram_jax.data import mnist
 from wsram_jax.training import config as config_lib
 from wsram_jax.training import loop
+from wsram_jax.training import memory
 from wsram_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -365,7 +366,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       train_step=lambda state: step(state, task.train),
       evaluate=make_evaluator(config, model, task),
       diagnose=make_diagnose(config, model, task) if config.diag_every > 0 else None,
-      progress_keys=("train/nll", "train/bound", "train/ess"))
+      progress_keys=("train/nll", "train/bound", "train/ess"),
+      step_memory=lambda state: memory.step_bytes(step, state, task.train))
   return last
 
 

@@ -45,6 +45,7 @@ from wsram_jax.data import canvas as canvas_lib
 from wsram_jax.data import mnist
 from wsram_jax.training import config as config_lib
 from wsram_jax.training import loop
+from wsram_jax.training import memory
 from wsram_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       train_step=lambda state: step(state, images_dev, labels_dev),
       evaluate=make_evaluator(config, model, test_canvases, test_labels),
       diagnose=(make_diagnose(config, model, images_dev, labels_dev) if config.diag_every > 0 else None),
-      progress_keys=("train/loss", "train/error", "train/ess"))
+      progress_keys=("train/loss", "train/error", "train/ess"),
+      step_memory=lambda state: memory.step_bytes(step, state, images_dev, labels_dev))
   return last
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from wsram_jax.training import checkpoints
 from wsram_jax import errors
+from wsram_jax.training import memory
 from wsram_jax.training import metric_writers
 from wsram_jax.training import signals
 
@@ -279,11 +280,20 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
         train_step: Callable[[TrainState], tuple[TrainState, Mapping[str, jax.Array]]],
         evaluate: Optional[Callable[[TrainState], Mapping[str, Any]]] = None,
         diagnose: Optional[Callable[[TrainState], Mapping[str, Any]]] = None,
-        progress_keys: tuple[str, ...] = ("train/loss",)) -> tuple[TrainState, dict[str, Any]]:
+        progress_keys: tuple[str, ...] = ("train/loss",),
+        step_memory: Optional[Callable[[TrainState], int]] = None) -> tuple[TrainState, dict[str, Any]]:
   """Trains to `config.num_steps`, resuming from the newest readable checkpoint in `workdir`.
 
   Uses config keys: num_steps, log_every, eval_every, checkpoint_every, keep_checkpoints, diag_every,
   and jit (False runs everything op by op, for debugging).
+
+  `step_memory(state)`, if given, is the memory one step needs beyond its arguments
+  (`memory.step_bytes(jitted_step, state, *data)`): a step that cannot fit in the memory available is refused
+  before training (`memory.check_fits`), and a failed allocation during training is one line
+  (`errors.ResourceError`).
+
+  Only one process at a time may run in `workdir` (`WorkdirLock`). SIGINT and SIGTERM finish a checkpoint save in
+  progress, save the step reached and raise `errors.Interrupted` (`training.signals`).
 
   Returns:
     The final state and the last value written of every metric.
@@ -297,14 +307,18 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
     with jax.disable_jit(not config.jit):
       state = init_state()
       restored, restored_step = ckpt.restore_latest(state)
+    if restored is not None:
+      state = restored
+      log.info("Resuming from the checkpoint of step %d in %s.", restored_step, ckpt.directory)
+    if step_memory is not None and config.jit and int(state.step) < config.num_steps:
+      memory.check_fits(step_memory(state))
     record_config(workdir, config)
     writer = metric_writers.MetricWriter(workdir, start_step=restored_step or 0)
     cleanup.callback(writer.close)
-    return _train(config, state, restored, restored_step, ckpt, writer, train_step, evaluate, diagnose,
-                  progress_keys)
+    return _train(config, state, ckpt, writer, train_step, evaluate, diagnose, progress_keys)
 
 
-def _train(config, state, restored, restored_step, ckpt, writer, train_step, evaluate, diagnose, progress_keys):
+def _train(config, state, ckpt, writer, train_step, evaluate, diagnose, progress_keys):
   """The body of `run`, once the workdir is locked, the checkpoint restored and the writers open."""
   writer.write_hparams(_flatten(_config_dict(config)))
   last: dict[str, Any] = {}
@@ -321,9 +335,6 @@ def _train(config, state, restored, restored_step, ckpt, writer, train_step, eva
           "(try a lower learning rate).")
 
   with jax.disable_jit(not config.jit), signals.StopOnSignals() as stop:
-    if restored is not None:
-      state = restored
-      log.info("Resuming from the checkpoint of step %d in %s.", restored_step, ckpt.directory)
     step = int(state.step)
     progress = Progress(config.num_steps)
     history = []
@@ -354,6 +365,13 @@ def _train(config, state, restored, restored_step, ckpt, writer, train_step, eva
             ckpt.save(step, state)
     except (signals.StopRequested, KeyboardInterrupt) as e:
       raise _stop(getattr(e, "signum", signal.SIGINT), state, ckpt, stop) from None
+    except Exception as e:  # pylint: disable=broad-except
+      if not memory.is_out_of_memory(e):
+        raise
+      raise errors.ResourceError(
+          f"Ran out of memory at step {int(state.step) + 1} ({checkpoints.first_line(e, 200)}); "
+          f"{ckpt.last_good()}; lower --config.batch_size, --config.num_samples or "
+          "--config.data.eval_batch_size.") from None
   return state, last
 
 
