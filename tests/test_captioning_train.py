@@ -127,6 +127,7 @@ def test_flickr8k_task_and_pretrained_encoder(tiny_caption_config, tmp_path, cap
     ({"data.task": "flickr8k"}, "flickr8k_json"),
     ({"data.small_max": 20}, "must not overlap"),
     ({"bleu_smoothing": "laplace"}, "bleu_smoothing"),
+    ({"model.loc_std": 1e-8}, r"loc_std must be at least 0.0001"),
     ({"heuristics.temperature": 0.0}, "temperature must be positive"),
     ({"method": "vimco", "proposal": "prior", "heuristics.temperature": 1.5}, "untempered prior"),
 ])

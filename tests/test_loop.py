@@ -286,6 +286,20 @@ def test_running_out_of_memory_is_one_line(tmp_path, oom):
     loop.run(config=config, workdir=str(tmp_path), **{**task, "train_step": train_step})
 
 
+def test_a_loss_far_outside_a_sane_range_is_said_once(tmp_path, caplog):
+  config = _config(num_steps=20, log_every=2)
+  task = _task(config)
+  step = task["train_step"]
+
+  def huge(state):  # what a location std of 1e-8 does to the log-densities
+    state, metrics = step(state)
+    return state, {"train/loss": metrics["train/loss"] * 1e12 + 1e9}
+
+  loop.run(config=config, workdir=str(tmp_path), **{**task, "train_step": huge})
+  warnings = [r for r in caplog.records if "outside a sane range" in r.getMessage()]
+  assert len(warnings) == 1 and "train/loss" in warnings[0].getMessage()
+
+
 def test_nan_stops_the_run_and_is_never_checkpointed(tmp_path):
   config = _config(poison_at=7)  # The 8th update's loss is NaN.
   with pytest.raises(errors.NonFiniteError, match=r"at step 8;.*last good checkpoint is step 5"):

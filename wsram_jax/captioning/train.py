@@ -107,7 +107,7 @@ def validate_config(config) -> None:
                "lowres_size"):
     _require_int(f"model.{name}", m[name])
   _require_int("model.context_dim", m.context_dim, 0)
-  _require(float(m.loc_std) > 0, f"--config.model.loc_std must be positive, got {m.loc_std}.")
+  config_lib.require_loc_std("model.loc_std", m.loc_std)
   _require(m.q_word in model_lib.Q_WORDS,
            f"Unknown --config.model.q_word {m.q_word!r}; choose one of {', '.join(model_lib.Q_WORDS)}.")
 

@@ -86,8 +86,9 @@ def validate_config(config) -> None:
   require_int("model.glimpse_hidden", m.glimpse_hidden)
   require_int("model.inference_hidden", m.inference_hidden)
   require(m.channels == 1, f"--config.model.channels must be 1: MNIST canvases are grayscale, got {m.channels}.")
-  require(float(m.loc_std) > 0, f"--config.model.loc_std must be positive, got {m.loc_std}.")
+  config_lib.require_loc_std("model.loc_std", m.loc_std)
   if m.learn_loc_std:
+    config_lib.require_loc_std("model.min_loc_std", m.min_loc_std)
     require(0 < float(m.min_loc_std) <= float(m.loc_std) <= float(m.max_loc_std),
             f"A learned location std needs 0 < --config.model.min_loc_std <= loc_std <= max_loc_std, got "
             f"{m.min_loc_std}, {m.loc_std}, {m.max_loc_std}.")

@@ -41,6 +41,11 @@ from wsram_jax.training import signals
 
 log = logging.getLogger(__name__)
 
+# A logged training loss or bound beyond +-SANE_LIMIT (in nats) means the log-densities have stopped meaning
+# anything (a location std far too small, a learning rate that diverges): the loop says so once, and goes on.
+SANE_LIMIT = 1e6
+SANE_KEYS = ("train/loss", "train/bound")
+
 # Config keys that may change when a run is resumed; any other difference is refused.
 SCHEDULE_KEYS = frozenset({
     "num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "diag_every", "jit",
@@ -292,6 +297,8 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
   before training (`memory.check_fits`), and a failed allocation during training is one line
   (`errors.ResourceError`).
 
+  A logged ``train/loss`` or ``train/bound`` beyond +-`SANE_LIMIT` is warned about, once.
+
   Only one process at a time may run in `workdir` (`WorkdirLock`). SIGINT and SIGTERM finish a checkpoint save in
   progress, save the step reached and raise `errors.Interrupted` (`training.signals`).
 
@@ -323,6 +330,17 @@ def _train(config, state, ckpt, writer, train_step, evaluate, diagnose, progress
   writer.write_hparams(_flatten(_config_dict(config)))
   last: dict[str, Any] = {}
 
+  insane: list[str] = []  # the first metric that left the sane range, once it has
+
+  def check_sane(step, means):
+    for key in SANE_KEYS:
+      value = means.get(key)
+      if not insane and value is not None and abs(value) > SANE_LIMIT:
+        insane.append(key)
+        log.warning("At step %d %s is %.3g, far outside a sane range (|x| > %.0g): the log-densities dominate "
+                    "everything (a location std too small? a learning rate too high?); the run goes on, and this "
+                    "is said once.", step, key, value, SANE_LIMIT)
+
   def record(step, metrics, averaged_steps=None):
     writer.write_scalars(step, metrics, averaged_steps=averaged_steps)
     last.update({k: np.asarray(v).tolist() for k, v in metrics.items()})
@@ -351,6 +369,7 @@ def _train(config, state, ckpt, writer, train_step, evaluate, diagnose, progress
           means = _mean_metrics(history)
           # Fewer steps than log_every: the first average after a resume, or the last one of the run.
           record(step, means, averaged_steps=len(history) if len(history) < config.log_every else None)
+          check_sane(step, means)
           history = []
           progress.line(step, means, progress_keys)
         if evaluate is not None and (step % config.eval_every == 0 or step == config.num_steps):
