@@ -155,6 +155,14 @@ def test_a_signal_during_a_save_lets_the_save_finish(tmp_path, monkeypatch):
   assert int(state.step) == 5
 
 
+def test_rerunning_a_finished_run_reports_its_results(tmp_path):
+  config = _config()
+  _, first = loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  state, again = loop.run(config=config, workdir=str(tmp_path), **_task(config))  # nothing left to train
+  assert int(state.step) == 20
+  assert again["eval/w_norm"] == first["eval/w_norm"] and again["train/loss"] == first["train/loss"]
+
+
 def test_changed_config_is_refused_on_resume(tmp_path):
   config = _config(num_steps=5)
   loop.run(config=config, workdir=str(tmp_path), **_task(config))

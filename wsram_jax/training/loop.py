@@ -328,7 +328,11 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
 def _train(config, state, ckpt, writer, train_step, evaluate, diagnose, progress_keys):
   """The body of `run`, once the workdir is locked, the checkpoint restored and the writers open."""
   writer.write_hparams(_flatten(_config_dict(config)))
+  # What the run logged up to the restored step, so that a finished run started again reports its results.
   last: dict[str, Any] = {}
+  for r in metric_writers.read_metrics(writer.workdir):
+    last.update({k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in r.items()
+                 if k not in ("step", "averaged_steps")})
 
   insane: list[str] = []  # the first metric that left the sane range, once it has
 

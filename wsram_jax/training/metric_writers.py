@@ -40,6 +40,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, tensorboard: bool = True, start_step: int = 0):
     os.makedirs(workdir, exist_ok=True)
+    self.workdir = workdir
     path = os.path.join(workdir, "metrics.jsonl")
     resumed = os.path.exists(path) and os.path.getsize(path) > 0
     self._jsonl = open(path, "a", encoding="utf-8")
