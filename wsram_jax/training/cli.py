@@ -115,7 +115,8 @@ def _in_config_file(e: BaseException, argv: Sequence[str]) -> Optional[str]:
     return f"{e.filename}, line {e.lineno}: SyntaxError: {e.msg}"
   for frame in reversed(traceback.extract_tb(e.__traceback__)):
     if os.path.abspath(frame.filename) in files:
-      return f"{frame.filename}, line {frame.lineno}: {type(e).__name__}: {e}"
+      text = str(e).strip()
+      return f"{frame.filename}, line {frame.lineno}: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
   return None
 
 

@@ -13,6 +13,12 @@ A task hands the loop four pure pieces and the loop does the rest:
 finite; that step and all after it leave the parameters unchanged. The loop looks at it when it logs and
 before it saves, and stops with a message naming the step and the last good checkpoint: no NaN is ever
 checkpointed and no host round-trip is added to every step.
+
+Around the loop, `run` keeps the workdir whole whatever happens: one process at a time holds it
+(`WorkdirLock`); config.json is checked before the restore and written (atomically) only after it succeeds or
+for a new run (`check_resume_compatible`, `record_config`); a step that cannot fit in memory is refused before
+training (`memory`); metric lines of steps after the restored checkpoint are superseded, not rewritten
+(`metric_writers`); SIGINT and SIGTERM save the step reached and end in `errors.Interrupted` (`signals`).
 """
 from __future__ import annotations
 
