@@ -1,5 +1,6 @@
 """The caption trainer: a whole run on a tiny config, resume, Flickr8k end to end, bad configs."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from conftest import apply_overrides
 from experiments.configs import captions as caption_configs
 from test_captioning_data import write_flickr_fixture
 from wsram_jax import errors
+from wsram_jax.training import memory
 from wsram_jax.training import step as step_lib
 from wsram_jax.training import metric_writers
 from wsram_jax.captioning import encoders
@@ -77,7 +79,13 @@ def test_train_resume_and_plots(tiny_caption_config, tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_flickr8k_task_and_pretrained_encoder(tiny_caption_config, tmp_path):
+def test_a_step_too_large_for_the_memory_is_refused_in_one_line(tiny_caption_config, tmp_path, monkeypatch):
+  monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+  with pytest.raises(errors.ConfigError, match=r"needs about .* only 1000 B are available"):
+    train.train_and_evaluate(tiny_caption_config("wsram_q_cv"), str(tmp_path))
+
+
+def test_flickr8k_task_and_pretrained_encoder(tiny_caption_config, tmp_path, caplog):
   json_path, image_dir = write_flickr_fixture(tmp_path / "flickr")
   config = tiny_caption_config(
       "var_cv", **{"data.task": "flickr8k", "data.flickr8k_json": str(json_path),
@@ -86,6 +94,7 @@ def test_flickr8k_task_and_pretrained_encoder(tiny_caption_config, tmp_path):
   train.validate_config(config)
   task = train.load_task(config)
   assert task.caption_length == 5 and task.test_images.shape == (1, 16, 16, 3)
+  assert "--config.data.num_test=6 asks for more than the 1 Flickr8k test images" in caplog.text
   assert task.test_references == [[["a", "dog", "sits"], ["the", "dog"], ["a", "red", "ball"]]]
   images, captions = jax.jit(task.sample, static_argnums=2)(jax.random.PRNGKey(0), task.train, 8)
   assert images.shape == (8, 16, 16, 3) and images.dtype == np.float32 and captions.shape == (8, 6)
@@ -118,6 +127,7 @@ def test_flickr8k_task_and_pretrained_encoder(tiny_caption_config, tmp_path):
     ({"data.task": "flickr8k"}, "flickr8k_json"),
     ({"data.small_max": 20}, "must not overlap"),
     ({"bleu_smoothing": "laplace"}, "bleu_smoothing"),
+    ({"model.loc_std": 1e-8}, r"loc_std must be at least 0.0001"),
     ({"heuristics.temperature": 0.0}, "temperature must be positive"),
     ({"method": "vimco", "proposal": "prior", "heuristics.temperature": 1.5}, "untempered prior"),
 ])
@@ -125,6 +135,34 @@ def test_invalid_config_is_one_clear_error(tiny_caption_config, overrides, match
   config = tiny_caption_config("wsram_q_cv", **overrides)
   with pytest.raises(errors.ConfigError, match=match):
     train.validate_config(config)
+
+
+def test_binary_sigint_saves_the_step_reached(tiny_mnist_dir, tiny_caption_config, tmp_path):
+  from test_train import message_lines, stop_running_binary  # pylint: disable=g-import-not-at-top
+  overrides = {**tiny_caption_overrides(tiny_mnist_dir), "num_steps": 100000, "checkpoint_every": 50000,
+               "eval_every": 100000, "log_every": 2}
+  cmd = [sys.executable, "-m", "experiments.train_captions", "--config=experiments/configs/captions.py:wsram_q_cv",
+         f"--workdir={tmp_path}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+  rc, stderr = stop_running_binary([c.replace(" ", "") for c in cmd], tmp_path, signal.SIGINT)
+  assert rc == 130, stderr[-2000:]
+  lines = message_lines(stderr)
+  assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+  assert lines[0].startswith("stopped: Stopped by SIGINT at step ") and "saved it in" in lines[0]
+  step = int(lines[0].split(" at step ")[1].split(";")[0])
+  restored = train.restore(tiny_caption_config("wsram_q_cv", num_steps=100000, checkpoint_every=50000,
+                                               eval_every=100000, log_every=2), str(tmp_path))
+  assert restored.step == step and int(restored.state.step) == step
+
+
+def test_binary_bad_config_files_are_one_line_and_exit_2(tmp_path):
+  from test_train import message_lines, run_all  # pylint: disable=g-import-not-at-top
+  (tmp_path / "notes.txt").write_text("hello\n")
+  cmd = lambda config: [sys.executable, "-m", "experiments.train_captions", f"--config={config}",
+                        f"--workdir={tmp_path / 'w'}"]
+  for rc, stderr in run_all([cmd(tmp_path / "missing.py"), cmd(tmp_path / "notes.txt")]):
+    lines = message_lines(stderr)
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert lines[0].startswith("error: ") and str(tmp_path) in lines[0]
 
 
 def test_binary_rejects_bad_config_with_exit_code_2(tmp_path):

@@ -115,6 +115,22 @@ def test_load_mnist_idx_source_errors(tmp_path):
     mnist.load_mnist("test", source="idx", data_dir=tmp_path)
 
 
+def test_load_mnist_refuses_labels_outside_the_classes_and_an_empty_split(tmp_path):
+  write_idx_dir(tmp_path, n_train=6, n_test=4)
+  write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 3, 12, 9], np.uint8), gz=False)
+  images, labels = mnist.load_mnist("test", source="idx", data_dir=tmp_path)  # no class count: any labels
+  assert labels.max() == 12
+  with pytest.raises(DataError, match=r"test labels .* include 12, outside 0\.\.9"):
+    mnist.load_mnist("test", source="idx", data_dir=tmp_path, num_classes=10)
+  mnist.load_mnist("train", source="idx", data_dir=tmp_path, num_classes=6)
+  with pytest.raises(DataError, match=r"include 5, outside 0\.\.4"):
+    mnist.load_mnist("train", source="idx", data_dir=tmp_path, num_classes=5)
+  write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8), gz=False)
+  write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros((0,), np.uint8), gz=False)
+  with pytest.raises(DataError, match="test split .* holds no digits"):
+    mnist.load_mnist("test", source="idx", data_dir=tmp_path)
+
+
 def test_unknown_source_and_split_are_config_errors():
   with pytest.raises(ConfigError, match="source"):
     mnist.load_mnist("test", source="internet")

@@ -1,5 +1,6 @@
 """The MNIST trainer: a whole run on a tiny config, exact resume after SIGKILL, and bad input."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import pytest
 
 from conftest import tiny_overrides
 from wsram_jax.training import checkpoints
+from wsram_jax.training import loop
+from wsram_jax.training import memory
 from wsram_jax.training import step as step_lib
 from wsram_jax import errors
 from wsram_jax.training import metric_writers
@@ -31,6 +34,12 @@ def test_train_and_evaluate_smoke(tiny_config, tmp_path):
   steps, _ = metric_writers.series(metric_writers.read_metrics(str(tmp_path)), "train/loss")
   np.testing.assert_array_equal(steps, [2, 4, 6])
   assert "test error" in train.summary(last)
+
+
+def test_a_step_too_large_for_the_memory_is_refused_in_one_line(tiny_config, tmp_path, monkeypatch):
+  monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)
+  with pytest.raises(errors.ConfigError, match=r"needs about [\d.]+ MB .* only 1\.0 MB are available"):
+    train.train_and_evaluate(tiny_config("wsram_q_cv", num_samples=64), str(tmp_path))
 
 
 def test_evaluation_is_deterministic(tiny_config):
@@ -55,6 +64,10 @@ def test_evaluation_is_deterministic(tiny_config):
     ({"method": "reinforce"}, "Unknown --config.method"),
     ({"proposal": "oracle"}, "Unknown --config.proposal"),
     ({"learning_rate": -1e-3}, "learning_rate must be positive"),
+    ({"learning_rate": float("inf")}, "learning_rate must be positive and finite"),
+    ({"grad_clip_norm": float("nan")}, "grad_clip_norm must be"),
+    ({"model.loc_std": 1e-8}, r"loc_std must be at least 0.0001"),
+    ({"model.learn_loc_std": True, "model.min_loc_std": 1e-8}, r"min_loc_std must be at least 0.0001"),
     ({"method": "var", "proposal": "inference_network"}, "samples from the prior"),
     ({"baseline": "moving"}, "VAR's control variate"),
     ({"heuristics.temperature": 0.0}, "temperature must be positive"),
@@ -65,6 +78,14 @@ def test_invalid_config_is_one_clear_error(tiny_config, overrides, match):
   config = tiny_config("wsram_q_cv", **{k.replace(".", "__"): v for k, v in overrides.items()})
   with pytest.raises(errors.ConfigError, match=match):
     train.validate_config(config)
+
+
+def test_load_data_checks_the_labels_and_says_when_it_caps_num_test(tiny_config, caplog):
+  with pytest.raises(errors.DataError, match=r"outside 0\.\.4"):
+    train.load_data(tiny_config("var", model__num_classes=5))
+  data = train.load_data(tiny_config("var", data__num_test=1000))
+  assert data.test_canvases.shape[0] == data.test_boxes.shape[0] == 32
+  assert "--config.data.num_test=1000" in caplog.text and "32" in caplog.text
 
 
 def _train_cmd(workdir, data_dir, *extra):
@@ -83,11 +104,111 @@ def test_binary_rejects_bad_config_with_exit_code_2(tiny_mnist_dir, tmp_path):
     assert not (tmp_path / "w" / "checkpoints").exists()  # Nothing was started.
 
 
+def run_all(cmds, timeout=300):
+  """Runs the commands side by side; returns their CompletedProcess-like (returncode, stderr) pairs."""
+  procs = [subprocess.Popen(c, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for c in cmds]
+  out = []
+  for p in procs:
+    try:
+      _, stderr = p.communicate(timeout=timeout)
+    finally:
+      p.kill()
+    out.append((p.returncode, stderr))
+  return out
+
+
+def test_binary_bad_command_lines_are_one_line_and_exit_2(tmp_path):
+  (tmp_path / "notes.txt").write_text("hello\n")
+  (tmp_path / "broken.py").write_text("def get_config(:\n")
+  base = [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'w'}"]
+  config = "--config=experiments/configs/mnist.py:wsram_q_cv"
+  cases = [
+      ([f"--config={tmp_path / 'missing.py'}"], [str(tmp_path / "missing.py"), "No such file"]),
+      ([f"--config={tmp_path / 'notes.txt'}"], [str(tmp_path / "notes.txt"), "line 1", "NameError"]),
+      ([f"--config={tmp_path / 'broken.py'}:x"], [str(tmp_path / "broken.py"), "line 1", "SyntaxError"]),
+      ([config, "extra"], ["Unexpected arguments: extra"]),
+      ([config, "--config.nosuchkey=1"], ["--config.nosuchkey", "no key", "closest"]),
+      (["--config.leaning_rate=1"], ["--config.leaning_rate", "learning_rate"]),
+      ([config, "--config.model.hiden_size=3"], ["--config.model.hiden_size", "model.hidden_size"]),
+  ]
+  for (extra, expected), (rc, stderr) in zip(cases, run_all([base + extra for extra, _ in cases])):
+    lines = message_lines(stderr)
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in stderr, (extra, stderr[-3000:])
+    assert lines[0].startswith("error: ") and all(e in lines[0] for e in expected), (extra, lines[0])
+  assert not (tmp_path / "w").exists()
+
+
 def test_binary_reports_missing_data_in_one_sentence(tmp_path):
   proc = subprocess.run(_train_cmd(tmp_path / "w", tmp_path / "nowhere"), cwd=REPO, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr and "error:" in proc.stderr
+
+
+def message_lines(stderr: str) -> list[str]:
+  """The lines of a binary's stderr other than progress lines and absl's log lines (``I1128 12:00:00...``)."""
+  return [l for l in stderr.splitlines()
+          if l.strip() and not l.startswith("step ") and not re.match(r"[IWE]\d{4} ", l)]
+
+
+def test_binary_refuses_a_busy_or_unusable_workdir_in_one_line(tiny_mnist_dir, tmp_path):
+  busy = tmp_path / "busy"
+  os.makedirs(busy)
+  with loop.WorkdirLock(str(busy)):  # as if another training process held it
+    proc = subprocess.run(_train_cmd(busy, tiny_mnist_dir), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = message_lines(proc.stderr)
+  assert len(lines) == 1 and f"in use by process {os.getpid()} on " in lines[0], proc.stderr[-2000:]
+  (tmp_path / "file").write_text("")
+  proc = subprocess.run(_train_cmd(tmp_path / "file", tiny_mnist_dir), cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  lines = message_lines(proc.stderr)
+  assert len(lines) == 1 and "it is a file" in lines[0], proc.stderr[-2000:]
+
+
+def stop_running_binary(cmd, workdir, signum):
+  """Starts `cmd`, sends it `signum` once it has logged a training line; returns (returncode, stderr)."""
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+      if any('"train/' in line for line in _lines(workdir / "metrics.jsonl")):
+        break
+      time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal; make it longer"
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  return proc.returncode, stderr
+
+
+def _lines(path):
+  try:
+    return path.read_text().splitlines()
+  except FileNotFoundError:
+    return []
+
+
+def test_sigterm_saves_the_step_reached_and_it_resumes(tiny_mnist_dir, tmp_path):
+  long_run = ["--config.num_steps=100000", "--config.checkpoint_every=50000", "--config.eval_every=100000",
+              "--config.log_every=5", "--config.diag_every=0"]
+  workdir = tmp_path / "w"
+  rc, stderr = stop_running_binary(_train_cmd(workdir, tiny_mnist_dir, *long_run), workdir, signal.SIGTERM)
+  assert rc == 143, stderr[-2000:]
+  assert "Traceback" not in stderr
+  lines = message_lines(stderr)
+  assert len(lines) == 1, stderr[-2000:]
+  saved = checkpoints.Checkpointer(str(workdir / "checkpoints")).steps()
+  assert len(saved) == 1 and saved[0] >= 5  # the step reached: no periodic checkpoint was due
+  assert lines[0] == (f"stopped: Stopped by SIGTERM at step {saved[0]}; saved it in {workdir / 'checkpoints'}; "
+                      "run the same command again to resume.")
+  resumed = subprocess.run(_train_cmd(workdir, tiny_mnist_dir, *long_run[1:], f"--config.num_steps={saved[0] + 2}"),
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert checkpoints.Checkpointer(str(workdir / "checkpoints")).latest_step() == saved[0] + 2
 
 
 def _final_params(config, workdir):

@@ -1,8 +1,13 @@
 """Errors meant for the person running the code.
 
 A `UserError` carries one sentence that says what is wrong and what to do. The experiment binaries catch it,
-print the sentence (no traceback) and exit with `exit_code`: 2 for bad configuration or flags, 1 for everything
-else (missing or corrupt data, a NaN during training, an unreadable checkpoint).
+print ``error: <sentence>`` (no traceback) and exit with `exit_code`:
+
+* 2 (`ConfigError`): bad input that the person can fix before anything runs: flags, config values and files,
+  a --workdir that is a file or that another process is using, a step too large for the memory there is;
+* 1: a failure: missing or corrupt data, a NaN during training, no readable checkpoint, running out of memory;
+* 130 and 143 (`Interrupted`): stopped by SIGINT (Ctrl-C) or SIGTERM after saving the step reached (128 + the
+  signal's number, as a shell reports it).
 """
 
 
@@ -10,6 +15,7 @@ class UserError(Exception):
   """An error whose message is one sentence for the user."""
 
   exit_code = 1
+  label = "error"  # what the binaries print before the sentence
 
 
 class ConfigError(UserError, ValueError):
@@ -29,3 +35,19 @@ class CheckpointError(UserError):
 
 class NonFiniteError(UserError):
   """A NaN or inf appeared in the loss or gradients during training."""
+
+
+class ResourceError(UserError):
+  """The machine ran out of memory during training."""
+
+
+class Interrupted(UserError):
+  """Training was stopped by a signal after saving the step it had reached; exit code 128 + the signal's number
+  (130 for SIGINT, 143 for SIGTERM)."""
+
+  label = "stopped"
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+    self.exit_code = 128 + int(signum)

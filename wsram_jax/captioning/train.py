@@ -49,6 +49,7 @@ from wsram_jax.data import canvas as canvas_lib
 from wsram_jax.data import mnist
 from wsram_jax.training import config as config_lib
 from wsram_jax.training import loop
+from wsram_jax.training import memory
 from wsram_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def validate_config(config) -> None:
                "lowres_size"):
     _require_int(f"model.{name}", m[name])
   _require_int("model.context_dim", m.context_dim, 0)
-  _require(float(m.loc_std) > 0, f"--config.model.loc_std must be positive, got {m.loc_std}.")
+  config_lib.require_loc_std("model.loc_std", m.loc_std)
   _require(m.q_word in model_lib.Q_WORDS,
            f"Unknown --config.model.q_word {m.q_word!r}; choose one of {', '.join(model_lib.Q_WORDS)}.")
 
@@ -186,8 +187,9 @@ def load_task(config) -> TaskData:
   if d.task == "digits":
     spec = task_spec(config)
     data_dir = d.data_dir or None
-    images, labels = mnist.load_mnist("train", source=d.source, data_dir=data_dir)
-    test_images, test_labels = mnist.load_mnist("test", source=d.source, data_dir=data_dir)
+    classes = len(digits_data.DIGIT_WORDS)  # a caption names each digit's class
+    images, labels = mnist.load_mnist("train", source=d.source, data_dir=data_dir, num_classes=classes)
+    test_images, test_labels = mnist.load_mnist("test", source=d.source, data_dir=data_dir, num_classes=classes)
     test = digits_data.fixed_test_set(test_images, test_labels, spec, seed=d.test_seed, num=int(d.num_test))
 
     def sample(key, train, batch_size):
@@ -203,7 +205,7 @@ def load_task(config) -> TaskData:
                               max_words=int(d.max_words), min_count=int(d.min_word_count),
                               splits=("train", "test"))
   tr, te = ds.splits["train"], ds.splits["test"]
-  num = min(int(d.num_test), te.images.shape[0])
+  num = config_lib.capped("data.num_test", int(d.num_test), te.images.shape[0], "Flickr8k test images")
 
   def sample(key, train, batch_size):
     k_index, k_ref = jax.random.split(key)
@@ -364,7 +366,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       train_step=lambda state: step(state, task.train),
       evaluate=make_evaluator(config, model, task),
       diagnose=make_diagnose(config, model, task) if config.diag_every > 0 else None,
-      progress_keys=("train/nll", "train/bound", "train/ess"))
+      progress_keys=("train/nll", "train/bound", "train/ess"),
+      step_memory=lambda state: memory.step_bytes(step, state, task.train))
   return last
 
 

@@ -46,6 +46,7 @@ from wsram_jax.data import canvas as canvas_lib
 from wsram_jax.data import mnist
 from wsram_jax.training import config as config_lib
 from wsram_jax.training import loop
+from wsram_jax.training import memory
 from wsram_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,9 @@ def validate_config(config) -> None:
   require_int("model.glimpse_hidden", m.glimpse_hidden)
   require_int("model.inference_hidden", m.inference_hidden)
   require(m.channels == 1, f"--config.model.channels must be 1: MNIST canvases are grayscale, got {m.channels}.")
-  require(float(m.loc_std) > 0, f"--config.model.loc_std must be positive, got {m.loc_std}.")
+  config_lib.require_loc_std("model.loc_std", m.loc_std)
   if m.learn_loc_std:
+    config_lib.require_loc_std("model.min_loc_std", m.min_loc_std)
     require(0 < float(m.min_loc_std) <= float(m.loc_std) <= float(m.max_loc_std),
             f"A learned location std needs 0 < --config.model.min_loc_std <= loc_std <= max_loc_std, got "
             f"{m.min_loc_std}, {m.loc_std}, {m.max_loc_std}.")
@@ -281,9 +283,10 @@ def load_data(config) -> Data:
   """The `Data` of `config.data`."""
   d = config.data
   data_dir = d.data_dir or None
-  images, labels = mnist.load_mnist("train", source=d.source, data_dir=data_dir)
-  test_images, test_labels = mnist.load_mnist("test", source=d.source, data_dir=data_dir)
-  num_test = min(int(d.num_test), test_images.shape[0])
+  classes = int(config.model.num_classes)
+  images, labels = mnist.load_mnist("train", source=d.source, data_dir=data_dir, num_classes=classes)
+  test_images, test_labels = mnist.load_mnist("test", source=d.source, data_dir=data_dir, num_classes=classes)
+  num_test = config_lib.capped("data.num_test", int(d.num_test), test_images.shape[0], "test digits")
   test_canvases, test_labels, test_boxes = canvas_lib.fixed_test_set(test_images, test_labels, seed=d.test_seed,
                                                                      num=num_test, **canvas_kwargs(config))
   return Data(images, labels, test_canvases, test_labels, test_boxes)
@@ -304,7 +307,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       train_step=lambda state: step(state, images_dev, labels_dev),
       evaluate=make_evaluator(config, model, data.test_canvases, data.test_labels, data.test_boxes),
       diagnose=(make_diagnose(config, model, images_dev, labels_dev) if config.diag_every > 0 else None),
-      progress_keys=("train/loss", "train/error", "train/ess"))
+      progress_keys=("train/loss", "train/error", "train/ess"),
+      step_memory=lambda state: memory.step_bytes(step, state, images_dev, labels_dev))
   return last
 
 

@@ -356,7 +356,8 @@ def _load_tfds(split: str, data_dir: Optional[PathLike]) -> Tuple[Arrays, str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_mnist(split: str, *, source: str = "offline", data_dir: Optional[PathLike] = None) -> Arrays:
+def load_mnist(split: str, *, source: str = "offline", data_dir: Optional[PathLike] = None,
+               num_classes: Optional[int] = None) -> Arrays:
   """Loads an MNIST split.
 
   Args:
@@ -366,6 +367,7 @@ def load_mnist(split: str, *, source: str = "offline", data_dir: Optional[PathLi
     data_dir: where the source lives: for 'offline' the directory holding mnist.pkl.gz (default
       `$WSRAM_DATA_DIR` or ~/.cache/wsram_jax), for 'idx' the directory of IDX files (required), for 'tfds'
       the tfds data_dir (default tfds's own).
+    num_classes: if given, every label must lie in 0..num_classes-1 (an IDX directory may hold other data).
 
   Returns:
     `(images, labels)`: uint8 `[N, 28, 28]` with values 0..255 and int32 `[N]` with values 0..9 ('idx' returns
@@ -373,7 +375,8 @@ def load_mnist(split: str, *, source: str = "offline", data_dir: Optional[PathLi
 
   Raises:
     ConfigError: unknown split or source, or 'idx' without data_dir.
-    DataError: the source is missing, truncated or fails its integrity check.
+    DataError: the source is missing, truncated or fails its integrity check, the split is empty, or a label
+      lies outside 0..num_classes-1.
   """
   if split not in SPLITS:
     raise ConfigError(f"Unknown MNIST split {split!r}; use one of {', '.join(SPLITS)}.")
@@ -385,5 +388,14 @@ def load_mnist(split: str, *, source: str = "offline", data_dir: Optional[PathLi
     (images, labels), where = _load_tfds(split, data_dir)
   else:
     raise ConfigError(f"Unknown MNIST source {source!r}; use one of {', '.join(SOURCES)}.")
+  if len(labels) == 0:
+    raise DataError(f"The {split} split of the {source} source at {where} holds no digits; point the source at a "
+                    f"complete copy of the data.")
+  if num_classes is not None:
+    outside = np.unique(labels[(labels < 0) | (labels >= num_classes)])
+    if outside.size:
+      raise DataError(f"The {split} labels of the {source} source at {where} include "
+                      f"{', '.join(str(int(v)) for v in outside[:5])}, outside 0..{num_classes - 1}: use data with "
+                      f"{num_classes} classes, or set the number of classes to match.")
   logging.info("Loaded MNIST %s: %d digits from the %s source at %s.", split, len(labels), source, where)
   return images, labels

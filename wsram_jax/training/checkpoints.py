@@ -5,13 +5,22 @@ renames it when complete, so a process killed mid-save (even by SIGKILL) leaves 
 On top of it:
 
 * `save` refuses a state with a NaN or inf anywhere in it (no non-finite value is ever checkpointed);
-* `restore_latest` tries the newest step first and, if it cannot be read, says so and tries the one before,
-  so one corrupt checkpoint costs only the steps since the previous one.
+* `restore_latest` tries the newest step first and, if it cannot be read (a truncated file, a NaN), says so and
+  tries the one before, so one corrupt checkpoint costs only the steps since the previous one. The run that
+  restores (not a `read_only` reader) then moves every bad step newer than the restored one aside, renamed
+  ``<step>.unreadable`` (kept for inspection, never deleted; orbax ignores the name), so that the run can save
+  those steps again and finish. When no step can be read nothing is moved: that is more likely a checkpoint of
+  another structure than damage everywhere.
+
+A failed read in orbax leaves asyncio tasks and TensorStore callbacks behind that print hundreds of lines of
+tracebacks ("Task exception was never retrieved", "Event loop is closed") when they are collected, after the
+failure has been reported in one line; `quiet_failed_reads` filters exactly those two messages.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -29,14 +38,59 @@ def all_finite(tree: Any) -> bool:
   return all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.inexact))
 
 
-class Checkpointer:
-  """Saves and restores a pytree state under `directory` (one sub-directory per step)."""
+def first_line(e: BaseException, limit: int = 300) -> str:
+  """"Type: the first line of the message" of `e`, cut at `limit` characters (TensorStore's run to thousands)."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  text = text if len(text) <= limit else text[:limit] + " ..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3):
+
+class _FailedReadNoise(logging.Filter):
+  """Drops asyncio's "Task/Future exception was never retrieved" for orbax's abandoned reads of a bad
+  checkpoint (TensorStore errors)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    ours = "orbax" in message or "tensorstore" in message
+    return not ("exception was never retrieved" in message and ours)
+
+
+_quiet = False
+
+
+def quiet_failed_reads() -> None:
+  """Keeps the debris of a failed checkpoint read off the console (once per process): asyncio's log records of
+  orbax's abandoned read tasks and futures, and the "Event loop is closed" errors that TensorStore's late
+  callbacks raise (reported through `sys.unraisablehook`). Every other record and unraisable error passes."""
+  global _quiet
+  if _quiet:
+    return
+  _quiet = True
+  logging.getLogger("asyncio").addFilter(_FailedReadNoise())
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
+class Checkpointer:
+  """Saves and restores a pytree state under `directory` (one sub-directory per step).
+
+  A `read_only` checkpointer (for a process that only restores, e.g. to plot a run while it trains) creates
+  nothing, leaves the in-progress save of a training process alone and moves no bad step aside.
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
-        cleanup_tmp_directories=True)
+        max_to_keep=max_to_keep, create=not read_only, enable_async_checkpointing=False,
+        cleanup_tmp_directories=not read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self) -> list[int]:
@@ -46,41 +100,67 @@ class Checkpointer:
     steps = self.steps()
     return steps[-1] if steps else None
 
+  def last_good(self) -> str:
+    """A phrase for messages: "the last good checkpoint is step S in DIR", or that there is none yet."""
+    latest = self.latest_step()
+    if latest is None:
+      return f"no checkpoint has been written in {self.directory} yet"
+    return f"the last good checkpoint is step {latest} in {self.directory}"
+
   def save(self, step: int, state: Any) -> None:
     if not all_finite(state):
       raise errors.NonFiniteError(
-          f"Refusing to checkpoint step {step}: the state holds a NaN or inf; the last good checkpoint is "
-          f"step {self.latest_step()} in {self.directory}.")
+          f"Refusing to checkpoint step {step}: the state holds a NaN or inf; {self.last_good()}.")
     self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
     self._manager.wait_until_finished()
 
   def restore_latest(self, target: Any) -> tuple[Optional[Any], Optional[int]]:
     """Restores the newest readable checkpoint into the structure of `target`.
 
+    Steps newer than the one restored could not be read; unless `read_only`, they are moved aside
+    (`move_aside`), so that the run can save those steps again.
+
     Returns:
       `(state, step)`, or `(None, None)` when the directory holds no checkpoint.
 
     Raises:
-      CheckpointError: checkpoints exist but none can be read (nothing is deleted).
+      CheckpointError: checkpoints exist but none can be read (nothing is moved or deleted).
     """
     steps = self.steps()
+    bad = []  # (step, why), newest first
     for step in reversed(steps):
       try:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
       except Exception as e:  # pylint: disable=broad-except
-        log.warning("The checkpoint of step %d in %s cannot be read (%s: %s); trying the one before it.",
-                    step, self.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        quiet_failed_reads()
+        bad.append((step, f"cannot be read ({first_line(e)})"))
         continue
       if not all_finite(state):
-        log.warning("The checkpoint of step %d in %s holds a NaN or inf; trying the one before it.",
-                    step, self.directory)
+        bad.append((step, "holds a NaN or inf"))
         continue
+      for b, why in bad:
+        where = "" if self.read_only else f"; moved it aside to {self.move_aside(b)}"
+        log.warning("The checkpoint of step %d in %s %s%s; using step %d.", b, self.directory, why, where, step)
       return state, step
+    for b, why in bad:
+      log.warning("The checkpoint of step %d in %s %s.", b, self.directory, why)
     if steps:
       raise errors.CheckpointError(
           f"None of the checkpoints in {self.directory} (steps {steps}) can be read; move that directory "
           "away to start afresh, or point --workdir elsewhere.")
     return None, None
+
+  def move_aside(self, step: int) -> str:
+    """Renames the checkpoint of `step` to ``<step>.unreadable`` (``.unreadable.2``, ... if taken) in the same
+    directory, where orbax no longer sees it; returns the new path."""
+    source = os.path.join(self.directory, str(step))
+    target, n = f"{source}.unreadable", 1
+    while os.path.exists(target):
+      n += 1
+      target = f"{source}.unreadable.{n}"
+    os.rename(source, target)
+    self._manager.reload()
+    return target
 
   def close(self) -> None:
     self._manager.close()

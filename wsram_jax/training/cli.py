@@ -12,16 +12,21 @@ page faults.
 import functools
 import logging
 import os
+import signal
 import sys
-from typing import Any, Callable, Optional, Sequence, TypeVar
+import traceback
+from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
 from wsram_jax.errors import ConfigError, UserError
+from wsram_jax.training import signals
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def report_user_errors(fn: F) -> F:
-  """Wraps `fn` so that a `UserError` prints `error: <message>` to stderr and exits with its `exit_code`."""
+  """Wraps `fn` so that a `UserError` prints `error: <message>` to stderr and exits with its `exit_code`, and
+  so that SIGINT or SIGTERM outside the training loop (which saves and raises `errors.Interrupted` itself)
+  prints one line and exits with 128 + the signal's number (`training.signals`)."""
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
@@ -30,18 +35,98 @@ def report_user_errors(fn: F) -> F:
     for name in ("absl", "jax"):
       logging.getLogger(name).setLevel(logging.WARNING)
     try:
-      return fn(*args, **kwargs)
+      with signals.StopOnSignals():
+        return fn(*args, **kwargs)
     except UserError as e:
-      print(f"error: {e}", file=sys.stderr)
+      print(f"{e.label}: {e}", file=sys.stderr)
       sys.exit(e.exit_code)
+    except (signals.StopRequested, KeyboardInterrupt) as e:
+      signum = getattr(e, "signum", signal.SIGINT)
+      print(f"stopped: Stopped by {signals.signal_name(signum)} outside the training loop; the checkpoints "
+            "written so far are intact.", file=sys.stderr)
+      sys.exit(128 + signum)
 
   return wrapped  # type: ignore[return-value]
 
 
-def _flag_error(e: BaseException) -> None:
-  message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+# The config-file flags `define_config_file` defined: name -> default ("file.py:variant").
+_CONFIG_FLAGS: dict[str, str] = {}
+
+
+def _flag_error(message: str) -> NoReturn:
   print(f"error: invalid flags: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+def _config_arg(name: str, argv: Sequence[str]) -> str:
+  """The value of ``--<name>=`` in `argv` (the last one), else the flag's default."""
+  value = _CONFIG_FLAGS.get(name, "")
+  for arg in argv[1:]:
+    if arg.startswith((f"--{name}=", f"-{name}=")):
+      value = arg.split("=", 1)[1]
+  return value
+
+
+def _flat_keys(config, prefix: str = "") -> list[str]:
+  keys = []
+  for k in config.keys():
+    keys.append(prefix + k)
+    if hasattr(config[k], "keys"):
+      keys += _flat_keys(config[k], prefix + k + ".")
+  return keys
+
+
+def _unknown_override(argv: Sequence[str]) -> Optional[str]:
+  """For an override of a key that its config lacks (``--config.nosuchkey=1``): a sentence naming the key and
+  the closest keys the config has; None when no override in `argv` is of an unknown key."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  def load(arg):  # what ml_collections does with --config=FILE:ARG
+    path, *variant = arg.split(":", 1)
+    spec = importlib.util.spec_from_file_location("_config_keys", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*variant)
+
+  for name in _CONFIG_FLAGS:
+    overrides = [a.lstrip("-").split("=", 1)[0][len(name) + 1:] for a in argv[1:]
+                 if a.lstrip("-").startswith(name + ".")]
+    if not overrides:
+      continue
+    path = _config_arg(name, argv)
+    try:
+      keys = _flat_keys(load(path))
+    except Exception:  # pylint: disable=broad-except  # then the generic message will do
+      return None
+    for key in overrides:
+      if key not in keys:
+        closest = (difflib.get_close_matches(key, keys, n=3, cutoff=0.6) or
+                   difflib.get_close_matches(key, keys, n=3, cutoff=0.0))
+        return (f"--{name}.{key}: {path} has no key {key}; the closest it has: "
+                f"{', '.join(closest) or 'none'}.")
+  return None
+
+
+def _in_config_file(e: BaseException, argv: Sequence[str]) -> Optional[str]:
+  """For an error raised while a config file was executed: "FILE, line N: Type: message"; else None."""
+  files = {os.path.abspath(_config_arg(name, argv).split(":", 1)[0]) for name in _CONFIG_FLAGS}
+  if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) in files:
+    return f"{e.filename}, line {e.lineno}: SyntaxError: {e.msg}"
+  for frame in reversed(traceback.extract_tb(e.__traceback__)):
+    if os.path.abspath(frame.filename) in files:
+      text = str(e).strip()
+      return f"{frame.filename}, line {frame.lineno}: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
+  return None
+
+
+def _report_flag_error(e: BaseException, argv: Sequence[str]) -> NoReturn:
+  """One line for an exception raised while the flags were parsed (and the config file executed), exit 2."""
+  message = _unknown_override(argv) or _in_config_file(e, argv)
+  if message is None:
+    text = str(e).strip()
+    message = text.splitlines()[-1] if text else type(e).__name__
+  _flag_error(message)
 
 
 def define_config_file(name: str, default: str, help_string: str, **kwargs):
@@ -52,21 +137,40 @@ def define_config_file(name: str, default: str, help_string: str, **kwargs):
   """
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
+  _CONFIG_FLAGS[name] = default
   try:
     return config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
-  except (ValueError, KeyError, AttributeError, TypeError) as e:
-    _flag_error(e)
+  except Exception as e:  # pylint: disable=broad-except  # whatever the config file raises is bad input
+    _report_flag_error(e, sys.argv)
+
+
+def _check_config_loaded(name: str, argv: Sequence[str]) -> None:
+  """ml_collections defers the error of a config file that cannot be opened until the config is first used;
+  report it now, in one line."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  try:
+    getattr(flags.FLAGS[name].value, "keys")
+  except OSError as e:
+    path = _config_arg(name, argv).split(":", 1)[0]
+    reason = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
+    _flag_error(f"--{name}: cannot load the config file {path} ({reason}).")
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing, with a bad flag or config override (`--config.nope=1`, an unknown config variant, a
-  value of the wrong type) reported as `error: <message>` and exit code 2 instead of a traceback."""
+  value of the wrong type) or a config file that is missing or fails to run reported as `error: <message>`
+  and exit code 2 instead of a traceback."""
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, ValueError, KeyError, AttributeError, TypeError) as e:
-    _flag_error(e)
+    rest = flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except  # flags and config files are all the user's input
+    _report_flag_error(e, argv)
+  for name in _CONFIG_FLAGS:
+    if name in flags.FLAGS:
+      _check_config_loaded(name, argv)
+  return rest
 
 
 CACHE_ENV = "WSRAM_JAX_COMPILATION_CACHE"
@@ -169,7 +273,7 @@ def training_binary(default_config: str, train_and_evaluate: Callable[[Any, str]
 
   def main(argv):
     if len(argv) > 1:
-      raise UserError(f"Unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value.")
+      raise ConfigError(f"Unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value.")
     if not workdir_flag.value:
       raise ConfigError("--workdir is required: the directory for checkpoints and metrics.")
     config = config_flag.value

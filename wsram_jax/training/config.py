@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 
 import numpy as np
 
 from wsram_jax import errors
 from wsram_jax import objectives
 
-__all__ = ["require", "require_int", "model_fields", "check_model_block", "validate_common", "load_config"]
+__all__ = ["MIN_LOC_STD", "require", "require_int", "require_loc_std", "model_fields", "check_model_block", "validate_common", "capped",
+           "load_config"]
+
+log = logging.getLogger(__name__)
 
 
 def require(ok: bool, message: str) -> None:
@@ -28,6 +33,27 @@ def require_int(name: str, value, minimum: int = 1) -> None:
   """Raises `errors.ConfigError` unless ``--config.<name>`` = `value` is an integer (not a bool) >= `minimum`."""
   require(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum,
           f"--config.{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+# The smallest Gaussian location std a run accepts, in the [-1, 1] units of glimpse locations.
+MIN_LOC_STD = 1e-4
+
+
+def require_loc_std(name: str, value) -> None:
+  """Raises `errors.ConfigError` unless ``--config.<name>`` (a location std) is finite and >= `MIN_LOC_STD`.
+
+  Why refuse rather than warn: below that the log-densities every estimator weighs are meaningless, whatever
+  else the run does. A location is sampled as mu + std * eps in float32, which resolves locations near 1 to
+  6e-8, so the eps that log N(a; mu, std) recovers is off by about 6e-8 / std: 0.06% at 1e-4, but many units at
+  1e-8, where log p(a) and log q(a) become noise scaled by (Delta / std)^2 -- losses near 1e16 and an ESS of 1
+  (issue 14). 1e-4 is also 1/200 of a pixel of a 100 px canvas: a policy that precise is deterministic for every
+  purpose. What is left (a std that is valid but still makes the weights degenerate, a learning rate that
+  diverges) is caught at run time: the loop warns once when the loss or the bound leaves a sane range
+  (`training.loop.SANE_LIMIT`).
+  """
+  require(MIN_LOC_STD <= float(value) < math.inf,
+          f"--config.{name} must be at least {MIN_LOC_STD} (and finite), got {value}: a smaller location std "
+          "makes the log-densities of the glimpse locations meaningless in float32.")
 
 
 def model_fields(model_cls, *, derived=()) -> set[str]:
@@ -58,9 +84,20 @@ def validate_common(config) -> objectives.ObjectiveConfig:
   for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     require_int(name, config[name])
   require_int("diag_every", config.diag_every, 0)
-  require(float(config.learning_rate) > 0, f"--config.learning_rate must be positive, got {config.learning_rate}.")
-  require(float(config.grad_clip_norm) >= 0, f"--config.grad_clip_norm must be >= 0, got {config.grad_clip_norm}.")
+  require(0 < float(config.learning_rate) < math.inf,
+          f"--config.learning_rate must be positive and finite, got {config.learning_rate}.")
+  require(0 <= float(config.grad_clip_norm) < math.inf,
+          f"--config.grad_clip_norm must be >= 0 and finite (0: no clipping), got {config.grad_clip_norm}.")
   return cfg
+
+
+def capped(name: str, requested: int, available: int, what: str) -> int:
+  """``min(requested, available)``, saying so (a warning naming ``--config.<name>``) when that is less than asked
+  for: e.g. `capped("data.num_test", 10000, 32, "test digits")`."""
+  if requested > available:
+    log.warning("--config.%s=%d asks for more than the %d %s there are; using %d.", name, requested, available, what,
+                available)
+  return min(int(requested), int(available))
 
 
 def load_config(workdir: str):

@@ -13,13 +13,23 @@ A task hands the loop four pure pieces and the loop does the rest:
 finite; that step and all after it leave the parameters unchanged. The loop looks at it when it logs and
 before it saves, and stops with a message naming the step and the last good checkpoint: no NaN is ever
 checkpointed and no host round-trip is added to every step.
+
+Around the loop, `run` keeps the workdir whole whatever happens: one process at a time holds it
+(`WorkdirLock`); config.json is checked before the restore and written (atomically) only after it succeeds or
+for a new run (`check_resume_compatible`, `record_config`); a step that cannot fit in memory is refused before
+training (`memory`); metric lines of steps after the restored checkpoint are superseded, not rewritten
+(`metric_writers`); SIGINT and SIGTERM save the step reached and end in `errors.Interrupted` (`signals`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
+import signal
+import socket
 import sys
 import time
 from typing import Any, Callable, Mapping, Optional
@@ -31,9 +41,16 @@ import numpy as np
 
 from wsram_jax.training import checkpoints
 from wsram_jax import errors
+from wsram_jax.training import memory
 from wsram_jax.training import metric_writers
+from wsram_jax.training import signals
 
 log = logging.getLogger(__name__)
+
+# A logged training loss or bound beyond +-SANE_LIMIT (in nats) means the log-densities have stopped meaning
+# anything (a location std far too small, a learning rate that diverges): the loop says so once, and goes on.
+SANE_LIMIT = 1e6
+SANE_KEYS = ("train/loss", "train/bound")
 
 # Config keys that may change when a run is resumed; any other difference is refused.
 SCHEDULE_KEYS = frozenset({
@@ -107,27 +124,129 @@ def _config_dict(config) -> dict[str, Any]:
   return json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
 
 
-def check_resume_compatible(workdir: str, config) -> None:
-  """Writes WORKDIR/config.json on the first start; on a resume refuses a config that changes the run.
-
-  Only schedule keys (`SCHEDULE_KEYS`: step counts, logging periods) may differ from the recorded config.
-  """
-  path = os.path.join(workdir, "config.json")
-  current = _config_dict(config)
-  if os.path.exists(path):
+def _read_recorded_config(path: str) -> dict[str, Any]:
+  try:
     with open(path, encoding="utf-8") as f:
       recorded = json.load(f)
-    a, b = _flatten(recorded), _flatten(current)
-    changed = sorted(k for k in set(a) | set(b)
-                     if a.get(k) != b.get(k) and k.split(".")[-1] not in SCHEDULE_KEYS)
-    if changed:
+  except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+    raise errors.ConfigError(
+        f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); put back the "
+        "configuration the run was started with, or choose a new --workdir.") from None
+  if not isinstance(recorded, dict):
+    raise errors.ConfigError(f"{path} holds no configuration (a JSON object); put back the configuration the run "
+                             "was started with, or choose a new --workdir.")
+  return recorded
+
+
+def _changed_keys(recorded: Mapping[str, Any], config) -> list[str]:
+  a, b = _flatten(recorded), _flatten(_config_dict(config))
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k.split(".")[-1] not in SCHEDULE_KEYS)
+
+
+def check_resume_compatible(workdir: str, config, checkpoint_steps) -> None:
+  """Refuses to resume the checkpoints in `workdir` under a configuration that changes the run; writes nothing.
+
+  With checkpoints (`checkpoint_steps` non-empty) WORKDIR/config.json must exist, be readable and agree with
+  `config` on everything but the schedule keys (`SCHEDULE_KEYS`: step counts, logging periods); otherwise
+  `errors.ConfigError` (one sentence). Without checkpoints there is nothing to protect: any configuration may
+  start there (a run that stopped before its first checkpoint, e.g. on a NaN, can be rerun with another).
+  """
+  path = os.path.join(workdir, "config.json")
+  if not checkpoint_steps:
+    if os.path.exists(path):
+      try:
+        changed = _changed_keys(_read_recorded_config(path), config)
+      except errors.ConfigError:
+        changed = ["all"]
+      if changed:
+        log.warning("%s holds no checkpoint, so this configuration replaces the one its config.json records.",
+                    workdir)
+    return
+  if not os.path.exists(path):
+    raise errors.ConfigError(
+        f"{workdir} holds checkpoints (steps {list(checkpoint_steps)}) but no config.json, so the configuration "
+        "they were trained with is unknown; put its config.json back, or choose a new --workdir.")
+  changed = _changed_keys(_read_recorded_config(path), config)
+  if changed:
+    raise errors.ConfigError(
+        f"{workdir} holds a run with a different configuration ({', '.join(changed[:6])} differ); "
+        "resume it with the same configuration or choose a new --workdir.")
+
+
+def record_config(workdir: str, config) -> None:
+  """Writes `config` to WORKDIR/config.json atomically (a new file renamed over the old one): called for a new run
+  and after a successful restore, so that a failed start never changes what the workdir records."""
+  path = os.path.join(workdir, "config.json")
+  tmp = f"{path}.{os.getpid()}.tmp"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(_config_dict(config), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+class WorkdirLock:
+  """One process per workdir: an exclusive `fcntl.flock` on WORKDIR/.lock, held from `acquire` to `release`.
+
+  The OS drops the lock when the process ends, however it ends (`kill -9` included), so a stale lock cannot
+  block the next run. The holder writes its PID, host and start time into the file; a second process reads
+  them back into its one-line refusal (`errors.ConfigError`). On a file system without flock the run goes on
+  unlocked, with a warning.
+  """
+
+  NAME = ".lock"
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, self.NAME)
+    self._fd: Optional[int] = None
+
+  def acquire(self) -> "WorkdirLock":
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 1000, 0).decode("utf-8", "replace").strip() or "another process"
+      os.close(fd)
       raise errors.ConfigError(
-          f"{workdir} holds a run with a different configuration ({', '.join(changed[:6])} differ); "
-          "resume it with the same configuration or choose a new --workdir.")
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(current, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+          f"{self.workdir} is in use by {holder}; wait for it to end (or stop it), or choose another "
+          "--workdir.") from None
+    except OSError as e:  # e.g. ENOLCK: a file system without locks
+      log.warning("Cannot lock %s (%s); nothing stops a second process from using it.", self.path, e)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (f"process {os.getpid()} on {socket.gethostname()} (since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n").encode(), 0)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing the file drops the lock
+      self._fd = None
+
+  def __enter__(self) -> "WorkdirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed; `errors.ConfigError` (one sentence) when it is a file, lies under one or
+  cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK | os.X_OK):
+      raise PermissionError(f"no permission to write in {workdir}")
+  except OSError as e:
+    why = e.strerror or str(e)
+    if isinstance(e, FileExistsError) or (os.path.exists(workdir) and not os.path.isdir(workdir)):
+      why = "it is a file, not a directory"
+    elif isinstance(e, NotADirectoryError):
+      why = "part of its path is a file, not a directory"
+    raise errors.ConfigError(f"{workdir} cannot be used as --workdir: {why}; choose another.") from None
 
 
 def _format_eta(seconds: float) -> str:
@@ -172,40 +291,78 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
         train_step: Callable[[TrainState], tuple[TrainState, Mapping[str, jax.Array]]],
         evaluate: Optional[Callable[[TrainState], Mapping[str, Any]]] = None,
         diagnose: Optional[Callable[[TrainState], Mapping[str, Any]]] = None,
-        progress_keys: tuple[str, ...] = ("train/loss",)) -> tuple[TrainState, dict[str, Any]]:
+        progress_keys: tuple[str, ...] = ("train/loss",),
+        step_memory: Optional[Callable[[TrainState], int]] = None) -> tuple[TrainState, dict[str, Any]]:
   """Trains to `config.num_steps`, resuming from the newest readable checkpoint in `workdir`.
 
   Uses config keys: num_steps, log_every, eval_every, checkpoint_every, keep_checkpoints, diag_every,
   and jit (False runs everything op by op, for debugging).
 
+  `step_memory(state)`, if given, is the memory one step needs beyond its arguments
+  (`memory.step_bytes(jitted_step, state, *data)`): a step that cannot fit in the memory available is refused
+  before training (`memory.check_fits`), and a failed allocation during training is one line
+  (`errors.ResourceError`).
+
+  A logged ``train/loss`` or ``train/bound`` beyond +-`SANE_LIMIT` is warned about, once.
+
+  Only one process at a time may run in `workdir` (`WorkdirLock`). SIGINT and SIGTERM finish a checkpoint save in
+  progress, save the step reached and raise `errors.Interrupted` (`training.signals`).
+
   Returns:
     The final state and the last value written of every metric.
   """
-  os.makedirs(workdir, exist_ok=True)
-  check_resume_compatible(workdir, config)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
-  writer = metric_writers.MetricWriter(workdir)
-  writer.write_hparams(_flatten(_config_dict(config)))
-  last: dict[str, Any] = {}
+  prepare_workdir(workdir)
+  with contextlib.ExitStack() as cleanup:
+    cleanup.enter_context(WorkdirLock(workdir))  # before anything is read or written there
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    cleanup.callback(ckpt.close)
+    check_resume_compatible(workdir, config, ckpt.steps())
+    with jax.disable_jit(not config.jit):
+      state = init_state()
+      restored, restored_step = ckpt.restore_latest(state)
+    if restored is not None:
+      state = restored
+      log.info("Resuming from the checkpoint of step %d in %s.", restored_step, ckpt.directory)
+    if step_memory is not None and config.jit and int(state.step) < config.num_steps:
+      memory.check_fits(step_memory(state))
+    record_config(workdir, config)
+    writer = metric_writers.MetricWriter(workdir, start_step=restored_step or 0)
+    cleanup.callback(writer.close)
+    return _train(config, state, ckpt, writer, train_step, evaluate, diagnose, progress_keys)
 
-  def record(step, metrics):
-    metrics = {k: v for k, v in metrics.items()}
-    writer.write_scalars(step, metrics)
+
+def _train(config, state, ckpt, writer, train_step, evaluate, diagnose, progress_keys):
+  """The body of `run`, once the workdir is locked, the checkpoint restored and the writers open."""
+  writer.write_hparams(_flatten(_config_dict(config)))
+  # What the run logged up to the restored step, so that a finished run started again reports its results.
+  last: dict[str, Any] = {}
+  for r in metric_writers.read_metrics(writer.workdir):
+    last.update({k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in r.items()
+                 if k not in ("step", "averaged_steps")})
+
+  insane: list[str] = []  # the first metric that left the sane range, once it has
+
+  def check_sane(step, means):
+    for key in SANE_KEYS:
+      value = means.get(key)
+      if not insane and value is not None and abs(value) > SANE_LIMIT:
+        insane.append(key)
+        log.warning("At step %d %s is %.3g, far outside a sane range (|x| > %.0g): the log-densities dominate "
+                    "everything (a location std too small? a learning rate too high?); the run goes on, and this "
+                    "is said once.", step, key, value, SANE_LIMIT)
+
+  def record(step, metrics, averaged_steps=None):
+    writer.write_scalars(step, metrics, averaged_steps=averaged_steps)
     last.update({k: np.asarray(v).tolist() for k, v in metrics.items()})
 
   def check_finite(state):
     bad = int(state.nonfinite_step)
     if bad >= 0:
       raise errors.NonFiniteError(
-          f"The loss or gradients became NaN or inf at step {bad + 1}; training stopped, and the last good "
-          f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory} (try a lower learning rate).")
+          f"The loss or gradients became NaN or inf at step {bad + 1}; training stopped, and {ckpt.last_good()} "
+          "(try a lower learning rate).")
 
-  with jax.disable_jit(not config.jit):
-    state = init_state()
-    restored, restored_step = ckpt.restore_latest(state)
-    if restored is not None:
-      state = restored
-      log.info("Resuming from the checkpoint of step %d in %s.", restored_step, ckpt.directory)
+  with jax.disable_jit(not config.jit), signals.StopOnSignals() as stop:
     step = int(state.step)
     progress = Progress(config.num_steps)
     history = []
@@ -220,8 +377,10 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
         if step % config.log_every == 0 or step == config.num_steps:
           check_finite(state)
           means = _mean_metrics(history)
+          # Fewer steps than log_every: the first average after a resume, or the last one of the run.
+          record(step, means, averaged_steps=len(history) if len(history) < config.log_every else None)
+          check_sane(step, means)
           history = []
-          record(step, means)
           progress.line(step, means, progress_keys)
         if evaluate is not None and (step % config.eval_every == 0 or step == config.num_steps):
           check_finite(state)
@@ -231,14 +390,34 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
           record(step, diagnose(state))
         if step % config.checkpoint_every == 0 or step == config.num_steps:
           check_finite(state)
-          ckpt.save(step, state)
-    except KeyboardInterrupt:
-      # Keep what was done: save the state reached (if it is good) before leaving.
-      if int(state.nonfinite_step) < 0 and int(state.step) != ckpt.latest_step():
-        ckpt.save(int(state.step), state)
-        print(f"Interrupted; saved step {int(state.step)} in {ckpt.directory}.", file=sys.stderr)
-      raise
-    finally:
-      writer.close()
-      ckpt.close()
+          with stop.deferred():  # a signal now waits for the save to finish
+            ckpt.save(step, state)
+    except (signals.StopRequested, KeyboardInterrupt) as e:
+      raise _stop(getattr(e, "signum", signal.SIGINT), state, ckpt, stop) from None
+    except Exception as e:  # pylint: disable=broad-except
+      if not memory.is_out_of_memory(e):
+        raise
+      raise errors.ResourceError(
+          f"Ran out of memory at step {int(state.step) + 1} ({checkpoints.first_line(e, 200)}); "
+          f"{ckpt.last_good()}; lower --config.batch_size, --config.num_samples or "
+          "--config.data.eval_batch_size.") from None
   return state, last
+
+
+def _stop(signum: int, state: TrainState, ckpt: checkpoints.Checkpointer,
+          stop: signals.StopOnSignals) -> errors.Interrupted:
+  """Saves `state` (unless it is saved already, untrained or not finite) and returns the one-line error."""
+  with stop.deferred(then_raise=False):  # a second signal does not interrupt this save either
+    step = int(state.step)
+    if int(state.nonfinite_step) >= 0:
+      what = (f"not saved, as it holds NaN or inf since step {int(state.nonfinite_step) + 1}; "
+              f"{ckpt.last_good()}")
+    elif step == ckpt.latest_step():
+      what = f"it is saved in {ckpt.directory}"
+    elif step == 0:
+      what = "nothing to save yet"
+    else:
+      ckpt.save(step, state)
+      what = f"saved it in {ckpt.directory}"
+  return errors.Interrupted(f"Stopped by {signals.signal_name(signum)} at step {step}; {what}; run the same "
+                            "command again to resume.", signum)

@@ -184,7 +184,11 @@ def restore_latest(target: loop.TrainState, workdir: str) -> tuple[loop.TrainSta
   Raises:
     CheckpointError: `workdir` holds no checkpoint, or none that can be read.
   """
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise errors.CheckpointError(f"{workdir} holds no checkpoint; train a model there first.")
+  # Read-only: it may run while a training process writes there, whose saves it must leave alone.
+  ckpt = checkpoints.Checkpointer(directory, read_only=True)
   try:
     state, step = ckpt.restore_latest(target)
   finally:
