@@ -14,6 +14,7 @@ import numpy as np
 
 from wsram_jax import errors
 from wsram_jax import objectives
+from wsram_jax.training import runs as runs_lib
 
 __all__ = ["require", "require_int", "model_fields", "check_model_block", "validate_common", "load_config"]
 
@@ -60,6 +61,7 @@ def validate_common(config) -> objectives.ObjectiveConfig:
   require_int("diag_every", config.diag_every, 0)
   require(float(config.learning_rate) > 0, f"--config.learning_rate must be positive, got {config.learning_rate}.")
   require(float(config.grad_clip_norm) >= 0, f"--config.grad_clip_norm must be >= 0, got {config.grad_clip_norm}.")
+  runs_lib.from_config(config)
   return cfg
 
 
