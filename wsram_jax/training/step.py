@@ -171,7 +171,28 @@ def create_run_states(runs: runs_lib.Runs, init_params: Callable[[jax.Array], An
   return state if sharding is None else jax.device_put(state, sharding)
 
 
-def jit_runs(step, runs: runs_lib.Runs, num_data: int):
+class RunsStep:
+  """`jit_runs`' step: ``step(state, *data) -> (state, metrics)`` for R runs at once, with the runs' own numbers
+  bound. ``step.lower(state, *data)`` and its ``.compile()`` keep them bound (for timing and memory analysis:
+  ``step.lower(...).compile()(state, *data)`` runs the step)."""
+
+  def __init__(self, fn, hyper):
+    self._fn, self._hyper = fn, hyper
+
+  def __call__(self, state, *data):
+    return self._fn(state, self._hyper, *data)
+
+  def lower(self, state, *data) -> "RunsStep":
+    return RunsStep(self._fn.lower(state, self._hyper, *data), self._hyper)
+
+  def compile(self) -> "RunsStep":
+    return RunsStep(self._fn.compile(), self._hyper)
+
+  def __getattr__(self, name):  # as_text, cost_analysis, memory_analysis, ... of what is wrapped
+    return getattr(self._fn, name)
+
+
+def jit_runs(step, runs: runs_lib.Runs, num_data: int) -> RunsStep:
   """`step` (from `build_step`) for the R runs of `runs` as one program: ``multi(state, *data) -> (state,
   metrics)`` with ``state`` from `create_run_states` and metrics ``[R]``; the data (``num_data`` arrays) is shared
   by the runs. `jax.vmap` over the run axis, each run's swept numbers passed as its ``hyper``; the run axis split
@@ -182,8 +203,7 @@ def jit_runs(step, runs: runs_lib.Runs, num_data: int):
   if sharding is not None:
     hyper = jax.device_put(hyper, sharding)
   vmapped = jax.vmap(lambda state, h, *data: step(state, *data, hyper=h), in_axes=(0, 0) + (None,) * num_data)
-  jitted = jax.jit(vmapped, out_shardings=sharding, compiler_options=compiler_options())
-  return lambda state, *data: jitted(state, hyper, *data)
+  return RunsStep(jax.jit(vmapped, out_shardings=sharding, compiler_options=compiler_options()), hyper)
 
 
 def diagnostic_key(seed: int) -> jax.Array:
