@@ -1,18 +1,24 @@
 r"""Reproduces the paper's Table 1 and Figures 2-3 at a CPU budget: a resumable sweep, then the report.
 
-    python -m experiments.table1 --root=runs/table1 --steps=15000 --seeds=0,1 --jobs=2
+    python -m experiments.table1 --root=runs/table1 --steps=50000 --seeds=0,1,2,3 --jobs=2 \
+        [--learning_rates=results/learning_rates.json]
 
-Runs (each `python -m experiments.train` in its own workdir under --root, so each resumes by itself):
+Runs: one `python -m experiments.train` per variant, each training all the seeds as one program
+(`--config.num_runs`, `training.runs`; seed s is ROOT/VARIANT/run_i, in --seeds order), --jobs processes at a time:
 
-* Table 1 / Figure 2: the six variants (var, var_cv, wsram, wsram_cv, wsram_q, wsram_q_cv) for every seed;
-* Figure 3: var_cv with the exploration heuristics off and wsram_q_cv with them on (seed 0), beside the
-  Table 1 runs of the same variants (VAR has them on by default, WS-RAM off).
+* Table 1 / Figure 2: the six variants (var, var_cv, wsram, wsram_cv, wsram_q, wsram_q_cv);
+* Figure 3: var_cv with the exploration heuristics off and wsram_q_cv with them on, beside the Table 1 runs of
+  the same variants (VAR has them on by default, WS-RAM off).
+
+With --learning_rates (the file `python -m experiments.select_lr` writes) each variant trains at the learning
+rate chosen for it there; the Figure 3 runs take their variant's.
 
 Stop it at any time (or lose the session): started again with the same flags it resumes every run where its
 last checkpoint left it. When the runs are done (or with --report_only, from whatever has been written so far)
 it writes results/table1.json, results/figure2.png, results/figure3.png, results/glimpses.png (the greedy
 glimpse paths of the first seed's WS-RAM+q+c model on test canvases) and the Table 1 section of RESULTS.md.
 """
+import json
 import os
 import shlex
 import subprocess
@@ -22,51 +28,81 @@ import time
 from absl import flags
 
 from experiments.configs import mnist as mnist_configs
-from wsram_jax.training import cli
 from wsram_jax import errors
-from wsram_jax.training import report
 from wsram_jax.classifier import train
+from wsram_jax.training import cli
+from wsram_jax.training import config as config_lib
+from wsram_jax.training import report
+from wsram_jax.training import runs as runs_lib
 
-_ROOT = flags.DEFINE_string("root", "runs/table1", "Directory holding one workdir per run.")
+_ROOT = flags.DEFINE_string("root", "runs/table1", "Directory holding one workdir per variant.")
 _STEPS = flags.DEFINE_integer("steps", 15000, "Updates per run.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds of the Table 1 runs.")
-_JOBS = flags.DEFINE_integer("jobs", 2, "Runs at a time (each single-threaded when > 1).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3"], "Seeds of every variant (its runs, in this order).")
+_JOBS = flags.DEFINE_integer("jobs", 1, "Processes at a time (each single-threaded when > 1).")
+_LEARNING_RATES = flags.DEFINE_string("learning_rates", None,
+                                      "A file of experiments.select_lr: each variant at the learning rate chosen.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only write the report from the runs' metrics so far.")
 _RESULTS = flags.DEFINE_string("results", "results", "Directory for the figures and the JSON summary.")
 _EXTRA = flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for every run (e.g. for a test).")
 
 TABLE_VARIANTS = ("var", "var_cv", "wsram", "wsram_cv", "wsram_q", "wsram_q_cv")
+FIGURE3_RUNS = {"var_cv_heuroff": ("var_cv", mnist_configs.HEURISTICS_OFF),
+                "wsram_q_cv_heuron": ("wsram_q_cv", mnist_configs.HEURISTICS_ON)}
 
 
 def _heuristics_flags(setting: dict) -> list[str]:
   return [f"--config.heuristics.{k}={v}" for k, v in setting.items()]
 
 
-def planned_runs(seeds, steps, extra) -> dict[str, list[str]]:
-  """run name -> its `experiments.train` arguments (without --workdir), in the order they are run: the first
-  seed's Table 1 runs and the two Figure 3 runs first, so a sweep cut short still gives a whole report."""
-  common = [f"--config.num_steps={steps}", *extra]
-  table = lambda v, seed: [f"--config=experiments/configs/mnist.py:{v}", f"--config.seed={seed}", *common]
-  first = seeds[0]
-  runs = {f"{v}_s{first}": table(v, first) for v in TABLE_VARIANTS}
-  runs[f"var_cv_heuroff_s{first}"] = table("var_cv", first) + _heuristics_flags(mnist_configs.HEURISTICS_OFF)
-  runs[f"wsram_q_cv_heuron_s{first}"] = table("wsram_q_cv", first) + _heuristics_flags(mnist_configs.HEURISTICS_ON)
-  for seed in seeds[1:]:
-    runs.update({f"{v}_s{seed}": table(v, seed) for v in TABLE_VARIANTS})
+def read_learning_rates(path) -> dict[str, float]:
+  """variant -> learning rate, from the JSON `experiments.select_lr` writes; {} for None."""
+  if not path:
+    return {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      chosen = json.load(f)["learning_rates"]
+  except (OSError, ValueError, KeyError) as e:
+    raise errors.UserError(f"Cannot read the learning rates of {path} ({e}); run experiments.select_lr first.")
+  missing = [v for v in TABLE_VARIANTS if chosen.get(v) is None]
+  if missing:
+    raise errors.UserError(f"{path} has no converged learning rate for {', '.join(missing)}; widen its grid.")
+  return {v: float(chosen[v]) for v in TABLE_VARIANTS}
+
+
+def planned_runs(seeds, steps, extra, learning_rates=None) -> dict[str, list[str]]:
+  """workdir name -> its `experiments.train` arguments (without --workdir), in the order they are run: every
+  seed of a variant in one program (its runs ROOT/NAME/run_i)."""
+  learning_rates = learning_rates or {}
+  common = [f"--config.num_steps={steps}", f"--config.num_runs={len(seeds)}",
+            "--config.runs.seed=" + ",".join(str(s) for s in seeds), *extra]
+
+  def variant(v):
+    lr = [f"--config.learning_rate={learning_rates[v]!r}"] if v in learning_rates else []
+    return [f"--config=experiments/configs/mnist.py:{v}", *common, *lr]
+
+  runs = {v: variant(v) for v in TABLE_VARIANTS}
+  for name, (v, heuristics) in FIGURE3_RUNS.items():
+    runs[name] = variant(v) + _heuristics_flags(heuristics)
   return runs
 
 
-def _done(workdir: str, steps: int) -> bool:
-  final = report.final_metrics(workdir)
-  return final.get("step", 0) >= steps and "eval/error_sampled" in final
+def run_dirs(root: str, name: str, seeds) -> list[str]:
+  """The run directories of one workdir's seeds."""
+  return [os.path.join(root, name, f"run_{i}") for i in range(len(seeds))] if len(seeds) > 1 else \
+      [os.path.join(root, name)]
 
 
-def run_all(runs: dict[str, list[str]], root: str, steps: int, jobs: int) -> None:
+def _done(root: str, name: str, seeds, steps: int) -> bool:
+  finals = [report.final_metrics(d) for d in run_dirs(root, name, seeds)]
+  return all(f.get("step", 0) >= steps and "eval/error_sampled" in f for f in finals)
+
+
+def run_all(runs: dict[str, list[str]], root: str, seeds, steps: int, jobs: int) -> None:
   env = dict(os.environ)
   if jobs > 1:  # Several single-threaded processes use 2 cores better than one two-threaded one here.
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
-  pending = [name for name in runs if not _done(os.path.join(root, name), steps)]
+  pending = [name for name in runs if not _done(root, name, seeds, steps)]
   print(f"{len(runs) - len(pending)} of {len(runs)} runs done; {len(pending)} to go, {jobs} at a time.",
         flush=True)
   active: dict[str, subprocess.Popen] = {}
@@ -96,27 +132,29 @@ def run_all(runs: dict[str, list[str]], root: str, steps: int, jobs: int) -> Non
 
 def write_report(runs: dict[str, list[str]], root: str, seeds, results: str, command: str,
                  steps: int = 0) -> None:
-  wd = lambda name: os.path.join(root, name)
-  groups = {v: [wd(f"{v}_s{s}") for s in seeds] for v in TABLE_VARIANTS}
+  groups = {v: run_dirs(root, v, seeds) for v in TABLE_VARIANTS}
   summaries = report.summarize(groups, key="eval/error_sampled", min_step=steps)
   greedy = report.summarize(groups, key="eval/error_greedy", min_step=steps)
-  glimpse_run = wd(f"wsram_q_cv_s{seeds[0]}")
+  glimpse_run = os.path.join(root, "wsram_q_cv")
   if os.path.exists(os.path.join(glimpse_run, "config.json")):
-    config = train.load_config(glimpse_run)
-    config.data.num_test = 16
+    config = config_lib.load_config(glimpse_run)
     state = train.restore_state(config, glimpse_run)
+    first = runs_lib.from_config(config)
+    if first.num_runs > 1:  # the first seed's model
+      state, config = runs_lib.unstack(state, 0), first.config_for(config, 0)
+    config.data.num_test = 16
     data = train.load_data(config)
     train.glimpse_figure(config, state.params, data.test_canvases, data.test_labels,
                          os.path.join(results, "glimpses.png"), boxes=data.test_boxes)
   report.write_json(os.path.join(results, "table1.json"), {
       "command": command, "error_sampled": summaries, "error_greedy": greedy,
-      "final_metrics": {name: report.final_metrics(wd(name)) for name in runs}})
+      "final_metrics": {os.path.relpath(d, root): report.final_metrics(d)
+                        for name in runs for d in run_dirs(root, name, seeds)}})
   report.figure2(groups, os.path.join(results, "figure2.png"))
-  first = seeds[0]
   report.figure3({
-      "VAR+c": {"heuristics on": [wd(f"var_cv_s{first}")], "heuristics off": [wd(f"var_cv_heuroff_s{first}")]},
-      "WS-RAM+q+c": {"heuristics on": [wd(f"wsram_q_cv_heuron_s{first}")],
-                     "heuristics off": [wd(f"wsram_q_cv_s{first}")]},
+      "VAR+c": {"heuristics on": groups["var_cv"], "heuristics off": run_dirs(root, "var_cv_heuroff", seeds)},
+      "WS-RAM+q+c": {"heuristics on": run_dirs(root, "wsram_q_cv_heuron", seeds),
+                     "heuristics off": groups["wsram_q_cv"]},
   }, os.path.join(results, "figure3.png"))
   text = "\n\n".join([
       "Command: `" + command + "`",
@@ -135,10 +173,10 @@ def main(argv):
   if _STEPS.value < 1 or _JOBS.value < 1:
     raise errors.ConfigError("--steps and --jobs must be at least 1.")
   seeds = [int(s) for s in _SEEDS.value]
-  runs = planned_runs(seeds, _STEPS.value, _EXTRA.value)
+  runs = planned_runs(seeds, _STEPS.value, _EXTRA.value, read_learning_rates(_LEARNING_RATES.value))
   command = "python -m experiments.table1 " + shlex.join(argv[0:0] + sys.argv[1:])
   if not _REPORT_ONLY.value:
-    run_all(runs, _ROOT.value, _STEPS.value, _JOBS.value)
+    run_all(runs, _ROOT.value, seeds, _STEPS.value, _JOBS.value)
   write_report(runs, _ROOT.value, seeds, _RESULTS.value, command, _STEPS.value)
 
 

@@ -29,19 +29,30 @@ def test_summarize_means_over_seeds(tmp_path):
   assert s["runs"] == 2 and np.isclose(s["mean"], 0.15)
 
 
+def test_planned_runs_train_every_seed_of_a_variant_as_one_program(tmp_path):
+  (tmp_path / "lr.json").write_text(json.dumps({"learning_rates": {v: 3e-4 for v in table1.TABLE_VARIANTS}}))
+  runs = table1.planned_runs([0, 1, 2], 500, [], table1.read_learning_rates(str(tmp_path / "lr.json")))
+  assert set(runs) == set(table1.TABLE_VARIANTS) | set(table1.FIGURE3_RUNS)
+  assert "--config.num_runs=3" in runs["var"] and "--config.runs.seed=0,1,2" in runs["var"]
+  assert "--config.learning_rate=0.0003" in runs["wsram_q_cv_heuron"]
+  assert table1.run_dirs("root", "var", [0, 1, 2])[2].endswith("var/run_2")
+
+
 def test_write_report_fills_results(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   (tmp_path / "RESULTS.md").write_text("# Results\n\nintro\n\n<!-- table1:begin -->\nold\n<!-- table1:end -->\n\ntail\n")
-  runs = table1.planned_runs([0], 200, [])
+  seeds = [0, 1]
+  runs = table1.planned_runs(seeds, 200, [])
   for i, name in enumerate(runs):
-    _fake_run(tmp_path / "runs" / name, 0.01 * (i + 1))
-  table1.write_report(runs, str(tmp_path / "runs"), [0], str(tmp_path / "results"), "python -m experiments.table1",
-                      200)
+    for j, run_dir in enumerate(table1.run_dirs(str(tmp_path / "runs"), name, seeds)):
+      _fake_run(run_dir, 0.01 * (i + 1) + 0.02 * j)
+  table1.write_report(runs, str(tmp_path / "runs"), seeds, str(tmp_path / "results"),
+                      "python -m experiments.table1", 200)
   text = (tmp_path / "RESULTS.md").read_text()
   assert "intro" in text and "tail" in text and "old" not in text
-  assert "1.00% (n=1)" in text  # var_s0, the first run, ended at 1% error.
+  assert "2.00% ± 1.41 (n=2)" in text  # var: its two seeds ended at 1% and 3%.
   assert "3.11%" in text  # The paper's number beside ours.
   for name in ("figure2.png", "figure3.png", "table1.json"):
     assert (tmp_path / "results" / name).exists()
   summary = json.loads((tmp_path / "results" / "table1.json").read_text())
-  assert np.isclose(summary["error_sampled"]["wsram_q_cv"]["mean"], 0.06)
+  assert np.isclose(summary["error_sampled"]["wsram_q_cv"]["mean"], 0.07)

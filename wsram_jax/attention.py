@@ -55,8 +55,9 @@ def head_distribution(outputs: jax.Array, *, num_scales: int, loc_std: float, le
   scale_logits = outputs[..., 2:2 + num_scales]
   if learn_loc_std:
     log_std = jnp.clip(outputs[..., 2 + num_scales:], math.log(min_loc_std), math.log(max_loc_std))
-  else:
-    log_std = jnp.full(loc_mean.shape, math.log(loc_std), jnp.float32)
+  else:  # a Python number (folded into the program), or a traced one (a run's own value in a sweep)
+    log_loc_std = math.log(loc_std) if isinstance(loc_std, (int, float)) else jnp.log(loc_std)
+    log_std = jnp.full(loc_mean.shape, log_loc_std, jnp.float32)
   return actions_lib.single(loc_mean, log_std, scale_logits)
 
 

@@ -184,10 +184,19 @@ class ObjectiveConfig:
     return self.method == "wsram" and (self.proposal != "prior" or self.sleep_weight > 0)
 
 
-def make_proposal(cfg: ObjectiveConfig) -> proposals_lib.Proposal:
+# The objective's numbers that may differ between the runs of one program (`training.runs`): a run's own value
+# arrives as ``hyper[name]``, a traced scalar, and takes the place of the config's.
+HYPER = ("temperature", "coverage_weight", "entropy_weight", "mixture_alpha")
+
+
+def make_proposal(cfg: ObjectiveConfig, hyper=None) -> proposals_lib.Proposal:
   """The proposal the samples are drawn from: `cfg.proposal` (`resolve_proposal`), tempered by heuristic (1)
-  when T != 1."""
-  proposal = resolve_proposal(cfg.proposal, mixture_alpha=cfg.mixture_alpha)
+  when T != 1. ``hyper`` (optional, ``{name: scalar}``) gives a run's own ``temperature`` or
+  ``mixture_alpha``."""
+  hyper = hyper or {}
+  proposal = resolve_proposal(cfg.proposal, mixture_alpha=hyper.get("mixture_alpha", cfg.mixture_alpha))
+  if "temperature" in hyper:
+    return proposals_lib.tempered(proposal, hyper["temperature"])
   if cfg.temperature != 1.0:
     proposal = proposals_lib.tempered(proposal, cfg.temperature)
   return proposal
@@ -261,7 +270,8 @@ def trajectory_metrics(traj: attention.Trajectory, num_scales: int, *, mask=None
 
 
 def method_loss(cfg: ObjectiveConfig, log_p_a: jax.Array, log_p_y: jax.Array, log_q_a: jax.Array, *,
-                baseline_value=0.0, learned_baseline=None, log_inference_a=None) -> tuple[jax.Array, dict]:
+                baseline_value=0.0, learned_baseline=None, log_inference_a=None, hyper=None
+                ) -> tuple[jax.Array, dict]:
   """The estimator part of `cfg.method`'s loss, from per-sample log-probabilities `[B, M]` of any model.
 
   ``wsram`` -> `estimators.wsram_losses` (``loss_q`` added unless the proposal is the prior), ``vimco`` ->
@@ -270,14 +280,16 @@ def method_loss(cfg: ObjectiveConfig, log_p_a: jax.Array, log_p_y: jax.Array, lo
   `cfg.baseline_weight`; ``loo``: leave-one-out). The sleep update and the exploration heuristics need the
   rollout and are added by the task's loss (`with_heuristics`). ``log_inference_a`` `[B, M]` is the inference
   network's own log-density of the samples: when the proposal is not q itself (tempered, a mixture, one of the
-  user's), wake-q trains q's own density on them (`estimators.wsram_losses`' ``log_q_own``).
+  user's), wake-q trains q's own density on them (`estimators.wsram_losses`' ``log_q_own``). ``hyper`` as for
+  `make_proposal`.
 
   Returns:
     `(loss, metrics)`: the scalar loss and its parts (``loss_p``, ``loss_q``, ``baseline_mse``).
   """
   metrics = {}
   if cfg.method == "wsram":
-    proposal_is_q = cfg.proposal == "inference_network" and cfg.temperature == 1.0
+    proposal_is_q = (cfg.proposal == "inference_network" and cfg.temperature == 1.0
+                     and "temperature" not in (hyper or {}))
     loss_p, loss_q = estimators.wsram_losses(
         log_p_a, log_p_y, log_q_a, control_variates=cfg.control_variates, p_baseline=cfg.p_baseline,
         log_q_own=None if proposal_is_q or log_inference_a is None else log_inference_a)
@@ -308,15 +320,17 @@ def method_loss(cfg: ObjectiveConfig, log_p_a: jax.Array, log_p_y: jax.Array, lo
 
 
 def with_heuristics(cfg: ObjectiveConfig, loss: jax.Array, traj: attention.Trajectory,
-                    metrics: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    metrics: dict[str, jax.Array], hyper=None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`loss` plus the exploration terms of Sec. 4.5 that `cfg` turns on (coverage, entropy bonus), and the
   metrics every task's loss reports with it: ``loss`` and ``reward`` (the batch's mean log p(y|a), which the
-  moving-average baseline tracks)."""
-  if cfg.coverage_weight > 0:
-    loss = loss + cfg.coverage_weight * exploration.coverage_regularizer(
+  moving-average baseline tracks). ``hyper`` (optional) gives a run's own ``coverage_weight`` or
+  ``entropy_weight``."""
+  hyper = hyper or {}
+  if "coverage_weight" in hyper or cfg.coverage_weight > 0:
+    loss = loss + hyper.get("coverage_weight", cfg.coverage_weight) * exploration.coverage_regularizer(
         traj.prior_scale_probs, traj.prior_loc_mean, location_weight=cfg.coverage_location_weight)
-  if cfg.entropy_weight > 0:
-    loss = loss + exploration.entropy_bonus(traj.entropy, weight=cfg.entropy_weight)
+  if "entropy_weight" in hyper or cfg.entropy_weight > 0:
+    loss = loss + exploration.entropy_bonus(traj.entropy, weight=hyper.get("entropy_weight", cfg.entropy_weight))
   metrics["loss"] = loss
   metrics["reward"] = jnp.mean(jax.lax.stop_gradient(traj.log_p_y))
   return loss, metrics

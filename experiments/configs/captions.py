@@ -77,6 +77,8 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   c.diag_every = 0  # Gradient variance and ESS every this many updates; 0 turns them off.
   c.diag_num_estimates = 16  # K independent gradient estimates of one minibatch.
   c.jit = True
+  c.num_runs = 1  # >1: that many independent runs (seeds, swept values: c.runs) as one program.
+  c.runs = mnist.runs_config()
 
   if variant == "quick":
     c.num_steps = 1500

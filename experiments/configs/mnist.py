@@ -48,6 +48,14 @@ def method_config(variant: str) -> ml_collections.ConfigDict:
   return c
 
 
+def runs_config() -> ml_collections.ConfigDict:
+  """The ``runs`` block (`wsram_jax.training.runs`): per-run values for ``--config.num_runs`` > 1, each empty (every
+  run takes the config's value; seeds count up from ``seed``) or one per run, e.g.
+  ``--config.num_runs=3 --config.runs.learning_rate=1e-3,3e-4,1e-4``."""
+  return ml_collections.ConfigDict({name: () for name in (
+      "seed", "learning_rate", "loc_std", "temperature", "coverage_weight", "entropy_weight", "mixture_alpha")})
+
+
 def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   c = method_config(variant)
   c.num_glimpses = 4  # N (paper).
@@ -98,6 +106,8 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   c.diag_num_estimates = 16  # K independent gradient estimates of one minibatch.
   c.jit = True
   c.mesh_devices = 1  # >1: data-parallel over a `data` mesh axis of that many devices.
+  c.num_runs = 1  # >1: that many independent runs (seeds, swept values: c.runs) as one program.
+  c.runs = runs_config()
 
   if variant == "quick":
     c.num_steps = 3000

@@ -52,21 +52,22 @@ def caption_metrics(traj: rollout_lib.CaptionTrajectory, num_scales: int) -> dic
 
 
 def make_loss_fn(cfg: objectives_lib.ObjectiveConfig, model: model_lib.CaptionModel, *, q_word: str = "target"):
-  """The loss of ``cfg.method`` for the captioner; pure (jit it with ``model`` closed over)."""
+  """The loss of ``cfg.method`` for the captioner; pure (jit it with ``model`` closed over). ``hyper`` as for
+  `wsram_jax.classifier.loss.make_loss_fn`."""
   if cfg.sleep_weight > 0:
     raise ValueError("The sleep-phase q update is not implemented for the captioner; set sleep_weight=0.")
-  proposal = objectives_lib.make_proposal(cfg)
-  roll = functools.partial(batched_rollout, model=model, proposal=proposal, num_samples=cfg.num_samples,
-                           q_word=q_word)
 
-  def loss_fn(params, batch, key, baseline_value=0.0):
+  def loss_fn(params, batch, key, baseline_value=0.0, hyper=None):
+    hyper = hyper or {}
+    net = model.clone(loc_std=hyper["loc_std"]) if "loc_std" in hyper else model
     images, captions = batch
-    traj = roll(params, images, captions, key)
-    metrics = caption_metrics(traj, model.num_scales)
+    traj = batched_rollout(params, images, captions, key, model=net, proposal=objectives_lib.make_proposal(cfg, hyper),
+                           num_samples=cfg.num_samples, q_word=q_word)
+    metrics = caption_metrics(traj, net.num_scales)
     loss, parts = objectives_lib.method_loss(cfg, traj.log_p_a, traj.log_p_y, traj.log_q_a,
                                              baseline_value=baseline_value, learned_baseline=traj.baseline,
-                                                     log_inference_a=traj.log_inference_a)
+                                             log_inference_a=traj.log_inference_a, hyper=hyper)
     metrics.update(parts)
-    return objectives_lib.with_heuristics(cfg, loss, traj, metrics)
+    return objectives_lib.with_heuristics(cfg, loss, traj, metrics, hyper)
 
   return loss_fn

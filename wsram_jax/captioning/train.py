@@ -84,6 +84,8 @@ def validate_config(config) -> None:
   """Raises `errors.ConfigError` (one sentence) for any invalid value, before anything is loaded or compiled:
   the checks every task shares (`training.config.validate_common`), then the captioner's own."""
   config_lib.validate_common(config)
+  _require(config.num_runs == 1, "Several runs in one program (--config.num_runs > 1) are implemented for the "
+                                 "classifier only; start one captioner run per seed.")
   _require(float(config.sleep_weight) == 0,
            "The sleep phase is implemented for the classifier only; set --config.sleep_weight=0.")
   if config.diag_every > 0:

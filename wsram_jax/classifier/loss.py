@@ -39,16 +39,21 @@ def batched_rollout(params, canvases, labels, key, *, model, proposal, num_glimp
 
 
 def make_loss_fn(cfg: objectives.ObjectiveConfig, model: model_lib.AttentionModel, *, num_glimpses: int):
-  """The loss of `cfg.method` for `model` with N = `num_glimpses`; see the module docstring. Pure; jit it."""
-  proposal = objectives.make_proposal(cfg)
-  roll = functools.partial(batched_rollout, model=model, proposal=proposal, num_glimpses=num_glimpses,
-                           num_samples=cfg.num_samples)
+  """The loss of `cfg.method` for `model` with N = `num_glimpses`; see the module docstring. Pure; jit it.
 
-  def loss_fn(params, batch, key, baseline_value=0.0):
+  ``loss_fn(params, batch, key, baseline_value, hyper)``: ``hyper`` (optional, ``{name: scalar}``) holds a run's
+  own values of the numbers a sweep may vary (`training.runs`): ``loc_std`` (the model's) and
+  `objectives.HYPER`; they take the place of the model's and of `cfg`'s.
+  """
+
+  def loss_fn(params, batch, key, baseline_value=0.0, hyper=None):
+    hyper = hyper or {}
+    net = model.clone(loc_std=hyper["loc_std"]) if "loc_std" in hyper else model
     canvases, labels = batch
     k_roll, k_sleep = jax.random.split(key)
-    traj = roll(params, canvases, labels, k_roll)
-    metrics = objectives.trajectory_metrics(traj, model.num_scales, per_glimpse=True)
+    traj = batched_rollout(params, canvases, labels, k_roll, model=net, proposal=objectives.make_proposal(cfg, hyper),
+                           num_glimpses=num_glimpses, num_samples=cfg.num_samples)
+    metrics = objectives.trajectory_metrics(traj, net.num_scales, per_glimpse=True)
     metrics["log_p_y"] = jnp.mean(jax.lax.stop_gradient(traj.log_p_y))
     predictions = jnp.argmax(traj.logits, axis=-1)
     metrics["error"] = jnp.mean((predictions != labels[:, None]).astype(jnp.float32))
@@ -56,15 +61,15 @@ def make_loss_fn(cfg: objectives.ObjectiveConfig, model: model_lib.AttentionMode
     loss, estimator_metrics = objectives.method_loss(cfg, traj.log_p_a, traj.log_p_y, traj.log_q_a,
                                                      baseline_value=baseline_value,
                                                      learned_baseline=traj.baseline,
-                                                     log_inference_a=traj.log_inference_a)
+                                                     log_inference_a=traj.log_inference_a, hyper=hyper)
     metrics.update(estimator_metrics)
     if cfg.sleep_weight > 0:
-      sleep = sleep_loss(params, canvases, k_sleep, model=model, num_glimpses=num_glimpses,
+      sleep = sleep_loss(params, canvases, k_sleep, model=net, num_glimpses=num_glimpses,
                          num_samples=cfg.num_samples)
       loss = loss + cfg.sleep_weight * sleep
       metrics["loss_sleep"] = sleep
 
-    return objectives.with_heuristics(cfg, loss, traj, metrics)
+    return objectives.with_heuristics(cfg, loss, traj, metrics, hyper)
 
   return loss_fn
 

@@ -47,6 +47,7 @@ from wsram_jax.data import mnist
 from wsram_jax.training import config as config_lib
 from wsram_jax.training import loop
 from wsram_jax.training import memory
+from wsram_jax.training import runs as runs_lib
 from wsram_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -109,12 +110,19 @@ def validate_config(config) -> None:
   require_int("data.num_test", d.num_test)
   require_int("data.eval_batch_size", d.eval_batch_size)
   require_int("mesh_devices", config.mesh_devices)
+  runs = runs_lib.from_config(config)
+  if runs.num_runs > 1:
+    require(config.mesh_devices == 1, "--config.num_runs > 1 and --config.mesh_devices > 1 do not combine; split "
+                                      "the runs or the batch over the devices, not both.")
+    for r in range(runs.num_runs):  # each run's own values, as its single-run twin would be checked
+      validate_config(runs.config_for(config, r))
   require(config.batch_size % config.mesh_devices == 0,
           f"--config.mesh_devices={config.mesh_devices} must divide --config.batch_size={config.batch_size}.")
   if config.mesh_devices > 1:  # (asking for the devices initialises JAX's backend: only when it matters)
     require(config.mesh_devices <= jax.device_count(),
             f"--config.mesh_devices={config.mesh_devices} exceeds the {jax.device_count()} devices JAX sees "
             f"({jax.devices()[0].platform}).")
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,9 +141,13 @@ def baseline_transform(config) -> baselines.BaselineTransform:
 
 
 def create_train_state(config, model, optimizer) -> loop.TrainState:
-  """Fresh parameters and optimiser state (replicated over the mesh when `config.mesh_devices` > 1)."""
-  state = step_lib.create_train_state(config.seed, functools.partial(model_lib.init_params, model), optimizer,
-                                      baseline_transform(config))
+  """Fresh parameters and optimiser state (replicated over the mesh when `config.mesh_devices` > 1); for
+  ``config.num_runs`` = R > 1, the R runs' states stacked on a leading run axis (`training.runs`)."""
+  init = functools.partial(model_lib.init_params, model)
+  runs = runs_lib.from_config(config)
+  if runs.num_runs > 1:
+    return step_lib.create_run_states(runs, init, optimizer, baseline_transform(config))
+  state = step_lib.create_train_state(config.seed, init, optimizer, baseline_transform(config))
   return step_lib.replicate(step_lib.make_mesh(config.mesh_devices), state)
 
 
@@ -169,8 +181,14 @@ def make_train_step(config, model, optimizer) -> Callable[..., tuple[loop.TrainS
   ``data`` axis (each device rolls out B / n canvases), parameters, optimiser state and training set replicated
   (pass a state from `create_train_state` and the data through `training.step.replicate`), gradients summed
   across devices by XLA. No pmap: the same program, partitioned by the compiler (`jax.sharding`).
+
+  With ``config.num_runs`` = R > 1 the step trains the R runs of `training.runs` at once (state from
+  `create_train_state`, metrics ``[R]``).
   """
   step = step_lib.build_step(make_loss_and_grads(config, model), baseline_transform(config), optimizer)
+  runs = runs_lib.from_config(config)
+  if runs.num_runs > 1:
+    return step_lib.jit_runs(step, runs, num_data=2)
   return step_lib.jit_step(step, step_lib.make_mesh(config.mesh_devices))
 
 

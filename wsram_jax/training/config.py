@@ -16,9 +16,10 @@ import numpy as np
 
 from wsram_jax import errors
 from wsram_jax import objectives
+from wsram_jax.training import runs as runs_lib
 
-__all__ = ["MIN_LOC_STD", "require", "require_int", "require_loc_std", "model_fields", "check_model_block", "validate_common", "capped",
-           "load_config"]
+__all__ = ["MIN_LOC_STD", "require", "require_int", "require_loc_std", "model_fields", "check_model_block",
+           "validate_common", "capped", "load_config"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ def validate_common(config) -> objectives.ObjectiveConfig:
           f"--config.learning_rate must be positive and finite, got {config.learning_rate}.")
   require(0 <= float(config.grad_clip_norm) < math.inf,
           f"--config.grad_clip_norm must be >= 0 and finite (0: no clipping), got {config.grad_clip_norm}.")
+  runs_lib.from_config(config)
   return cfg
 
 

@@ -41,9 +41,11 @@ from wsram_jax import diagnostics
 from wsram_jax import errors
 from wsram_jax.training import checkpoints
 from wsram_jax.training import loop
+from wsram_jax.training import runs as runs_lib
 
-__all__ = ["DATA_AXIS", "compiler_options", "make_optimizer", "create_train_state", "build_loss_and_grads",
-           "build_step", "make_mesh", "replicate", "shard_batch", "make_diagnose", "restore_latest"]
+__all__ = ["DATA_AXIS", "compiler_options", "make_optimizer", "create_train_state", "create_run_states",
+           "build_loss_and_grads", "build_step", "jit_step", "jit_runs", "make_mesh", "replicate", "shard_batch",
+           "make_diagnose", "restore_latest"]
 
 DATA_AXIS = "data"  # The mesh axis the batch is sharded over.
 
@@ -60,9 +62,16 @@ def compiler_options() -> dict[str, Any]:
   return {"xla_backend_optimization_level": 1}
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  """Adam at ``config.learning_rate`` after global-norm clipping at ``config.grad_clip_norm`` (0: no clipping)."""
-  adam = optax.adam(config.learning_rate)
+def make_optimizer(config, *, swept_learning_rate: bool = False) -> optax.GradientTransformation:
+  """Adam at ``config.learning_rate`` after global-norm clipping at ``config.grad_clip_norm`` (0: no clipping).
+
+  With `swept_learning_rate` (each run of a sweep has its own, `training.runs`; read off ``config.runs`` when not
+  given), Adam without its last step,
+  ``scale(-learning_rate)``, which `build_step` applies with the run's value: ``optax.adam(lr)`` is
+  ``chain(scale_by_adam(), scale(-lr))``, so a run computes the same numbers as alone.
+  """
+  swept_learning_rate = swept_learning_rate or "learning_rate" in runs_lib.from_config(config).values
+  adam = optax.scale_by_adam() if swept_learning_rate else optax.adam(config.learning_rate)
   if config.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam)
   return adam
@@ -83,11 +92,13 @@ def build_loss_and_grads(loss_fn, btx: baselines.BaselineTransform, sample: Call
   the first (`sample(key, *data) -> batch`) and differentiates `loss_fn` with the second, at the value of the
   baseline `btx` before this batch (`extra` is its state). The first half of `build_step`."""
 
-  def loss_and_grads(params, extra, key, *data):
+  def loss_and_grads(params, extra, key, *data, hyper=None):
     k_data, k_loss = jax.random.split(key)
     batch = sample(k_data, *data)
     # The baseline's value before this batch does not depend on the rewards passed here.
     value, _ = btx.update(jnp.zeros(()), extra)
+    if hyper:  # a run of a sweep: its own numbers (`training.runs`)
+      return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, k_loss, value, hyper)
     return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, k_loss, value)
 
   return loss_and_grads
@@ -98,15 +109,21 @@ def build_step(loss_and_grads: LossAndGrads, btx: baselines.BaselineTransform,
   """`step(state, *data) -> (state, metrics)` (not jitted), one update for any task: the gradients of step t
   from `loss_and_grads(params, extra, fold_in(state.key, t), *data)` (`build_loss_and_grads`), the baseline `btx`
   updated with the batch's ``reward``, then `optimizer` through `loop.guarded_update` (no update if the loss or
-  the gradients are not finite). Metrics: the loss's, prefixed ``train/``, and ``train/grad_norm``."""
+  the gradients are not finite). Metrics: the loss's, prefixed ``train/``, and ``train/grad_norm``.
 
-  def step(state: loop.TrainState, *data):
+  ``step(state, *data, hyper=h)`` is one run of a sweep (`training.runs`): ``h`` holds its own numbers (scalars),
+  passed to the loss; its ``learning_rate`` scales the update of an optimiser built by
+  ``make_optimizer(config, swept_learning_rate=True)``."""
+
+  def step(state: loop.TrainState, *data, hyper=None):
     key = jax.random.fold_in(state.key, state.step)
-    (loss, metrics), grads = loss_and_grads(state.params, state.extra, key, *data)
+    (loss, metrics), grads = loss_and_grads(state.params, state.extra, key, *data, hyper=hyper)
     _, new_extra = btx.update(metrics["reward"], state.extra)
 
     def apply(params, opt_state):
       updates, opt_state = optimizer.update(grads, opt_state, params)
+      if hyper and "learning_rate" in hyper:
+        updates = jax.tree_util.tree_map(lambda u: -hyper["learning_rate"] * u, updates)
       return optax.apply_updates(params, updates), opt_state
 
     metrics = {f"train/{k}": v for k, v in metrics.items()}
@@ -143,6 +160,50 @@ def jit_step(step, mesh: Optional[Mesh]):
   if mesh is None:
     return jax.jit(step, compiler_options=compiler_options())
   return jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()), compiler_options=compiler_options())
+
+
+def create_run_states(runs: runs_lib.Runs, init_params: Callable[[jax.Array], Any],
+                      optimizer: optax.GradientTransformation, btx: baselines.BaselineTransform) -> loop.TrainState:
+  """The fresh states of `runs`, stacked along a leading run axis and split over `runs_lib.make_mesh`'s devices
+  (each run's as `create_train_state` makes it alone, with its own seed)."""
+  state = runs_lib.stack([create_train_state(seed, init_params, optimizer, btx) for seed in runs.seeds])
+  sharding = runs_lib.run_sharding(runs_lib.make_mesh(runs.num_runs))
+  return state if sharding is None else jax.device_put(state, sharding)
+
+
+class RunsStep:
+  """`jit_runs`' step: ``step(state, *data) -> (state, metrics)`` for R runs at once, with the runs' own numbers
+  bound. ``step.lower(state, *data)`` and its ``.compile()`` keep them bound (for timing and memory analysis:
+  ``step.lower(...).compile()(state, *data)`` runs the step)."""
+
+  def __init__(self, fn, hyper):
+    self._fn, self._hyper = fn, hyper
+
+  def __call__(self, state, *data):
+    return self._fn(state, self._hyper, *data)
+
+  def lower(self, state, *data) -> "RunsStep":
+    return RunsStep(self._fn.lower(state, self._hyper, *data), self._hyper)
+
+  def compile(self) -> "RunsStep":
+    return RunsStep(self._fn.compile(), self._hyper)
+
+  def __getattr__(self, name):  # as_text, cost_analysis, memory_analysis, ... of what is wrapped
+    return getattr(self._fn, name)
+
+
+def jit_runs(step, runs: runs_lib.Runs, num_data: int) -> RunsStep:
+  """`step` (from `build_step`) for the R runs of `runs` as one program: ``multi(state, *data) -> (state,
+  metrics)`` with ``state`` from `create_run_states` and metrics ``[R]``; the data (``num_data`` arrays) is shared
+  by the runs. `jax.vmap` over the run axis, each run's swept numbers passed as its ``hyper``; the run axis split
+  over the devices of `runs_lib.make_mesh` (one per CPU core when the binary set them up)."""
+  mesh = runs_lib.make_mesh(runs.num_runs)
+  sharding = runs_lib.run_sharding(mesh)
+  hyper = runs.hyper()
+  if sharding is not None:
+    hyper = jax.device_put(hyper, sharding)
+  vmapped = jax.vmap(lambda state, h, *data: step(state, *data, hyper=h), in_axes=(0, 0) + (None,) * num_data)
+  return RunsStep(jax.jit(vmapped, out_shardings=sharding, compiler_options=compiler_options()), hyper)
 
 
 def diagnostic_key(seed: int) -> jax.Array:

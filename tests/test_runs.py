@@ -1,0 +1,96 @@
+"""Several runs as one program (`training.runs`): run r computes what it computes alone; a diverging run is frozen
+and leaves the others alone; the runs block is checked."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import synthetic_digits
+from wsram_jax import errors
+from wsram_jax.classifier import train
+from wsram_jax.training import runs as runs_lib
+from wsram_jax.training import step as step_lib
+
+STEPS = 3
+
+
+def _train(config, images, labels, steps=STEPS):
+  model = train.build_model(config)
+  optimizer = step_lib.make_optimizer(config)
+  state = train.create_train_state(config, model, optimizer)
+  step = train.make_train_step(config, model, optimizer)
+  for _ in range(steps):
+    state, metrics = step(state, images, labels)
+  return state, metrics
+
+
+@pytest.fixture(scope="module")
+def data():
+  images, labels = synthetic_digits(64)
+  return jnp.asarray(images), jnp.asarray(labels)
+
+
+def _assert_params_close(got, want, learning_rate):
+  """Adam's step divides by sqrt(v) + 1e-8: a gradient component near 1e-8 moves by a fraction of the learning
+  rate on float noise alone (the batched matmuls of several runs add up in another order). So: every parameter
+  within one step size of its twin's, and nearly all within float tolerance."""
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    diff = np.abs(np.asarray(a) - np.asarray(b))
+    assert diff.max() <= learning_rate, diff.max()
+    assert np.mean(diff > 1e-5 + 1e-4 * np.abs(np.asarray(b))) < 0.01
+
+
+def test_each_run_equals_its_single_run_twin(tiny_config, data):
+  config = tiny_config("wsram_q_cv", num_runs=3, runs__seed=(4, 5, 6), runs__learning_rate=(1e-3, 3e-3, 1e-2),
+                       runs__loc_std=(0.1, 0.15, 0.3), runs__entropy_weight=(0.0, 0.01, 0.1),
+                       runs__temperature=(1.0, 1.5, 1.0))
+  train.validate_config(config)
+  runs = runs_lib.from_config(config)
+  model = train.build_model(config)
+  fresh = train.create_train_state(config, model, step_lib.make_optimizer(config))
+  # The first step's loss and gradients, run r inside the vmapped program against its twin alone: float
+  # tolerance.
+  loss_and_grads = train.make_loss_and_grads(config, model)
+  keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(fresh.key)
+  (losses, _), grads = jax.jit(jax.vmap(lambda p, e, k, h: loss_and_grads(p, e, k, *data, hyper=h)))(
+      fresh.params, fresh.extra, keys, runs.hyper())
+  state, metrics = _train(config, *data)
+  assert metrics["train/loss"].shape == (3,)
+  for r in range(3):
+    twin = runs.config_for(config, r)
+    assert twin.num_runs == 1 and twin.seed == 4 + r and twin.model.loc_std == (0.1, 0.15, 0.3)[r]
+    twin_model = train.build_model(twin)
+    twin_fresh = train.create_train_state(twin, twin_model, step_lib.make_optimizer(twin))
+    (loss, _), twin_grads = jax.jit(train.make_loss_and_grads(twin, twin_model))(
+        twin_fresh.params, twin_fresh.extra, jax.random.fold_in(twin_fresh.key, 0), *data)
+    np.testing.assert_allclose(losses[r], loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(runs_lib.unstack(grads, r)), jax.tree_util.tree_leaves(twin_grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * (float(np.max(np.abs(b))) + 1e-9))
+    alone, alone_metrics = _train(twin, *data)
+    _assert_params_close(runs_lib.unstack(state, r).params, alone.params, runs.values["learning_rate"][r])
+    np.testing.assert_allclose(metrics["train/loss"][r], alone_metrics["train/loss"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_diverging_run_is_frozen_and_the_others_train_on(tiny_config, data):
+  config = tiny_config("wsram_q_cv", num_runs=3, runs__learning_rate=(1e-3, 1e30, 1e-3), grad_clip_norm=0.0)
+  runs = runs_lib.from_config(config)
+  state, _ = _train(config, *data, steps=4)
+  bad = np.asarray(state.nonfinite_step)
+  assert bad[1] >= 0 and bad[0] == -1 and bad[2] == -1, bad
+  for leaf in jax.tree_util.tree_leaves(state.params):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+  alone, _ = _train(runs.config_for(config, 2), *data, steps=4)
+  for a, b in zip(jax.tree_util.tree_leaves(runs_lib.unstack(state, 2).params), jax.tree_util.tree_leaves(alone.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam magnifies float noise
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"num_runs": 0}, "num_runs must be an integer >= 1"),
+    ({"num_runs": 2, "runs__learning_rate": (1e-3,)}, "1 values for --config.num_runs=2"),
+    ({"num_runs": 2, "runs__temperature": (1.0, 0.0)}, "temperature must be positive"),
+    ({"num_runs": 2, "mesh_devices": 2, "batch_size": 8}, "do not combine"),
+    ({"num_runs": 2, "runs__seed": (1.5, 2.5)}, "takes integers"),
+])
+def test_bad_runs_block_is_one_clear_error(tiny_config, overrides, match):
+  with pytest.raises(errors.ConfigError, match=match):
+    train.validate_config(tiny_config("wsram_q_cv", **overrides))

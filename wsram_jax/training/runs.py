@@ -1,0 +1,139 @@
+"""R independent runs of one configuration as one program: seeds, learning rates and other numbers swept at once.
+
+    --config.num_runs=4                                    four seeds: config.seed, seed + 1, ...
+    --config.num_runs=4 --config.runs.seed=0,1,2,3         the same, named
+    --config.num_runs=3 --config.runs.learning_rate=1e-3,3e-4,1e-4   one run per learning rate
+
+Each run has its own seed (its parameters and its PRNG stream), optimiser state and baseline state, and its own
+value of every swept number (`SWEEPABLE`: the learning rate, the model's location std and the objective's
+`objectives.HYPER`; none of them changes a shape). The state of the R runs is the single run's `TrainState` with
+a leading run axis ``[R, ...]``, and the step is `jax.vmap` of the single-run step over it, the swept values
+passed in as ``hyper`` (``{name: [R]}``): run r computes what it would compute alone (up to the float
+reassociation of batched matmuls; tests check it). On a CPU the run axis is sharded over one XLA device per core
+(`cpu_devices`, set before JAX starts by the binaries), so the runs share the cores instead of taking turns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from wsram_jax import objectives
+from wsram_jax.errors import ConfigError
+
+__all__ = ["SWEEPABLE", "RUN_AXIS", "Runs", "from_config", "stack", "unstack", "make_mesh", "cpu_devices"]
+
+RUN_AXIS = "runs"
+
+# The swept numbers and where each lives in a config.
+SWEEPABLE = {"learning_rate": "learning_rate", "loc_std": "model.loc_std",
+             **{name: ("mixture_alpha" if name == "mixture_alpha" else f"heuristics.{name}")
+                for name in objectives.HYPER}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Runs:
+  """The runs of a config: ``seeds`` (one per run) and ``values`` (swept name -> one value per run)."""
+  seeds: tuple[int, ...]
+  values: dict[str, tuple[float, ...]]
+
+  @property
+  def num_runs(self) -> int:
+    return len(self.seeds)
+
+  def hyper(self) -> dict[str, jax.Array]:
+    """``{name: float32 [R]}``, the step's per-run ``hyper`` argument."""
+    return {name: jnp.asarray(v, jnp.float32) for name, v in self.values.items()}
+
+  def label(self, r: int) -> str:
+    """``'run 2 (seed 3, learning_rate 0.0003)'``."""
+    parts = [f"seed {self.seeds[r]}"] + [f"{name} {v[r]:g}" for name, v in self.values.items()]
+    return f"run {r} ({', '.join(parts)})"
+
+  def config_for(self, config, r: int):
+    """The config of run r trained alone (its single-run twin): its seed and swept values set, one run."""
+    single = config.copy_and_resolve_references()
+    with single.unlocked():
+      single.seed = self.seeds[r]
+      single.num_runs = 1
+      for name in single.runs:
+        single.runs[name] = ()
+      for name, v in self.values.items():
+        *path, last = SWEEPABLE[name].split(".")
+        node = single
+        for p in path:
+          node = node[p]
+        node[last] = type(node[last])(v[r])
+    return single
+
+
+def from_config(config) -> Runs:
+  """The `Runs` of ``config.num_runs`` and the ``config.runs`` block (``seed`` and the `SWEEPABLE` names: each
+  empty, or one value per run). Raises `errors.ConfigError` for a bad block."""
+  r = config.num_runs
+  if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1:
+    raise ConfigError(f"--config.num_runs must be an integer >= 1, got {r!r}.")
+  unknown = sorted(set(config.runs) - {"seed"} - set(SWEEPABLE))
+  if unknown:
+    raise ConfigError(f"--config.runs has keys that cannot be swept: {', '.join(unknown)}; the sweepable ones "
+                      f"are seed, {', '.join(SWEEPABLE)}.")
+
+  def values(name):
+    v = tuple(config.runs[name])
+    if v and len(v) != r:
+      raise ConfigError(f"--config.runs.{name} has {len(v)} values for --config.num_runs={r}; give one per run "
+                        "(or none).")
+    return v
+
+  seeds = values("seed") or tuple(int(config.seed) + i for i in range(r))
+  if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in seeds):
+    raise ConfigError(f"--config.runs.seed takes integers, got {seeds}.")
+  swept = {}
+  for name in SWEEPABLE:
+    v = values(name)
+    if v:
+      if any(isinstance(x, bool) or not isinstance(x, (int, float, np.number)) for x in v):
+        raise ConfigError(f"--config.runs.{name} takes numbers, got {v}.")
+      swept[name] = tuple(float(x) for x in v)
+  return Runs(seeds=tuple(int(s) for s in seeds), values=swept)
+
+
+def stack(states: list[Any]) -> Any:
+  """R pytrees of the same structure -> one with a leading run axis."""
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack(state: Any, r: int) -> Any:
+  """Run r of a stacked pytree."""
+  return jax.tree_util.tree_map(lambda x: x[r], state)
+
+
+def make_mesh(num_runs: int) -> Optional[Mesh]:
+  """A mesh with one axis ``runs`` over the local devices that divide the runs evenly (the most that do), or None
+  for one run or one device."""
+  devices = jax.local_devices()
+  n = max(d for d in range(1, len(devices) + 1) if num_runs % d == 0)
+  return None if num_runs == 1 or n == 1 else Mesh(np.asarray(devices[:n]), (RUN_AXIS,))
+
+
+def run_sharding(mesh: Optional[Mesh]):
+  """How a stacked state lies on `mesh`: the run axis split over its devices (None: one device)."""
+  return None if mesh is None else NamedSharding(mesh, PartitionSpec(RUN_AXIS))
+
+
+def replicated(mesh: Optional[Mesh]):
+  return None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+
+def cpu_devices(num_runs: int) -> int:
+  """How many XLA CPU devices R runs should be split over: one per core, at most R (1 for one run). The binaries
+  set it (``jax_num_cpu_devices``) before JAX starts; it has no effect on a GPU or TPU."""
+  if num_runs <= 1:
+    return 1
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  return max(1, min(num_runs, cores))
