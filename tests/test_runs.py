@@ -1,16 +1,24 @@
 """Several runs as one program (`training.runs`): run r computes what it computes alone; a diverging run is frozen
 and leaves the others alone; the runs block is checked."""
+import os
+import signal
+import subprocess
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import synthetic_digits
+from test_train import _train_cmd
 from wsram_jax import errors
 from wsram_jax.classifier import train
+from wsram_jax.training import metric_writers
 from wsram_jax.training import runs as runs_lib
 from wsram_jax.training import step as step_lib
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 
 
@@ -94,3 +102,66 @@ def test_a_diverging_run_is_frozen_and_the_others_train_on(tiny_config, data):
 def test_bad_runs_block_is_one_clear_error(tiny_config, overrides, match):
   with pytest.raises(errors.ConfigError, match=match):
     train.validate_config(tiny_config("wsram_q_cv", **overrides))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the loop and the binary.
+
+
+def test_four_runs_through_the_loop_one_diverging(tiny_config, tmp_path):
+  """One of four runs made to diverge: the other three train to the end, are evaluated and diagnosed, and the
+  checkpoint holds only finite numbers; every run has its own metrics."""
+  config = tiny_config("wsram_q_cv", num_runs=4, runs__learning_rate=(1e-3, 1e30, 1e-3, 3e-3), grad_clip_norm=0.0)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert len(result["runs"]) == 4 and result["labels"][1].startswith("run 1 (seed 1, learning_rate 1e+30")
+  for r in (0, 2, 3):
+    final = result["runs"][r]
+    assert "eval/error_sampled" in final and "diag/grad_var/theta" in final and "train/nonfinite_step" not in final
+    steps, _ = metric_writers.series(metric_writers.read_metrics(str(tmp_path / f"run_{r}")), "train/loss")
+    np.testing.assert_array_equal(steps, [2, 4, 6])
+  assert result["runs"][1]["train/nonfinite_step"] >= 1
+  state = train.restore_state(config, str(tmp_path))
+  assert np.asarray(state.step).tolist() == [6, 6, 6, 6]
+  for leaf in jax.tree_util.tree_leaves(state.params):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+  text = train.summary(result)
+  assert len(text.splitlines()) == 4 and "test error" in text
+
+
+def test_every_run_diverging_stops_with_one_clear_error(tiny_config, tmp_path):
+  config = tiny_config("wsram_q_cv", num_runs=2, runs__learning_rate=(1e30, 1e30), grad_clip_norm=0.0)
+  with pytest.raises(errors.NonFiniteError, match="every run"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_sigkill_and_resume_of_several_runs_is_bit_identical(tiny_config, tiny_mnist_dir, tmp_path):
+  extra = ["--config.num_steps=300", "--config.checkpoint_every=20", "--config.eval_every=300",
+           "--config.log_every=20", "--config.diag_every=0", "--config.num_runs=2",
+           "--config.runs.learning_rate=1e-3,3e-3"]
+  ref = subprocess.run(_train_cmd(tmp_path / "ref", tiny_mnist_dir, *extra), cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  assert len(ref.stdout.strip().splitlines()) == 2 and "2 runs" in ref.stderr  # one summary line per run
+  killed_dir = tmp_path / "killed"
+  proc = subprocess.Popen(_train_cmd(killed_dir, tiny_mnist_dir, *extra), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 400
+  ckpt_dir = killed_dir / "checkpoints"
+  while time.time() < deadline and proc.poll() is None:
+    if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
+  resumed = subprocess.run(_train_cmd(killed_dir, tiny_mnist_dir, *extra), cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  config = tiny_config("wsram_q_cv", num_steps=300, num_runs=2, runs__learning_rate=(1e-3, 3e-3))
+  a = train.restore_state(config, str(tmp_path / "ref"))
+  b = train.restore_state(config, str(killed_dir))
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  for r in range(2):
+    steps, _ = metric_writers.series(metric_writers.read_metrics(str(killed_dir / f"run_{r}")), "train/loss")
+    assert steps[-1] == 300

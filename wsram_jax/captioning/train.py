@@ -346,9 +346,9 @@ def make_diagnose(config, model, task: TaskData) -> Callable[[loop.TrainState], 
   key = step_lib.diagnostic_key(config.seed)
   batch = task.sample(key, task.train, config.batch_size)
   loss_fn = loss_lib.make_loss_fn(objective_config(config), model, q_word=config.model.q_word)
-  return step_lib.make_diagnose(loss_fn, baseline_transform(config), batch, key,
-                                num_estimates=config.diag_num_estimates,
-                                uses_inference_network=objective_config(config).uses_inference_network)
+  diagnose = step_lib.make_diagnose(loss_fn, baseline_transform(config), num_estimates=config.diag_num_estimates,
+                                    uses_inference_network=objective_config(config).uses_inference_network)
+  return lambda state: diagnose(state, batch, key)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -193,20 +193,22 @@ def make_train_step(config, model, optimizer) -> Callable[..., tuple[loop.TrainS
 
 
 def make_eval_batch(config, model) -> Callable[..., dict]:
-  """`(params, canvases uint8 [E, H, W, 1], labels [E], boxes [E, 4], mask [E], key) -> sums` for the evaluator
-  (jitted; see `make_evaluator` for what is summed)."""
+  """`(params, canvases uint8 [E, H, W, 1], labels [E], boxes [E, 4], mask [E], key, hyper) -> sums` for the
+  evaluator (jitted; see `make_evaluator` for what is summed; ``hyper``, ``{}`` or a run's own numbers in a sweep,
+  may set the model's ``loc_std``)."""
   m_, n_ = config.num_samples, config.num_glimpses
-  roll = functools.partial(loss_lib.batched_rollout, model=model, proposal=proposals.prior, num_glimpses=n_)
+  roll = functools.partial(loss_lib.batched_rollout, proposal=proposals.prior, num_glimpses=n_)
   on_box = jax.vmap(jax.vmap(functools.partial(glimpse_lib.window_on_box, size=model.glimpse_size,
                                                num_scales=model.num_scales,
                                                canvas_hw=(config.data.canvas_size,) * 2),
                              in_axes=(0, 0, None)))  # over E, then over the N glimpses
 
   @functools.partial(jax.jit, compiler_options=step_lib.compiler_options())
-  def eval_batch(params, canvases, labels, boxes, mask, key):
+  def eval_batch(params, canvases, labels, boxes, mask, key, hyper):
     canvases = canvas_lib.to_float(canvases)
-    greedy = roll(params, canvases, labels, key, num_samples=1, greedy=True)
-    sampled = roll(params, canvases, labels, key, num_samples=m_)
+    net = model.clone(loc_std=hyper["loc_std"]) if "loc_std" in hyper else model
+    greedy = roll(params, canvases, labels, key, num_samples=1, greedy=True, model=net)
+    sampled = roll(params, canvases, labels, key, num_samples=m_, model=net)
     mean_probs = jnp.mean(jax.nn.softmax(sampled.logits), axis=1)  # [E, C]
     wrong = lambda logits: (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
     # Prior proposal: log w = log p(y|a), so Eqn 9 is log mean_m p(y|a^m).
@@ -229,7 +231,7 @@ def make_eval_batch(config, model) -> Callable[..., dict]:
                                       axis=(1, 2))
     # Glimpse ablation: the greedy glimpses again with glimpse n's patch replaced by zeros.
     for n in range(n_):
-      ablated = roll(params, canvases, labels, key, num_samples=1, actions=greedy.actions,
+      ablated = roll(params, canvases, labels, key, num_samples=1, actions=greedy.actions, model=net,
                      patch_mask=jnp.ones((n_,)).at[n].set(0.0))
       sums[f"ablation_error/g{n + 1}"] = wrong(ablated.logits[:, 0])
     return {k: jnp.sum(v * mask) for k, v in sums.items()}
@@ -237,7 +239,7 @@ def make_eval_batch(config, model) -> Callable[..., dict]:
   return eval_batch
 
 
-def make_evaluator(config, model, test_canvases, test_labels, test_boxes) -> Callable[[loop.TrainState], dict]:
+def make_evaluator(config, model, test_canvases, test_labels, test_boxes) -> Callable[..., dict]:
   """Evaluates on the fixed test canvases in batches of `config.data.eval_batch_size` (the last one padded).
 
   Metrics (means over the test canvases; ``g{n}``: glimpse n = 1..N):
@@ -252,19 +254,26 @@ def make_evaluator(config, model, test_canvases, test_labels, test_boxes) -> Cal
   * ``eval/outside_canvas``: the fraction of the M sampled locations outside the canvas;
   * ``eval/ablation_error/g{n}``: the greedy test error when glimpse n's patch is replaced by zeros (the
     glimpses kept where they were): how much the classifier uses glimpse n.
+
+  ``evaluate(state)``; for several runs ``evaluate(state_r, r)``, with run r's own numbers (one compiled
+  function for all).
   """
   eval_batch = make_eval_batch(config, model)
   e = config.data.eval_batch_size
   n = test_canvases.shape[0]
   key = jax.random.PRNGKey(config.data.test_seed + 1)
 
-  def evaluate(state):
+  runs = runs_lib.from_config(config)
+  hyper = runs.hyper()
+
+  def evaluate(state, r=None):
+    run_hyper = {} if r is None else {k: v[r] for k, v in hyper.items()}
     totals = {}
     for start in range(0, n, e):
       index = np.minimum(np.arange(start, start + e), n - 1)
       mask = (np.arange(start, start + e) < n).astype(np.float32)
       out = eval_batch(state.params, test_canvases[index], test_labels[index], test_boxes[index], mask,
-                       jax.random.fold_in(key, start))
+                       jax.random.fold_in(key, start), run_hyper)
       for k, v in out.items():
         totals[k] = totals.get(k, 0.0) + v
     return {f"eval/{k}": float(v) / n for k, v in totals.items()}
@@ -272,14 +281,26 @@ def make_evaluator(config, model, test_canvases, test_labels, test_boxes) -> Cal
   return evaluate
 
 
-def make_diagnose(config, model, images, labels) -> Callable[[loop.TrainState], dict]:
+def make_diagnose(config, model, images, labels) -> Callable[..., dict]:
   """Gradient variance over `config.diag_num_estimates` estimates of one fixed minibatch, and its ESS
-  (`training.step.make_diagnose`)."""
-  key = step_lib.diagnostic_key(config.seed)
-  canvases, ys, _ = canvas_lib.sample_batch(key, images, labels, config.batch_size, **canvas_kwargs(config))
-  return step_lib.make_diagnose(make_loss_fn(config, model), baseline_transform(config), (canvases, ys), key,
-                                num_estimates=config.diag_num_estimates,
-                                uses_inference_network=objective_config(config).uses_inference_network)
+  (`training.step.make_diagnose`): ``diagnose(state)``, or for several runs ``diagnose(state_r, r)`` (each run
+  its own minibatch and key, from its seed, and its own numbers; one compiled function for all)."""
+  runs = runs_lib.from_config(config)
+  diagnose = step_lib.make_diagnose(make_loss_fn(config, model), baseline_transform(config),
+                                    num_estimates=config.diag_num_estimates,
+                                    uses_inference_network=objective_config(config).uses_inference_network)
+
+  def inputs(seed):
+    key = step_lib.diagnostic_key(seed)
+    canvases, ys, _ = canvas_lib.sample_batch(key, images, labels, config.batch_size, **canvas_kwargs(config))
+    return (canvases, ys), key
+
+  if runs.num_runs == 1:
+    batch, key = inputs(config.seed)
+    return lambda state: diagnose(state, batch, key)
+  per_run = [inputs(seed) for seed in runs.seeds]
+  hyper = runs.hyper()
+  return lambda state, r: diagnose(state, *per_run[r], {k: v[r] for k, v in hyper.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,7 +347,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       evaluate=make_evaluator(config, model, data.test_canvases, data.test_labels, data.test_boxes),
       diagnose=(make_diagnose(config, model, images_dev, labels_dev) if config.diag_every > 0 else None),
       progress_keys=("train/loss", "train/error", "train/ess"),
-      step_memory=lambda state: memory.step_bytes(step, state, images_dev, labels_dev))
+      step_memory=lambda state: memory.step_bytes(step, state, images_dev, labels_dev),
+      runs=runs_lib.from_config(config))
   return last
 
 
@@ -357,7 +379,10 @@ def glimpse_figure(config, params, canvases, labels, path: str, *, boxes=None, n
 
 
 def summary(last: dict[str, Any]) -> str:
-  """One line with the numbers a run ends on: test errors, log-likelihood bound, ESS, gradient variance."""
+  """One line with the numbers a run ends on: test errors, log-likelihood bound, ESS, gradient variance (one line
+  per run, labelled, for several runs)."""
+  if "runs" in last:
+    return "\n".join(f"{label}: {summary(run)}" for label, run in zip(last["labels"], last["runs"]))
   parts = []
   for name, key, fmt in (("test error (greedy)", "eval/error_greedy", "{:.2%}"),
                          ("test error (M samples)", "eval/error_sampled", "{:.2%}"),

@@ -43,6 +43,7 @@ from wsram_jax.training import checkpoints
 from wsram_jax import errors
 from wsram_jax.training import memory
 from wsram_jax.training import metric_writers
+from wsram_jax.training import runs as runs_lib
 from wsram_jax.training import signals
 
 log = logging.getLogger(__name__)
@@ -254,11 +255,17 @@ def _format_eta(seconds: float) -> str:
   return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _mean_metrics(history: list[Mapping[str, jax.Array]]) -> dict[str, float]:
+def _mean_metrics(history: list[Mapping[str, jax.Array]]) -> dict[str, np.ndarray]:
+  """The mean of each metric over the steps of `history`: scalars, or ``[R]`` arrays for several runs."""
   if not history:
     return {}
   stacked = jax.device_get(history)
-  return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}
+  return {k: np.mean(np.stack([np.asarray(h[k], np.float64) for h in stacked]), axis=0) for k in stacked[0]}
+
+
+def _scalar_step(state: TrainState) -> int:
+  """The number of updates applied (the same for every run of a stacked state)."""
+  return int(np.max(np.asarray(jax.device_get(state.step))))
 
 
 @dataclasses.dataclass
@@ -276,12 +283,15 @@ class Progress:
   def start(self, step: int) -> None:
     self._t0, self._s0 = time.perf_counter(), step
 
-  def line(self, step: int, metrics: Mapping[str, float], keys: tuple[str, ...]) -> str:
+  def line(self, step: int, metrics: Mapping[str, float], keys: tuple[str, ...],
+           runs: Optional[int] = None) -> str:
+    """The line; with `runs` (several runs), the metrics are their mean and the rate counts every run's updates."""
     elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
     rate = (step - self._s0) / elapsed if elapsed > 0 and step > self._s0 else float("nan")
     eta = (self.num_steps - step) / rate if rate == rate and rate > 0 else float("nan")
-    shown = " | ".join(f"{k.split('/', 1)[-1]} {metrics[k]:.4g}" for k in keys if k in metrics)
-    text = (f"step {step}/{self.num_steps} | {shown} | {rate:.1f} steps/s | "
+    shown = " | ".join(f"{k.split('/', 1)[-1]} {float(metrics[k]):.4g}" for k in keys if k in metrics)
+    speed = f"{rate:.1f} steps/s" if runs is None else f"{rate:.1f} steps/s x {runs} runs (mean over the runs)"
+    text = (f"step {step}/{self.num_steps} | {shown} | {speed} | "
             f"ETA {_format_eta(eta) if eta == eta else '?'}")
     print(text, file=self.out, flush=True)
     return text
@@ -289,10 +299,11 @@ class Progress:
 
 def run(*, config, workdir: str, init_state: Callable[[], TrainState],
         train_step: Callable[[TrainState], tuple[TrainState, Mapping[str, jax.Array]]],
-        evaluate: Optional[Callable[[TrainState], Mapping[str, Any]]] = None,
-        diagnose: Optional[Callable[[TrainState], Mapping[str, Any]]] = None,
+        evaluate: Optional[Callable[..., Mapping[str, Any]]] = None,
+        diagnose: Optional[Callable[..., Mapping[str, Any]]] = None,
         progress_keys: tuple[str, ...] = ("train/loss",),
-        step_memory: Optional[Callable[[TrainState], int]] = None) -> tuple[TrainState, dict[str, Any]]:
+        step_memory: Optional[Callable[[TrainState], int]] = None,
+        runs: Optional[runs_lib.Runs] = None) -> tuple[TrainState, dict[str, Any]]:
   """Trains to `config.num_steps`, resuming from the newest readable checkpoint in `workdir`.
 
   Uses config keys: num_steps, log_every, eval_every, checkpoint_every, keep_checkpoints, diag_every,
@@ -308,8 +319,16 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
   Only one process at a time may run in `workdir` (`WorkdirLock`). SIGINT and SIGTERM finish a checkpoint save in
   progress, save the step reached and raise `errors.Interrupted` (`training.signals`).
 
+  Several runs (`runs`, R > 1, `training.runs`): the state and the step's metrics carry a leading run axis; the
+  checkpoints hold all the runs (in ``WORKDIR/checkpoints``), and each run r has its own metrics, TensorBoard
+  events and evaluations in ``WORKDIR/run_r`` (`evaluate` and `diagnose` are then called as ``fn(state_r, r)``
+  with run r's state). A run whose loss or gradients become non-finite is frozen at its last good parameters
+  (the step's `guarded_update` does that), said once, and marked by ``train/nonfinite_step`` in its metrics; the
+  others train on. Only when every run is frozen does training stop.
+
   Returns:
-    The final state and the last value written of every metric.
+    The final state and the last value written of every metric; for several runs, ``{'runs': [one such dict per
+    run], 'labels': [each run's label]}``.
   """
   prepare_workdir(workdir)
   with contextlib.ExitStack() as cleanup:
@@ -323,47 +342,77 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
     if restored is not None:
       state = restored
       log.info("Resuming from the checkpoint of step %d in %s.", restored_step, ckpt.directory)
-    if step_memory is not None and config.jit and int(state.step) < config.num_steps:
+    if step_memory is not None and config.jit and _scalar_step(state) < config.num_steps:
       memory.check_fits(step_memory(state))
     record_config(workdir, config)
-    writer = metric_writers.MetricWriter(workdir, start_step=restored_step or 0)
-    cleanup.callback(writer.close)
-    return _train(config, state, ckpt, writer, train_step, evaluate, diagnose, progress_keys)
+    several = runs is not None and runs.num_runs > 1
+    run_dirs = [os.path.join(workdir, f"run_{r}") for r in range(runs.num_runs)] if several else [workdir]
+    writers = []
+    for run_dir in run_dirs:
+      writers.append(metric_writers.MetricWriter(run_dir, start_step=restored_step or 0))
+      cleanup.callback(writers[-1].close)
+    labels = [runs.label(r) for r in range(runs.num_runs)] if several else [None]
+    state, last = _train(config, state, ckpt, writers, labels, train_step, evaluate, diagnose, progress_keys)
+    return state, ({"runs": last, "labels": labels} if several else last[0])
 
 
-def _train(config, state, ckpt, writer, train_step, evaluate, diagnose, progress_keys):
-  """The body of `run`, once the workdir is locked, the checkpoint restored and the writers open."""
-  writer.write_hparams(_flatten(_config_dict(config)))
-  # What the run logged up to the restored step, so that a finished run started again reports its results.
-  last: dict[str, Any] = {}
-  for r in metric_writers.read_metrics(writer.workdir):
-    last.update({k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in r.items()
-                 if k not in ("step", "averaged_steps")})
+def _train(config, state, ckpt, writers, labels, train_step, evaluate, diagnose, progress_keys):
+  """The body of `run`, once the workdir is locked, the checkpoint restored and the writers open (one per run)."""
+  several = len(writers) > 1
+  run_of = (lambda tree, r: runs_lib.unstack(tree, r)) if several else (lambda tree, r: tree)
+  for w in writers:
+    w.write_hparams(_flatten(_config_dict(config)))
+  # What each run logged up to the restored step, so that a finished run started again reports its results.
+  last: list[dict[str, Any]] = [{} for _ in writers]
+  for r, w in enumerate(writers):
+    for rec in metric_writers.read_metrics(w.workdir):
+      last[r].update({k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in rec.items()
+                      if k not in ("step", "averaged_steps")})
+  # The runs frozen by a non-finite step (run -> that step), as their metrics recorded them before a resume.
+  frozen = {r: int(done["train/nonfinite_step"]) for r, done in enumerate(last) if "train/nonfinite_step" in done}
 
   insane: list[str] = []  # the first metric that left the sane range, once it has
 
   def check_sane(step, means):
     for key in SANE_KEYS:
       value = means.get(key)
-      if not insane and value is not None and abs(value) > SANE_LIMIT:
+      value = None if value is None else float(np.max(np.abs(value)))
+      if not insane and value is not None and value > SANE_LIMIT:
         insane.append(key)
         log.warning("At step %d %s is %.3g, far outside a sane range (|x| > %.0g): the log-densities dominate "
                     "everything (a location std too small? a learning rate too high?); the run goes on, and this "
                     "is said once.", step, key, value, SANE_LIMIT)
 
-  def record(step, metrics, averaged_steps=None):
-    writer.write_scalars(step, metrics, averaged_steps=averaged_steps)
-    last.update({k: np.asarray(v).tolist() for k, v in metrics.items()})
+  def record(r, step, metrics, averaged_steps=None):
+    writers[r].write_scalars(step, metrics, averaged_steps=averaged_steps)
+    last[r].update({k: np.asarray(v).tolist() for k, v in metrics.items()})
 
-  def check_finite(state):
-    bad = int(state.nonfinite_step)
-    if bad >= 0:
+  def check_finite(state, step):
+    bad = np.asarray(jax.device_get(state.nonfinite_step)).reshape(-1)
+    if not several:
+      if bad[0] >= 0:
+        raise errors.NonFiniteError(
+            f"The loss or gradients became NaN or inf at step {bad[0] + 1}; training stopped, and "
+            f"{ckpt.last_good()} (try a lower learning rate).")
+      return
+    for r in np.flatnonzero(bad >= 0):
+      if int(r) not in frozen:
+        frozen[int(r)] = int(bad[r]) + 1
+        record(int(r), step, {"train/nonfinite_step": int(bad[r]) + 1})
+        log.warning("%s: the loss or gradients became NaN or inf at step %d; it stays at its last good "
+                    "parameters and the other runs train on.", labels[r], int(bad[r]) + 1)
+    if len(frozen) == len(writers):
       raise errors.NonFiniteError(
-          f"The loss or gradients became NaN or inf at step {bad + 1}; training stopped, and {ckpt.last_good()} "
-          "(try a lower learning rate).")
+          f"The loss or gradients of every run became NaN or inf (the last at step {max(frozen.values())}); "
+          f"training stopped, and {ckpt.last_good()} (try a lower learning rate).")
+
+  def each_run(fn, step):
+    for r in range(len(writers)):
+      if r not in frozen:
+        record(r, step, fn(run_of(state, r), r) if several else fn(state))
 
   with jax.disable_jit(not config.jit), signals.StopOnSignals() as stop:
-    step = int(state.step)
+    step = _scalar_step(state)
     progress = Progress(config.num_steps)
     history = []
     try:
@@ -375,21 +424,25 @@ def _train(config, state, ckpt, writer, train_step, evaluate, diagnose, progress
           jax.block_until_ready(state.params)
           progress.start(step)  # Throughput counts from after this process's first (compiling) step.
         if step % config.log_every == 0 or step == config.num_steps:
-          check_finite(state)
+          check_finite(state, step)
           means = _mean_metrics(history)
           # Fewer steps than log_every: the first average after a resume, or the last one of the run.
-          record(step, means, averaged_steps=len(history) if len(history) < config.log_every else None)
-          check_sane(step, means)
+          averaged = len(history) if len(history) < config.log_every else None
           history = []
-          progress.line(step, means, progress_keys)
+          live = [r for r in range(len(writers)) if r not in frozen]
+          for r in live:
+            record(r, step, {k: (v[r] if several else v) for k, v in means.items()}, averaged_steps=averaged)
+          shown = {k: np.mean(v[live]) if several else v for k, v in means.items()}
+          check_sane(step, shown)
+          progress.line(step, shown, progress_keys, runs=len(live) if several else None)
         if evaluate is not None and (step % config.eval_every == 0 or step == config.num_steps):
-          check_finite(state)
-          record(step, evaluate(state))
+          check_finite(state, step)
+          each_run(evaluate, step)
         if diagnose is not None and config.diag_every > 0 and (
             step % config.diag_every == 0 or step == config.num_steps):
-          record(step, diagnose(state))
+          each_run(diagnose, step)
         if step % config.checkpoint_every == 0 or step == config.num_steps:
-          check_finite(state)
+          check_finite(state, step)
           with stop.deferred():  # a signal now waits for the save to finish
             ckpt.save(step, state)
     except (signals.StopRequested, KeyboardInterrupt) as e:
@@ -398,7 +451,7 @@ def _train(config, state, ckpt, writer, train_step, evaluate, diagnose, progress
       if not memory.is_out_of_memory(e):
         raise
       raise errors.ResourceError(
-          f"Ran out of memory at step {int(state.step) + 1} ({checkpoints.first_line(e, 200)}); "
+          f"Ran out of memory at step {_scalar_step(state) + 1} ({checkpoints.first_line(e, 200)}); "
           f"{ckpt.last_good()}; lower --config.batch_size, --config.num_samples or "
           "--config.data.eval_batch_size.") from None
   return state, last
@@ -408,9 +461,10 @@ def _stop(signum: int, state: TrainState, ckpt: checkpoints.Checkpointer,
           stop: signals.StopOnSignals) -> errors.Interrupted:
   """Saves `state` (unless it is saved already, untrained or not finite) and returns the one-line error."""
   with stop.deferred(then_raise=False):  # a second signal does not interrupt this save either
-    step = int(state.step)
-    if int(state.nonfinite_step) >= 0:
-      what = (f"not saved, as it holds NaN or inf since step {int(state.nonfinite_step) + 1}; "
+    step = _scalar_step(state)
+    bad = np.asarray(jax.device_get(state.nonfinite_step)).reshape(-1)
+    if np.all(bad >= 0):  # (with several runs, a frozen run keeps its last good parameters: the state is finite)
+      what = (f"not saved, as it holds NaN or inf since step {int(bad.max()) + 1}; "
               f"{ckpt.last_good()}")
     elif step == ckpt.latest_step():
       what = f"it is saved in {ckpt.directory}"

@@ -211,29 +211,31 @@ def diagnostic_key(seed: int) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(seed), 2 ** 30)
 
 
-def make_diagnose(loss_fn, btx: baselines.BaselineTransform, batch, key: jax.Array, *, num_estimates: int,
-                  uses_inference_network: bool) -> Callable[[loop.TrainState], dict]:
-  """`diagnose(state) -> {name: value}`: the variance of `num_estimates` independent gradient estimates of the
-  fixed minibatch `batch` at the state's parameters (`diagnostics.gradient_variance`, per parameter group:
-  theta, eta, the baseline head, all), and the ESS of that minibatch (``diag/ess/mean``). Estimate k of step t
-  uses ``fold_in(key, t)`` split K ways. Without an inference network eta gets no gradient; its (zero) group is
+def make_diagnose(loss_fn, btx: baselines.BaselineTransform, *, num_estimates: int,
+                  uses_inference_network: bool) -> Callable[..., dict]:
+  """`diagnose(state, batch, key, hyper=None) -> {name: value}`: the variance of `num_estimates` independent
+  gradient estimates of the fixed minibatch `batch` at the state's parameters (`diagnostics.gradient_variance`,
+  per parameter group: theta, eta, the baseline head, all), and the ESS of that minibatch (``diag/ess/mean``).
+  Estimate k of step t uses ``fold_in(key, t)`` split K ways; ``hyper`` is a run's own numbers in a sweep. One
+  compiled function serves every run. Without an inference network eta gets no gradient; its (zero) group is
   then left out rather than reported."""
 
   @functools.partial(jax.jit, compiler_options=compiler_options())
-  def diagnose_jit(state):
+  def diagnose_jit(state, batch, key, hyper):
     value, _ = btx.update(jnp.zeros(()), state.extra)
-    grad_fn = lambda p, b, k: jax.grad(lambda q: loss_fn(q, b, k, value)[0])(p)
+    loss = (lambda p, b, k: loss_fn(p, b, k, value, hyper)) if hyper else (lambda p, b, k: loss_fn(p, b, k, value))
+    grad_fn = lambda p, b, k: jax.grad(lambda q: loss(q, b, k)[0])(p)
     labels = attention.param_labels(state.params, baseline="baseline")
     out = diagnostics.gradient_variance(grad_fn, state.params, batch, jax.random.fold_in(key, state.step),
                                         num_estimates=num_estimates, labels=labels)
-    _, metrics = loss_fn(state.params, batch, jax.random.fold_in(key, 2 ** 31), value)
+    _, metrics = loss(state.params, batch, jax.random.fold_in(key, 2 ** 31))
     out["ess/mean"] = metrics["ess"]
     return out
 
   drop = () if uses_inference_network else ("/eta",)
 
-  def diagnose(state):
-    out = jax.device_get(diagnose_jit(state))
+  def diagnose(state, batch, key, hyper=None):
+    out = jax.device_get(diagnose_jit(state, batch, key, hyper or {}))
     return {f"diag/{k}": v for k, v in out.items() if not k.endswith(drop)}
 
   return diagnose
