@@ -10,7 +10,7 @@ import textwrap
 import ml_collections
 import pytest
 
-from conftest import tiny_overrides
+from conftest import apply_overrides, tiny_overrides
 from experiments.configs import captions as caption_configs
 from experiments.configs import mnist as mnist_configs
 from test_captioning_data import write_flickr_fixture
@@ -88,18 +88,8 @@ def _unread(recorder, *configs) -> list[str]:
   return sorted(".".join(k) for k in keys - recorder.read)
 
 
-def _apply(config, overrides):
-  for dotted, value in overrides.items():
-    *path, last = dotted.split(".")
-    node = config
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config
-
-
 def test_every_classifier_config_key_is_read(tiny_mnist_dir, tmp_path, monkeypatch):
-  config = _apply(mnist_configs.get_config("wsram_q_cv"), tiny_overrides(tiny_mnist_dir))
+  config = apply_overrides(mnist_configs.get_config("wsram_q_cv"), tiny_overrides(tiny_mnist_dir))
   recorder = _ReadRecorder()
   recorder.register(config)
   with recorder.patched(monkeypatch):
@@ -108,10 +98,10 @@ def test_every_classifier_config_key_is_read(tiny_mnist_dir, tmp_path, monkeypat
 
 
 def test_every_captioner_config_key_is_read(tiny_mnist_dir, tmp_path, monkeypatch):
-  digits = _apply(caption_configs.get_config("wsram_q_cv"), tiny_caption_overrides(tiny_mnist_dir))
+  digits = apply_overrides(caption_configs.get_config("wsram_q_cv"), tiny_caption_overrides(tiny_mnist_dir))
   digits.diag_every = 2
   json_path, image_dir = write_flickr_fixture(tmp_path / "flickr")
-  flickr = _apply(caption_configs.get_config("var_cv"), {
+  flickr = apply_overrides(caption_configs.get_config("var_cv"), {
       **tiny_caption_overrides(tiny_mnist_dir), "data.task": "flickr8k", "data.flickr8k_json": str(json_path),
       "data.flickr8k_images": str(image_dir), "data.image_size": 16, "data.max_words": 4,
       "data.min_word_count": 1})

@@ -1,9 +1,9 @@
 """Several runs as one program (`training.runs`): run r computes what it computes alone; a diverging run is frozen
 and leaves the others alone; the runs block is checked."""
+import json
 import os
-import signal
 import subprocess
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import synthetic_digits
-from test_train import _train_cmd
+from test_train import _train_cmd, kill_after_first_checkpoint
 from wsram_jax import errors
 from wsram_jax.classifier import train
 from wsram_jax.training import metric_writers
@@ -143,17 +143,7 @@ def test_sigkill_and_resume_of_several_runs_is_bit_identical(tiny_config, tiny_m
   assert ref.returncode == 0, ref.stderr[-2000:]
   assert len(ref.stdout.strip().splitlines()) == 2 and "2 runs" in ref.stderr  # one summary line per run
   killed_dir = tmp_path / "killed"
-  proc = subprocess.Popen(_train_cmd(killed_dir, tiny_mnist_dir, *extra), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 400
-  ckpt_dir = killed_dir / "checkpoints"
-  while time.time() < deadline and proc.poll() is None:
-    if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-      break
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
+  kill_after_first_checkpoint(_train_cmd(killed_dir, tiny_mnist_dir, *extra), killed_dir)
   resumed = subprocess.run(_train_cmd(killed_dir, tiny_mnist_dir, *extra), cwd=REPO, capture_output=True,
                            text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -165,3 +155,23 @@ def test_sigkill_and_resume_of_several_runs_is_bit_identical(tiny_config, tiny_m
   for r in range(2):
     steps, _ = metric_writers.series(metric_writers.read_metrics(str(killed_dir / f"run_{r}")), "train/loss")
     assert steps[-1] == 300
+
+
+def test_learning_rate_selection_command(tiny_mnist_dir, tmp_path):
+  """experiments.select_lr trains each variant's grid as one program and picks the highest learning rate whose
+  seeds all converged; a diverging learning rate is never picked."""
+  from conftest import tiny_overrides  # pylint: disable=g-import-not-at-top
+  overrides = {k: v for k, v in tiny_overrides(tiny_mnist_dir).items() if k != "num_steps"}
+  overrides.update({"grad_clip_norm": 0.0, "eval_every": 4})
+  cmd = [sys.executable, "-m", "experiments.select_lr", f"--root={tmp_path / 'lr'}", "--variants=wsram_q_cv",
+         "--learning_rates=1e30,1e-3", "--seeds=0,1", "--steps=4", "--max_error=1.0",
+         f"--results={tmp_path / 'results' / 'learning_rates'}",
+         *[f"--override=--config.{k}={v}" for k, v in overrides.items()]]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  chosen = json.loads((tmp_path / "results" / "learning_rates.json").read_text())
+  assert chosen["learning_rates"] == {"wsram_q_cv": 1e-3}
+  runs = chosen["details"]["wsram_q_cv"]["runs"]
+  assert not any(v["converged"] for v in runs[repr(1e30)].values())
+  assert all(v["converged"] for v in runs[repr(1e-3)].values())
+  assert "| wsram_q_cv |" in (tmp_path / "results" / "learning_rates.md").read_text()

@@ -218,6 +218,20 @@ def _final_params(config, workdir):
   return state, step
 
 
+def kill_after_first_checkpoint(cmd, workdir, timeout=400):
+  """Starts `cmd` (a training binary on `workdir`) and kills it with SIGKILL once it has written a checkpoint."""
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + timeout
+  ckpt_dir = workdir / "checkpoints"
+  while time.time() < deadline and proc.poll() is None:
+    if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
+
+
 def test_sigkill_and_resume_gives_bit_identical_parameters(tiny_config, tiny_mnist_dir, tmp_path):
   extra = ["--config.num_steps=400", "--config.checkpoint_every=20", "--config.eval_every=400",
            "--config.log_every=20", "--config.diag_every=0"]
@@ -227,18 +241,8 @@ def test_sigkill_and_resume_gives_bit_identical_parameters(tiny_config, tiny_mni
   assert ref.returncode == 0, ref.stderr[-2000:]
   # The same run, killed with SIGKILL once it has written a checkpoint, then started again.
   killed_dir = tmp_path / "killed"
-  proc = subprocess.Popen(_train_cmd(killed_dir, tiny_mnist_dir, *extra), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  ckpt_dir = killed_dir / "checkpoints"
-  while time.time() < deadline and proc.poll() is None:
-    if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-      break
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
-  steps_at_kill = checkpoints.Checkpointer(str(ckpt_dir)).steps()
+  kill_after_first_checkpoint(_train_cmd(killed_dir, tiny_mnist_dir, *extra), killed_dir)
+  steps_at_kill = checkpoints.Checkpointer(str(killed_dir / "checkpoints")).steps()
   assert steps_at_kill and steps_at_kill[-1] < 400
   resumed = subprocess.run(_train_cmd(killed_dir, tiny_mnist_dir, *extra), cwd=REPO, capture_output=True,
                            text=True, timeout=300)
