@@ -1,13 +1,18 @@
 r"""The paper's learning-rate protocol: per method, "the highest value that allowed the model to successfully converge".
 
     python -m experiments.select_lr --root=runs/lr --learning_rates=3e-3,1e-3,3e-4,1e-4 --seeds=0,1,2 \
-        --steps=5000 [--variants=var,var_cv,...] [--max_error=0.5] [--results=results/learning_rates]
+        --steps=5000 [--variants=var,var_cv,...] [--max_error=0.5] [--min_on_digit=0.5] \
+        [--results=results/learning_rates]
 
 For each variant of Table 1, one process trains every (learning rate, seed) pair as one program
 (`--config.num_runs`, `training.runs`) for --steps updates, in ROOT/VARIANT (it resumes). A run *converged* when
 it never produced a non-finite loss or gradient and its training error, averaged over the last logged window
-(`train/error`, the error of the trajectories the loss was computed on), is at most --max_error at the end. The
-variant's learning rate is the highest one whose runs all converged. Writes RESULTS.json (the choice and every
+(`train/error`, the error of the trajectories the loss was computed on), is at most --max_error at the end, and
+its policy is "a sensible attention policy" (the paper's words): in the evaluation at the end, at least
+--min_on_digit of the greedy glimpses 2-N have their centre inside the digit's box (`eval/on_digit/later`; the
+boxes are used to measure, never to train; 0 turns the test off). A learning rate that trains a classifier
+which looks once and parks its later glimpses off the digit has not converged by this test. The variant's
+learning rate is the highest one whose runs all converged. Writes RESULTS.json (the choice and every
 run's numbers), which `python -m experiments.table1 --learning_rates=RESULTS.json` reads, and RESULTS.md.
 """
 import json
@@ -29,6 +34,8 @@ _LRS = flags.DEFINE_list("learning_rates", ["3e-3", "1e-3", "3e-4", "1e-4"], "Th
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per learning rate.")
 _STEPS = flags.DEFINE_integer("steps", 5000, "Updates per run.")
 _MAX_ERROR = flags.DEFINE_float("max_error", 0.5, "A converged run's training error at the end is at most this.")
+_MIN_ON_DIGIT = flags.DEFINE_float("min_on_digit", 0.5,
+                                   "A converged run's greedy glimpses 2-N are on the digit at least this often.")
 _RESULTS = flags.DEFINE_string("results", "results/learning_rates", "Write RESULTS.json and RESULTS.md.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only choose from the runs' metrics so far.")
 _EXTRA = flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for every variant (e.g. a test's).")
@@ -47,28 +54,38 @@ def command(variant: str, workdir: str, learning_rates, seeds, steps: int, extra
           "--config.runs.seed=" + ",".join(str(s) for _, s in runs), "--config.diag_every=0", *extra]
 
 
-def converged(run_dir: str, steps: int, max_error: float) -> dict:
-  """One run's verdict: its last logged training error, whether it reached `steps` finite, and converged."""
+def converged(run_dir: str, steps: int, max_error: float, min_on_digit: float = 0.0) -> dict:
+  """One run's verdict: its last logged training error, whether it reached `steps` finite, where its greedy
+  later glimpses went, and whether it converged."""
   final = report.final_metrics(run_dir)
   error = final.get("train/error")
+  on_digit = final.get("eval/on_digit/later")
   finite = "train/nonfinite_step" not in final and final.get("step", 0) >= steps
-  ok = bool(finite and error is not None and float(error) <= max_error)
-  return {"train_error": None if error is None else float(error), "finished_finite": finite, "converged": ok}
+  attends = min_on_digit <= 0 or (on_digit is not None and float(on_digit) >= min_on_digit)
+  ok = bool(finite and error is not None and float(error) <= max_error and attends)
+  return {"train_error": None if error is None else float(error), "finished_finite": finite,
+          "on_digit_later": None if on_digit is None else float(on_digit), "converged": ok}
 
 
-def choose(variant_dir: str, learning_rates, seeds, steps: int, max_error: float) -> dict:
+def choose(variant_dir: str, learning_rates, seeds, steps: int, max_error: float,
+           min_on_digit: float = 0.0) -> dict:
   """The highest learning rate whose runs all converged (None if none did), with every run's verdict."""
   per_lr = {}
   for r, (lr, seed) in enumerate(grid(learning_rates, seeds)):
-    per_lr.setdefault(repr(lr), {})[str(seed)] = converged(os.path.join(variant_dir, f"run_{r}"), steps, max_error)
+    per_lr.setdefault(repr(lr), {})[str(seed)] = converged(os.path.join(variant_dir, f"run_{r}"), steps, max_error,
+                                                           min_on_digit)
   good = [lr for lr in learning_rates if all(v["converged"] for v in per_lr[repr(lr)].values())]
   return {"learning_rate": max(good) if good else None, "runs": per_lr}
 
 
-def markdown(choices: dict, learning_rates, seeds, steps: int, max_error: float, cmd: str) -> str:
+def markdown(choices: dict, learning_rates, seeds, steps: int, max_error: float, cmd: str,
+             min_on_digit: float = 0.0) -> str:
+  attends = (f", and at least {min_on_digit:.0%} of its greedy glimpses 2-N were on the digit" if min_on_digit > 0
+             else "")
   lines = [f"Command: `{cmd}`", "",
-           f"A run converged when it stayed finite for {steps} updates and its training error at the end was at "
-           f"most {max_error:.0%}; the learning rate is the highest whose {len(seeds)} seeds all converged.", "",
+           f"A run converged when it stayed finite for {steps} updates, its training error at the end was at "
+           f"most {max_error:.0%}{attends}; the learning rate is the highest whose {len(seeds)} seeds all "
+           "converged.", "",
            "| variant | " + " | ".join(f"lr {lr:g}" for lr in learning_rates) + " | chosen |",
            "|---|" + "---|" * (len(learning_rates) + 1)]
   for variant, c in choices.items():
@@ -76,12 +93,15 @@ def markdown(choices: dict, learning_rates, seeds, steps: int, max_error: float,
     for lr in learning_rates:
       runs = c["runs"][repr(lr)].values()
       errs = ", ".join("NaN" if not v["finished_finite"] else
-                       ("-" if v["train_error"] is None else f"{100 * v['train_error']:.1f}%") for v in runs)
+                       ("-" if v["train_error"] is None else f"{100 * v['train_error']:.1f}%") +
+                       ("" if v.get("on_digit_later") is None else f" ({100 * v['on_digit_later']:.0f}%)")
+                       for v in runs)
       cells.append(("**" if all(v["converged"] for v in runs) else "") + errs +
                    ("**" if all(v["converged"] for v in runs) else ""))
     chosen = "none" if c["learning_rate"] is None else f"{c['learning_rate']:g}"
     lines.append(f"| {variant} | " + " | ".join(cells) + f" | {chosen} |")
-  lines += ["", "Cells: the training error of each seed at the end (bold: all converged)."]
+  lines += ["", "Cells: the training error of each seed at the end, in brackets the fraction of its greedy glimpses "
+                "2-N on the digit (bold: all converged)."]
   return "\n".join(lines)
 
 
@@ -95,6 +115,8 @@ def main(argv):
     raise errors.ConfigError(f"--learning_rates takes numbers and --seeds integers: {e}.") from None
   if not learning_rates or not seeds or min(learning_rates) <= 0 or _STEPS.value < 1:
     raise errors.ConfigError("--learning_rates must be positive, --seeds non-empty and --steps >= 1.")
+  if not 0 <= _MIN_ON_DIGIT.value <= 1:
+    raise errors.ConfigError(f"--min_on_digit is a fraction in [0, 1], got {_MIN_ON_DIGIT.value}.")
   cmd = "python -m experiments.select_lr " + shlex.join(sys.argv[1:])
   for variant in _VARIANTS.value:
     workdir = os.path.join(_ROOT.value, variant)
@@ -105,14 +127,15 @@ def main(argv):
                           check=False)
     if proc.returncode != 0:
       raise errors.UserError(f"The {variant} sweep failed (exit {proc.returncode}); its output is above.")
-  choices = {v: choose(os.path.join(_ROOT.value, v), learning_rates, seeds, _STEPS.value, _MAX_ERROR.value)
-             for v in _VARIANTS.value}
+  choices = {v: choose(os.path.join(_ROOT.value, v), learning_rates, seeds, _STEPS.value, _MAX_ERROR.value,
+                       _MIN_ON_DIGIT.value) for v in _VARIANTS.value}
   os.makedirs(os.path.dirname(_RESULTS.value) or ".", exist_ok=True)
   with open(_RESULTS.value + ".json", "w", encoding="utf-8") as f:
     json.dump({"command": cmd, "steps": _STEPS.value, "max_error": _MAX_ERROR.value,
+               "min_on_digit": _MIN_ON_DIGIT.value,
                "learning_rates": {v: c["learning_rate"] for v, c in choices.items()}, "details": choices}, f,
               indent=1)
-  text = markdown(choices, learning_rates, seeds, _STEPS.value, _MAX_ERROR.value, cmd)
+  text = markdown(choices, learning_rates, seeds, _STEPS.value, _MAX_ERROR.value, cmd, _MIN_ON_DIGIT.value)
   with open(_RESULTS.value + ".md", "w", encoding="utf-8") as f:
     f.write(text + "\n")
   print(text)

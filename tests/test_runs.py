@@ -164,7 +164,7 @@ def test_learning_rate_selection_command(tiny_mnist_dir, tmp_path):
   overrides = {k: v for k, v in tiny_overrides(tiny_mnist_dir).items() if k != "num_steps"}
   overrides.update({"grad_clip_norm": 0.0, "eval_every": 4})
   cmd = [sys.executable, "-m", "experiments.select_lr", f"--root={tmp_path / 'lr'}", "--variants=wsram_q_cv",
-         "--learning_rates=1e30,1e-3", "--seeds=0,1", "--steps=4", "--max_error=1.0",
+         "--learning_rates=1e30,1e-3", "--seeds=0,1", "--steps=4", "--max_error=1.0", "--min_on_digit=0",
          f"--results={tmp_path / 'results' / 'learning_rates'}",
          *[f"--override=--config.{k}={v}" for k, v in overrides.items()]]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -175,3 +175,19 @@ def test_learning_rate_selection_command(tiny_mnist_dir, tmp_path):
   assert not any(v["converged"] for v in runs[repr(1e30)].values())
   assert all(v["converged"] for v in runs[repr(1e-3)].values())
   assert "| wsram_q_cv |" in (tmp_path / "results" / "learning_rates.md").read_text()
+
+
+def test_a_run_that_parks_its_later_glimpses_has_not_converged(tmp_path):
+  """select_lr's verdict: finite and below --max_error is not enough when --min_on_digit asks for a policy
+  whose later greedy glimpses land on the digit (the paper's "sensible attention policy")."""
+  from experiments import select_lr  # pylint: disable=g-import-not-at-top
+  for name, on_digit in (("parks", 0.0), ("attends", 0.9)):
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / "metrics.jsonl", "w", encoding="utf-8") as f:
+      f.write(json.dumps({"step": 100, "train/error": 0.1}) + "\n")
+      f.write(json.dumps({"step": 100, "eval/error_sampled": 0.1, "eval/on_digit/later": on_digit}) + "\n")
+  assert select_lr.converged(str(tmp_path / "parks"), 100, 0.5)["converged"]  # the attention test off
+  assert not select_lr.converged(str(tmp_path / "parks"), 100, 0.5, min_on_digit=0.5)["converged"]
+  verdict = select_lr.converged(str(tmp_path / "attends"), 100, 0.5, min_on_digit=0.5)
+  assert verdict["converged"] and verdict["on_digit_later"] == 0.9
+  assert not select_lr.converged(str(tmp_path / "attends"), 200, 0.5)["converged"]  # did not reach the budget
