@@ -7,8 +7,8 @@ Runs: one `python -m experiments.train` per variant, each training all the seeds
 (`--config.num_runs`, `training.runs`; seed s is ROOT/VARIANT/run_i, in --seeds order), --jobs processes at a time:
 
 * Table 1 / Figure 2: the six variants (var, var_cv, wsram, wsram_cv, wsram_q, wsram_q_cv);
-* Figure 3: var_cv with the exploration heuristics off and wsram_q_cv with them on, beside the Table 1 runs of
-  the same variants (VAR has them on by default, WS-RAM off).
+* Figure 3: var_cv with the exploration heuristics off, and wsram_q_cv with all of them on and all off, beside
+  the Table 1 runs of the same variants (VAR has all three on by default, WS-RAM the entropy bonus alone).
 
 With --learning_rates (the file `python -m experiments.select_lr` writes) each variant trains at the learning
 rate chosen for it there; the Figure 3 runs take their variant's.
@@ -47,7 +47,8 @@ _EXTRA = flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for
 
 TABLE_VARIANTS = ("var", "var_cv", "wsram", "wsram_cv", "wsram_q", "wsram_q_cv")
 FIGURE3_RUNS = {"var_cv_heuroff": ("var_cv", mnist_configs.HEURISTICS_OFF),
-                "wsram_q_cv_heuron": ("wsram_q_cv", mnist_configs.HEURISTICS_ON)}
+                "wsram_q_cv_heuron": ("wsram_q_cv", mnist_configs.HEURISTICS_ON),
+                "wsram_q_cv_heuroff": ("wsram_q_cv", mnist_configs.HEURISTICS_OFF)}
 
 
 def _heuristics_flags(setting: dict) -> list[str]:
@@ -154,7 +155,8 @@ def write_report(runs: dict[str, list[str]], root: str, seeds, results: str, com
   report.figure3({
       "VAR+c": {"heuristics on": groups["var_cv"], "heuristics off": run_dirs(root, "var_cv_heuroff", seeds)},
       "WS-RAM+q+c": {"heuristics on": run_dirs(root, "wsram_q_cv_heuron", seeds),
-                     "heuristics off": groups["wsram_q_cv"]},
+                     "heuristics off": run_dirs(root, "wsram_q_cv_heuroff", seeds),
+                     "entropy bonus only (default)": groups["wsram_q_cv"]},
   }, os.path.join(results, "figure3.png"))
   text = "\n\n".join([
       "Command: `" + command + "`",

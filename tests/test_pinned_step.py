@@ -2,7 +2,8 @@
 
 `pinned_wsram_q_cv_step.json` holds the loss, every metric and, per parameter array, the sum and the absolute sum
 of the gradient, as the code at commit 86db9bb (before the training core, the classifier and the captioner were
-separated) computed them for the config's fresh parameters (seed 0), 256 synthetic digits and key 7. A change
+separated) computed them for the config's fresh parameters (seed 0), 256 synthetic digits and key 7, with the
+variant's settings of that time (no exploration heuristics; the learning rate does not enter the step). A change
 that alters what the step computes, rather than how the code is arranged, fails here; a deliberate change of the
 model or the estimators updates the file, and says so in its commit.
 """
@@ -29,6 +30,7 @@ def test_wsram_q_cv_loss_metrics_and_gradients_are_pinned():
   with open(PINNED, encoding="utf-8") as f:
     pinned = json.load(f)
   config = mnist.get_config("wsram_q_cv")
+  config.heuristics.update(mnist.HEURISTICS_OFF)  # the settings the pin was made with (defaults since changed)
   images, labels = synthetic_digits(256, seed=3)
   model = train.build_model(config)
   state = train.create_train_state(config, model, step_lib.make_optimizer(config))

@@ -151,27 +151,29 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
   """Figure 3: each method with the exploration heuristics on and off: training error, and each scale's use.
 
   Args:
-    pairs: method label -> {'heuristics on': workdirs, 'heuristics off': workdirs}.
+    pairs: method label -> {setting label: workdirs}, e.g. {'heuristics on': [...], 'heuristics off': [...]};
+      a method's settings are drawn solid, dashed, dotted, in this order.
   """
+  styles = ("-", "--", ":", "-.")
   fig, axes = plt.subplots(1, 1 + len(pairs), figsize=(5 * (1 + len(pairs)), 4.2))
   ax = axes[0]
   for method, settings in pairs.items():
-    for setting, workdirs in settings.items():
+    for i, (setting, workdirs) in enumerate(settings.items()):
       steps, values = _averaged(workdirs, "train/error")
       if steps.size:
         ax.plot(steps / 1000, _smooth(values, smooth), label=f"{method}, {setting}",
-                linestyle="-" if setting.endswith("on") else "--")
+                linestyle=styles[i % len(styles)])
   ax.set_title("training error")
   ax.set_xlabel("thousands of updates")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   for ax, (method, settings) in zip(axes[1:], pairs.items()):
-    for setting, workdirs in settings.items():
+    for i, (setting, workdirs) in enumerate(settings.items()):
       for s in range(num_scales):
         steps, values = _averaged(workdirs, f"train/scale_usage_{s}")
         if steps.size:
           ax.plot(steps / 1000, _smooth(values, smooth), color=f"C{s}",
-                  linestyle="-" if setting.endswith("on") else "--", label=f"scale {s}, {setting}")
+                  linestyle=styles[i % len(styles)], label=f"scale {s}, {setting}")
     ax.set_title(f"{method}: fraction of glimpses at each scale")
     ax.set_xlabel("thousands of updates")
     ax.set_ylim(0, 1)
