@@ -27,18 +27,24 @@ from wsram_jax import errors
 from wsram_jax.training import cli
 from wsram_jax.training import report
 
-_ROOT = flags.DEFINE_string("root", "runs/lr", "Directory holding one workdir per variant.")
-_VARIANTS = flags.DEFINE_list("variants", ["var", "var_cv", "wsram", "wsram_cv", "wsram_q", "wsram_q_cv"],
-                              "Variants of experiments/configs/mnist.py.")
-_LRS = flags.DEFINE_list("learning_rates", ["3e-3", "1e-3", "3e-4", "1e-4"], "The grid of learning rates.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per learning rate.")
-_STEPS = flags.DEFINE_integer("steps", 5000, "Updates per run.")
-_MAX_ERROR = flags.DEFINE_float("max_error", 0.5, "A converged run's training error at the end is at most this.")
-_MIN_ON_DIGIT = flags.DEFINE_float("min_on_digit", 0.5,
-                                   "A converged run's greedy glimpses 2-N are on the digit at least this often.")
-_RESULTS = flags.DEFINE_string("results", "results/learning_rates", "Write RESULTS.json and RESULTS.md.")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only choose from the runs' metrics so far.")
-_EXTRA = flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for every variant (e.g. a test's).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this binary's flags; called only when it runs as a program, so that importing it (tests, other
+  binaries defining their own --root) adds nothing to the global absl flags."""
+  flags.DEFINE_string("root", "runs/lr", "Directory holding one workdir per variant.")
+  flags.DEFINE_list("variants", ["var", "var_cv", "wsram", "wsram_cv", "wsram_q", "wsram_q_cv"],
+                    "Variants of experiments/configs/mnist.py.")
+  flags.DEFINE_list("learning_rates", ["3e-3", "1e-3", "3e-4", "1e-4"], "The grid of learning rates.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per learning rate.")
+  flags.DEFINE_integer("steps", 5000, "Updates per run.")
+  flags.DEFINE_float("max_error", 0.5, "A converged run's training error at the end is at most this.")
+  flags.DEFINE_float("min_on_digit", 0.5,
+                     "A converged run's greedy glimpses 2-N are on the digit at least this often.")
+  flags.DEFINE_string("results", "results/learning_rates", "Write RESULTS.json and RESULTS.md.")
+  flags.DEFINE_bool("report_only", False, "Only choose from the runs' metrics so far.")
+  flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for every variant (e.g. a test's).")
 
 
 def grid(learning_rates, seeds) -> list[tuple[float, int]]:
@@ -109,37 +115,38 @@ def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f"Unexpected arguments: {' '.join(argv[1:])}.")
   try:
-    learning_rates = sorted({float(x) for x in _LRS.value}, reverse=True)
-    seeds = [int(s) for s in _SEEDS.value]
+    learning_rates = sorted({float(x) for x in FLAGS.learning_rates}, reverse=True)
+    seeds = [int(s) for s in FLAGS.seeds]
   except ValueError as e:
     raise errors.ConfigError(f"--learning_rates takes numbers and --seeds integers: {e}.") from None
-  if not learning_rates or not seeds or min(learning_rates) <= 0 or _STEPS.value < 1:
+  if not learning_rates or not seeds or min(learning_rates) <= 0 or FLAGS.steps < 1:
     raise errors.ConfigError("--learning_rates must be positive, --seeds non-empty and --steps >= 1.")
-  if not 0 <= _MIN_ON_DIGIT.value <= 1:
-    raise errors.ConfigError(f"--min_on_digit is a fraction in [0, 1], got {_MIN_ON_DIGIT.value}.")
+  if not 0 <= FLAGS.min_on_digit <= 1:
+    raise errors.ConfigError(f"--min_on_digit is a fraction in [0, 1], got {FLAGS.min_on_digit}.")
   cmd = "python -m experiments.select_lr " + shlex.join(sys.argv[1:])
-  for variant in _VARIANTS.value:
-    workdir = os.path.join(_ROOT.value, variant)
-    if _REPORT_ONLY.value:
+  for variant in FLAGS.variants:
+    workdir = os.path.join(FLAGS.root, variant)
+    if FLAGS.report_only:
       continue
     print(f"{variant}: {len(learning_rates) * len(seeds)} runs in one program in {workdir}", flush=True)
-    proc = subprocess.run(command(variant, workdir, learning_rates, seeds, _STEPS.value, _EXTRA.value),
+    proc = subprocess.run(command(variant, workdir, learning_rates, seeds, FLAGS.steps, FLAGS.override),
                           check=False)
     if proc.returncode != 0:
       raise errors.UserError(f"The {variant} sweep failed (exit {proc.returncode}); its output is above.")
-  choices = {v: choose(os.path.join(_ROOT.value, v), learning_rates, seeds, _STEPS.value, _MAX_ERROR.value,
-                       _MIN_ON_DIGIT.value) for v in _VARIANTS.value}
-  os.makedirs(os.path.dirname(_RESULTS.value) or ".", exist_ok=True)
-  with open(_RESULTS.value + ".json", "w", encoding="utf-8") as f:
-    json.dump({"command": cmd, "steps": _STEPS.value, "max_error": _MAX_ERROR.value,
-               "min_on_digit": _MIN_ON_DIGIT.value,
+  choices = {v: choose(os.path.join(FLAGS.root, v), learning_rates, seeds, FLAGS.steps, FLAGS.max_error,
+                       FLAGS.min_on_digit) for v in FLAGS.variants}
+  os.makedirs(os.path.dirname(FLAGS.results) or ".", exist_ok=True)
+  with open(FLAGS.results + ".json", "w", encoding="utf-8") as f:
+    json.dump({"command": cmd, "steps": FLAGS.steps, "max_error": FLAGS.max_error,
+               "min_on_digit": FLAGS.min_on_digit,
                "learning_rates": {v: c["learning_rate"] for v, c in choices.items()}, "details": choices}, f,
               indent=1)
-  text = markdown(choices, learning_rates, seeds, _STEPS.value, _MAX_ERROR.value, cmd, _MIN_ON_DIGIT.value)
-  with open(_RESULTS.value + ".md", "w", encoding="utf-8") as f:
+  text = markdown(choices, learning_rates, seeds, FLAGS.steps, FLAGS.max_error, cmd, FLAGS.min_on_digit)
+  with open(FLAGS.results + ".md", "w", encoding="utf-8") as f:
     f.write(text + "\n")
   print(text)
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run_main(main)
