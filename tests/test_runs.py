@@ -88,7 +88,8 @@ def test_a_diverging_run_is_frozen_and_the_others_train_on(tiny_config, data):
   for leaf in jax.tree_util.tree_leaves(state.params):
     assert np.all(np.isfinite(np.asarray(leaf)))
   alone, _ = _train(runs.config_for(config, 2), *data, steps=4)
-  for a, b in zip(jax.tree_util.tree_leaves(runs_lib.unstack(state, 2).params), jax.tree_util.tree_leaves(alone.params)):
+  for a, b in zip(jax.tree_util.tree_leaves(runs_lib.unstack(state, 2).params),
+                  jax.tree_util.tree_leaves(alone.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam magnifies float noise
 
 

@@ -182,4 +182,3 @@ def window_on_box(loc: jax.Array, scale: jax.Array, box: jax.Array, canvas_hw: t
   box_area = jnp.maximum((hi - lo)[0] * (hi - lo)[1], 1)
   return (inside.astype(jnp.float32), (area > 0).astype(jnp.float32),
           (area / box_area).astype(jnp.float32))
-

@@ -175,7 +175,8 @@ class ObjectiveConfig:
                p_baseline=config.p_baseline, baseline=config.baseline, baseline_decay=float(config.baseline_decay),
                baseline_weight=float(config.baseline_weight), num_samples=config.num_samples,
                temperature=float(h.temperature), coverage_weight=float(h.coverage_weight),
-               coverage_location_weight=float(h.coverage_location_weight), entropy_weight=float(h.entropy_weight), mixture_alpha=float(config.mixture_alpha),
+               coverage_location_weight=float(h.coverage_location_weight), entropy_weight=float(h.entropy_weight),
+               mixture_alpha=float(config.mixture_alpha),
                sleep_weight=float(config.sleep_weight))
 
   @property

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from wsram_jax import objectives as objectives_lib
 from wsram_jax.captioning import model as model_lib
 from wsram_jax.captioning import rollout as rollout_lib
+from wsram_jax.training import runs as runs_lib
 
 __all__ = ["batched_rollout", "caption_metrics", "make_loss_fn"]
 
@@ -59,7 +60,7 @@ def make_loss_fn(cfg: objectives_lib.ObjectiveConfig, model: model_lib.CaptionMo
 
   def loss_fn(params, batch, key, baseline_value=0.0, hyper=None):
     hyper = hyper or {}
-    net = model.clone(loc_std=hyper["loc_std"]) if "loc_std" in hyper else model
+    net = runs_lib.model_for(model, hyper)
     images, captions = batch
     traj = batched_rollout(params, images, captions, key, model=net, proposal=objectives_lib.make_proposal(cfg, hyper),
                            num_samples=cfg.num_samples, q_word=q_word)

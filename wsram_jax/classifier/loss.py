@@ -24,6 +24,7 @@ from wsram_jax import objectives
 from wsram_jax import proposals as proposals_lib
 from wsram_jax.classifier import model as model_lib
 from wsram_jax.classifier import rollout as rollout_lib
+from wsram_jax.training import runs as runs_lib
 
 __all__ = ["batched_rollout", "make_loss_fn", "sleep_loss"]
 
@@ -48,7 +49,7 @@ def make_loss_fn(cfg: objectives.ObjectiveConfig, model: model_lib.AttentionMode
 
   def loss_fn(params, batch, key, baseline_value=0.0, hyper=None):
     hyper = hyper or {}
-    net = model.clone(loc_std=hyper["loc_std"]) if "loc_std" in hyper else model
+    net = runs_lib.model_for(model, hyper)
     canvases, labels = batch
     k_roll, k_sleep = jax.random.split(key)
     traj = batched_rollout(params, canvases, labels, k_roll, model=net, proposal=objectives.make_proposal(cfg, hyper),

@@ -124,7 +124,6 @@ def validate_config(config) -> None:
             f"({jax.devices()[0].platform}).")
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Model, state.
 
@@ -206,7 +205,7 @@ def make_eval_batch(config, model) -> Callable[..., dict]:
   @functools.partial(jax.jit, compiler_options=step_lib.compiler_options())
   def eval_batch(params, canvases, labels, boxes, mask, key, hyper):
     canvases = canvas_lib.to_float(canvases)
-    net = model.clone(loc_std=hyper["loc_std"]) if "loc_std" in hyper else model
+    net = runs_lib.model_for(model, hyper)
     greedy = roll(params, canvases, labels, key, num_samples=1, greedy=True, model=net)
     sampled = roll(params, canvases, labels, key, num_samples=m_, model=net)
     mean_probs = jnp.mean(jax.nn.softmax(sampled.logits), axis=1)  # [E, C]
@@ -264,10 +263,9 @@ def make_evaluator(config, model, test_canvases, test_labels, test_boxes) -> Cal
   key = jax.random.PRNGKey(config.data.test_seed + 1)
 
   runs = runs_lib.from_config(config)
-  hyper = runs.hyper()
 
   def evaluate(state, r=None):
-    run_hyper = {} if r is None else {k: v[r] for k, v in hyper.items()}
+    run_hyper = {} if r is None else runs.hyper_of(r)
     totals = {}
     for start in range(0, n, e):
       index = np.minimum(np.arange(start, start + e), n - 1)
@@ -299,8 +297,7 @@ def make_diagnose(config, model, images, labels) -> Callable[..., dict]:
     batch, key = inputs(config.seed)
     return lambda state: diagnose(state, batch, key)
   per_run = [inputs(seed) for seed in runs.seeds]
-  hyper = runs.hyper()
-  return lambda state, r: diagnose(state, *per_run[r], {k: v[r] for k, v in hyper.items()})
+  return lambda state, r: diagnose(state, *per_run[r], runs.hyper_of(r))
 
 
 # ---------------------------------------------------------------------------------------------------------------

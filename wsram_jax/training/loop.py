@@ -263,6 +263,11 @@ def _mean_metrics(history: list[Mapping[str, jax.Array]]) -> dict[str, np.ndarra
   return {k: np.mean(np.stack([np.asarray(h[k], np.float64) for h in stacked]), axis=0) for k in stacked[0]}
 
 
+def _nonfinite_steps(state: TrainState) -> np.ndarray:
+  """``state.nonfinite_step`` on the host, ``[R]`` (one entry for a single run): -1 for a run that is finite."""
+  return np.asarray(jax.device_get(state.nonfinite_step)).reshape(-1)
+
+
 def _scalar_step(state: TrainState) -> int:
   """The number of updates applied (the same for every run of a stacked state)."""
   return int(np.max(np.asarray(jax.device_get(state.step))))
@@ -388,7 +393,7 @@ def _train(config, state, ckpt, writers, labels, train_step, evaluate, diagnose,
     last[r].update({k: np.asarray(v).tolist() for k, v in metrics.items()})
 
   def check_finite(state, step):
-    bad = np.asarray(jax.device_get(state.nonfinite_step)).reshape(-1)
+    bad = _nonfinite_steps(state)
     if not several:
       if bad[0] >= 0:
         raise errors.NonFiniteError(
@@ -462,7 +467,7 @@ def _stop(signum: int, state: TrainState, ckpt: checkpoints.Checkpointer,
   """Saves `state` (unless it is saved already, untrained or not finite) and returns the one-line error."""
   with stop.deferred(then_raise=False):  # a second signal does not interrupt this save either
     step = _scalar_step(state)
-    bad = np.asarray(jax.device_get(state.nonfinite_step)).reshape(-1)
+    bad = _nonfinite_steps(state)
     if np.all(bad >= 0):  # (with several runs, a frozen run keeps its last good parameters: the state is finite)
       what = (f"not saved, as it holds NaN or inf since step {int(bad.max()) + 1}; "
               f"{ckpt.last_good()}")

@@ -26,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from wsram_jax import objectives
 from wsram_jax.errors import ConfigError
 
-__all__ = ["SWEEPABLE", "RUN_AXIS", "Runs", "from_config", "stack", "unstack", "make_mesh", "cpu_devices"]
+__all__ = ["SWEEPABLE", "RUN_AXIS", "Runs", "from_config", "model_for", "stack", "unstack", "make_mesh",
+           "cpu_devices"]
 
 RUN_AXIS = "runs"
 
@@ -49,6 +50,10 @@ class Runs:
   def hyper(self) -> dict[str, jax.Array]:
     """``{name: float32 [R]}``, the step's per-run ``hyper`` argument."""
     return {name: jnp.asarray(v, jnp.float32) for name, v in self.values.items()}
+
+  def hyper_of(self, r: int) -> dict[str, jax.Array]:
+    """Run r's own numbers, ``{name: float32 scalar}``, as `build_step` passes them to one run's loss."""
+    return {name: v[r] for name, v in self.hyper().items()}
 
   def label(self, r: int) -> str:
     """``'run 2 (seed 3, learning_rate 0.0003)'``."""
@@ -101,6 +106,12 @@ def from_config(config) -> Runs:
         raise ConfigError(f"--config.runs.{name} takes numbers, got {v}.")
       swept[name] = tuple(float(x) for x in v)
   return Runs(seeds=tuple(int(s) for s in seeds), values=swept)
+
+
+def model_for(model, hyper: Optional[dict]):
+  """`model` with a run's own location std (``hyper['loc_std']``, a swept number), or `model` itself. Every
+  task's model has a ``loc_std`` field."""
+  return model.clone(loc_std=hyper["loc_std"]) if hyper and "loc_std" in hyper else model
 
 
 def stack(states: list[Any]) -> Any:
