@@ -20,8 +20,8 @@ HEURISTICS_ON = {"temperature": 1.5, "coverage_weight": 0.1, "coverage_location_
 HEURISTICS_OFF = {"temperature": 1.0, "coverage_weight": 0.0, "coverage_location_weight": 1.0, "entropy_weight": 0.0}
 # WS-RAM's variants use heuristic (3) alone (ours, against the paper's "not necessary"; RESULTS.md, "Attention"):
 # without it the greedy glimpses of WS-RAM+q+c used one scale in 8 of 9 runs; with it, in 2 of 4 (the others
-# two scales), at no cost in error. All three together (tempered proposal, coverage of locations) pulled the later
-# glimpses off the digit.
+# two scales), at no cost in error. Adding heuristic (2) with its location term pulled the later glimpses off the
+# digit.
 HEURISTICS_WSRAM = dict(HEURISTICS_OFF, entropy_weight=0.01)
 
 
