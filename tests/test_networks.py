@@ -9,12 +9,14 @@ import numpy as np
 import optax
 import pytest
 
+from experiments.configs import mnist
 from wsram_jax import actions
 from wsram_jax import attention
 from wsram_jax import glimpse as glimpse_lib
 from wsram_jax import proposals
 from wsram_jax.classifier import model as networks
 from wsram_jax.classifier import rollout as rollout_lib
+from wsram_jax.training import step as step_lib
 
 # A learned location std here (the rollout tests use the fixed one).
 MODEL = networks.AttentionModel(num_classes=3, glimpse_size=4, num_scales=2, lowres_size=4, hidden_size=16,
@@ -212,6 +214,26 @@ def test_param_labels_and_multi_transform(params):
   updates, _ = opt.update(grads, opt.init(params), params)
   np.testing.assert_array_equal(updates["inference"]["hidden"]["kernel"], 0.0)
   np.testing.assert_array_equal(updates["core1"]["kernel"], -1.0)
+
+
+def test_policy_lr_scale_steps_only_the_policies(params):
+  # make_optimizer with policy_lr_scale k: Adam's step times k for the prior's head and q, unchanged elsewhere.
+  mask = attention.policy_mask(params)
+  assert set(mask) == set(params)
+  assert all(jax.tree_util.tree_leaves(mask["prior"])) and all(jax.tree_util.tree_leaves(mask["inference"]))
+  assert not any(jax.tree_util.tree_leaves({k: v for k, v in mask.items() if k not in ("prior", "inference")}))
+  assert attention.policy_mask({"params": params})["params"] == mask
+  config = mnist.get_config("wsram_q_cv")
+  config.update({"learning_rate": 1e-3, "grad_clip_norm": 0.0, "policy_lr_scale": 0.25})
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  scaled, _ = step_lib.make_optimizer(config).update(grads, step_lib.make_optimizer(config).init(params), params)
+  config.policy_lr_scale = 1.0
+  plain, _ = step_lib.make_optimizer(config).update(grads, step_lib.make_optimizer(config).init(params), params)
+  np.testing.assert_allclose(scaled["prior"]["loc"]["kernel"], 0.25 * plain["prior"]["loc"]["kernel"], rtol=1e-6)
+  np.testing.assert_allclose(scaled["inference"]["hidden"]["kernel"], 0.25 * plain["inference"]["hidden"]["kernel"],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(scaled["core1"]["kernel"], plain["core1"]["kernel"])
+  np.testing.assert_allclose(plain["core1"]["kernel"], -1e-3, rtol=1e-3)
 
 
 def test_learned_std(params):

@@ -30,7 +30,7 @@ from wsram_jax import actions as actions_lib
 from wsram_jax import proposals as proposals_lib
 from wsram_jax.actions import Action
 
-__all__ = ["INFERENCE_KEY", "BASELINE_KEY", "param_labels", "Heads", "Linear", "ActionHead", "head_distribution", "GlimpseRecord", "choose_action", "Trajectory",
+__all__ = ["INFERENCE_KEY", "BASELINE_KEY", "PRIOR_KEY", "param_labels", "policy_mask", "Heads", "Linear", "ActionHead", "head_distribution", "GlimpseRecord", "choose_action", "Trajectory",
            "trajectory_fields"]
 
 
@@ -38,6 +38,8 @@ __all__ = ["INFERENCE_KEY", "BASELINE_KEY", "param_labels", "Heads", "Linear", "
 # ``'params'``, a VAR baseline head's under the other; everything else is the prediction network (theta).
 INFERENCE_KEY = "inference"
 BASELINE_KEY = "baseline"
+# The prior's action head (the attention policy p(a_n | a_<n, I)) lives under this top-level key.
+PRIOR_KEY = "prior"
 
 
 class Heads(NamedTuple):
@@ -288,3 +290,18 @@ def param_labels(params, *, baseline: str = "theta"):
     return "theta"
 
   return jax.tree_util.tree_map_with_path(label, params)
+
+
+def policy_mask(params):
+  """A pytree like ``params`` with leaves True for the attention policies' own parameters (the prior's action
+  head, ``PRIOR_KEY``, and the whole inference network q, ``INFERENCE_KEY``) and False elsewhere. Works on the
+  ``'params'`` collection or on ``{'params': ...}``; for ``optax.masked``. The prior's gradient also reaches the
+  core through its input h2; those shared layers are not in the mask."""
+
+  def is_policy(path, _):
+    keys = _path_keys(path)
+    if keys and keys[0] == "params":
+      keys = keys[1:]
+    return bool(keys) and keys[0] in (PRIOR_KEY, INFERENCE_KEY)
+
+  return jax.tree_util.tree_map_with_path(is_policy, params)

@@ -104,6 +104,9 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   # converges to a one-glimpse policy whose later glimpses park off the digit; at 3e-4 they land on it
   # (RESULTS.md, "Attention").
   c.learning_rate = 3e-4
+  # (ours) The attention policies' learning rate (the prior's head and the inference network) as a multiple of
+  # learning_rate; 1 = one learning rate for all, as in the paper.
+  c.policy_lr_scale = 1.0
   c.grad_clip_norm = 10.0  # (ours) global-norm clipping; 0 turns it off.
   c.num_steps = 20000  # The paper reports 10 million updates; this is our CPU budget.
 

@@ -87,6 +87,8 @@ def validate_common(config) -> objectives.ObjectiveConfig:
   require_int("diag_every", config.diag_every, 0)
   require(0 < float(config.learning_rate) < math.inf,
           f"--config.learning_rate must be positive and finite, got {config.learning_rate}.")
+  require(0 < float(config.get("policy_lr_scale", 1.0)) < math.inf,
+          f"--config.policy_lr_scale must be positive and finite, got {config.get('policy_lr_scale')}.")
   require(0 <= float(config.grad_clip_norm) < math.inf,
           f"--config.grad_clip_norm must be >= 0 and finite (0: no clipping), got {config.grad_clip_norm}.")
   runs_lib.from_config(config)

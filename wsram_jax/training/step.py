@@ -69,12 +69,19 @@ def make_optimizer(config, *, swept_learning_rate: bool = False) -> optax.Gradie
   given), Adam without its last step,
   ``scale(-learning_rate)``, which `build_step` applies with the run's value: ``optax.adam(lr)`` is
   ``chain(scale_by_adam(), scale(-lr))``, so a run computes the same numbers as alone.
+
+  ``config.policy_lr_scale`` (default 1) multiplies the step of the attention policies' own parameters
+  (`attention.policy_mask`: the prior's head and the inference network): their learning rate is
+  ``policy_lr_scale * learning_rate``, the rest's ``learning_rate``.
   """
   swept_learning_rate = swept_learning_rate or "learning_rate" in runs_lib.from_config(config).values
   adam = optax.scale_by_adam() if swept_learning_rate else optax.adam(config.learning_rate)
-  if config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam)
-  return adam
+  chain = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm > 0 else []
+  chain.append(adam)
+  policy_lr_scale = float(config.get("policy_lr_scale", 1.0))
+  if policy_lr_scale != 1.0:
+    chain.append(optax.masked(optax.scale(policy_lr_scale), attention.policy_mask))
+  return optax.chain(*chain) if len(chain) > 1 else adam
 
 
 def create_train_state(seed: int, init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
