@@ -15,6 +15,10 @@ def _fake_run(workdir, final_error, steps=(100, 200)):
                              "train/scale_usage_1": 0.3, "train/scale_usage_2": 0.5})
     writer.write_scalars(s, {"diag/grad_var/theta": 1e-4})
   writer.write_scalars(steps[-1], {"eval/error_sampled": final_error, "eval/error_greedy": final_error + 0.01})
+  # The greedy glimpses' scales at the end: glimpse 1 at scale 2, glimpse 2 split between scales 1 and 2.
+  writer.write_scalars(steps[-1], {"eval/scale_usage/g1_s0": 0.0, "eval/scale_usage/g1_s1": 0.0,
+                                   "eval/scale_usage/g1_s2": 1.0, "eval/scale_usage/g2_s0": 0.0,
+                                   "eval/scale_usage/g2_s1": final_error, "eval/scale_usage/g2_s2": 1 - final_error})
   writer.close()
 
 
@@ -27,6 +31,14 @@ def test_summarize_means_over_seeds(tmp_path):
   _fake_run(tmp_path / "c", 0.5, steps=(100,))  # An unfinished run does not count.
   s = report.summarize({"var": [str(tmp_path / w) for w in "abc"]}, min_step=200)["var"]
   assert s["runs"] == 2 and np.isclose(s["mean"], 0.15)
+
+
+def test_final_scale_usage_per_glimpse_is_the_mean_over_seeds(tmp_path):
+  _fake_run(tmp_path / "a", 0.2)
+  _fake_run(tmp_path / "b", 0.4)
+  usage = report._final_scale_usage([str(tmp_path / "a"), str(tmp_path / "b")], 3)
+  np.testing.assert_allclose(usage, [[0.0, 0.0, 1.0], [0.0, 0.3, 0.7]])
+  assert report._final_scale_usage([str(tmp_path / "missing")], 3) is None
 
 
 def test_planned_runs_train_every_seed_of_a_variant_as_one_program(tmp_path):

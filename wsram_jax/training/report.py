@@ -146,17 +146,37 @@ def figure2(groups: Mapping[str, Sequence[str]], path: str, *, smooth: int = 5) 
   return _save(fig, path, dpi=110)
 
 
+def _final_scale_usage(workdirs: Iterable[str], num_scales: int) -> Optional[np.ndarray]:
+  """``[N, S]``: each glimpse's use of each scale at the runs' last evaluation (the prior's greedy glimpses,
+  ``eval/scale_usage/g{n}_s{s}``), averaged over the runs that have one; None when none has."""
+  per_run = []
+  for w in workdirs:
+    final = final_metrics(w)
+    glimpses = sorted({int(k.split("/g")[1].split("_")[0]) for k in final if k.startswith("eval/scale_usage/g")})
+    if glimpses:
+      per_run.append([[final.get(f"eval/scale_usage/g{n}_s{s}", 0.0) for s in range(num_scales)] for n in glimpses])
+  shapes = {np.shape(u) for u in per_run}
+  if not per_run or len(shapes) > 1:
+    return None
+  return np.mean(np.asarray(per_run, float), axis=0)
+
+
 def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_scales: int = 3,
             smooth: int = 5) -> str:
   """Figure 3: each method with the exploration heuristics on and off: training error, and each scale's use.
+
+  Top row: the training error, and per method the fraction of the proposal's glimpses at each scale against
+  updates. Bottom row, per method: each glimpse's scale usage at the last evaluation (the prior's greedy
+  glimpses on the test canvases, mean over seeds), one stacked bar per glimpse and setting.
 
   Args:
     pairs: method label -> {setting label: workdirs}, e.g. {'heuristics on': [...], 'heuristics off': [...]};
       a method's settings are drawn solid, dashed, dotted, in this order.
   """
   styles = ("-", "--", ":", "-.")
-  fig, axes = plt.subplots(1, 1 + len(pairs), figsize=(5 * (1 + len(pairs)), 4.2))
-  ax = axes[0]
+  hatches = ("", "//", "..", "xx")
+  fig, axes = plt.subplots(2, 1 + len(pairs), figsize=(5 * (1 + len(pairs)), 8.2), squeeze=False)
+  ax = axes[0, 0]
   for method, settings in pairs.items():
     for i, (setting, workdirs) in enumerate(settings.items()):
       steps, values = _averaged(workdirs, "train/error")
@@ -167,7 +187,9 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
   ax.set_xlabel("thousands of updates")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  for ax, (method, settings) in zip(axes[1:], pairs.items()):
+  axes[1, 0].axis("off")
+  for col, (method, settings) in enumerate(pairs.items(), start=1):
+    ax = axes[0, col]
     for i, (setting, workdirs) in enumerate(settings.items()):
       for s in range(num_scales):
         steps, values = _averaged(workdirs, f"train/scale_usage_{s}")
@@ -178,6 +200,24 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
     ax.set_xlabel("thousands of updates")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[1, col]
+    width = 0.8 / max(len(settings), 1)
+    for i, (setting, workdirs) in enumerate(settings.items()):
+      usage = _final_scale_usage(workdirs, num_scales)
+      if usage is None:
+        continue
+      ax.set_xticks(np.arange(1, usage.shape[0] + 1))
+      x = np.arange(1, usage.shape[0] + 1) + (i - (len(settings) - 1) / 2) * width
+      bottom = np.zeros(usage.shape[0])
+      for s in range(num_scales):
+        ax.bar(x, usage[:, s], width * 0.95, bottom=bottom, color=f"C{s}", hatch=hatches[i % len(hatches)],
+               edgecolor="k", linewidth=0.4, label=f"scale {s}" if i == 0 else None)
+        bottom += usage[:, s]
+    ax.set_title(f"{method}: scale of each greedy glimpse at the end\n(bars left to right: "
+                 + ", ".join(settings) + ")", fontsize=9)
+    ax.set_xlabel("glimpse")
+    ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
   return _save(fig, path, dpi=110)
 
