@@ -156,7 +156,7 @@ def write_report(runs: dict[str, list[str]], root: str, seeds, results: str, com
       "VAR+c": {"heuristics on": groups["var_cv"], "heuristics off": run_dirs(root, "var_cv_heuroff", seeds)},
       "WS-RAM+q+c": {"heuristics on": run_dirs(root, "wsram_q_cv_heuron", seeds),
                      "heuristics off": run_dirs(root, "wsram_q_cv_heuroff", seeds),
-                     "entropy bonus only (default)": groups["wsram_q_cv"]},
+                     "T = 2 + entropy bonus (default)": groups["wsram_q_cv"]},
   }, os.path.join(results, "figure3.png"))
   text = "\n\n".join([
       "Command: `" + command + "`",
