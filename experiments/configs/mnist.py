@@ -124,7 +124,7 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   if variant == "quick":
     # `make run`: the default model, as many updates as fit in about 4 minutes on 2 cores, one evaluation at the
     # end on 2,000 test canvases. A higher learning rate learns faster but parks the later glimpses off the digit
-    # in some seeds (7e-4: 1 of 3 at 7,000 updates; RESULTS.md, "Attention").
+    # in some seeds (5e-4: 2 of 6; 7e-4: 1 of 3; 1e-3 with the policies at 0.3x: 2 of 3; RESULTS.md, "Attention").
     c.num_steps = 10000
     c.log_every = 100
     c.eval_every = 10000
