@@ -269,6 +269,14 @@ def _path_keys(path) -> list[str]:
   return out
 
 
+def _top_key(path) -> Optional[str]:
+  """The top-level module name of a parameter path, past a leading ``'params'`` collection; None for none."""
+  keys = _path_keys(path)
+  if keys and keys[0] == "params":
+    keys = keys[1:]
+  return keys[0] if keys else None
+
+
 def param_labels(params, *, baseline: str = "theta"):
   """A pytree like ``params`` with leaves ``'eta'`` (inference network) or ``'theta'`` (everything else).
 
@@ -278,14 +286,10 @@ def param_labels(params, *, baseline: str = "theta"):
   """
 
   def label(path, _):
-    keys = _path_keys(path)
-    if keys and keys[0] == "params":
-      keys = keys[1:]
-    if not keys:
-      return "theta"
-    if keys[0] == INFERENCE_KEY:
+    top = _top_key(path)
+    if top == INFERENCE_KEY:
       return "eta"
-    if keys[0] == BASELINE_KEY:
+    if top == BASELINE_KEY:
       return baseline
     return "theta"
 
@@ -298,10 +302,4 @@ def policy_mask(params):
   ``'params'`` collection or on ``{'params': ...}``; for ``optax.masked``. The prior's gradient also reaches the
   core through its input h2; those shared layers are not in the mask."""
 
-  def is_policy(path, _):
-    keys = _path_keys(path)
-    if keys and keys[0] == "params":
-      keys = keys[1:]
-    return bool(keys) and keys[0] in (PRIOR_KEY, INFERENCE_KEY)
-
-  return jax.tree_util.tree_map_with_path(is_policy, params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: _top_key(path) in (PRIOR_KEY, INFERENCE_KEY), params)
