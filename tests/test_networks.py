@@ -241,6 +241,24 @@ def test_policy_lr_scale_steps_only_the_policies(params):
   np.testing.assert_allclose(plain["core1"]["kernel"], -1e-3, rtol=1e-3)
 
 
+def test_warmup_scales_the_first_updates_then_rises_to_the_full_rate(params):
+  # Constant gradients make every Adam step -lr (bias-corrected m / sqrt(v) = 1), so each update shows the
+  # multiplier: start for hold_steps updates, then linear to 1 over ramp_steps.
+  config = mnist.get_config("wsram_q_cv")
+  config.update({"learning_rate": 1e-3, "grad_clip_norm": 0.0})
+  config.warmup.update({"start": 0.25, "hold_steps": 2, "ramp_steps": 2})
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  tx = step_lib.make_optimizer(config)
+  opt_state, steps = tx.init(params), []
+  for _ in range(6):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    steps.append(float(updates["core1"]["kernel"][0, 0]))
+  np.testing.assert_allclose(steps, [-2.5e-4, -2.5e-4, -2.5e-4, -6.25e-4, -1e-3, -1e-3], rtol=1e-4)
+  config.warmup.start = 1.0  # off: plain Adam, the optimiser state of a run without warm-up
+  assert jax.tree_util.tree_structure(step_lib.make_optimizer(config).init(params)) == jax.tree_util.tree_structure(
+      optax.adam(1e-3).init(params))
+
+
 def test_learned_std(params):
   assert "log_std" in params["prior"] and "log_std" in params["inference"]["head"]
   lowres, _, _ = _inputs()

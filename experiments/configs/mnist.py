@@ -107,6 +107,9 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   # (ours) The attention policies' learning rate (the prior's head and the inference network) as a multiple of
   # learning_rate; 1 = one learning rate for all, as in the paper.
   c.policy_lr_scale = 1.0
+  # (ours) A slow start: every step times `start` for `hold_steps` updates, then rising linearly to the full
+  # learning rate over `ramp_steps` (`training.step.warmup_multiplier`); start = 1 turns it off.
+  c.warmup = ml_collections.ConfigDict({"start": 1.0, "hold_steps": 0, "ramp_steps": 0})
   c.grad_clip_norm = 10.0  # (ours) global-norm clipping; 0 turns it off.
   c.num_steps = 20000  # The paper reports 10 million updates; this is our CPU budget.
 

@@ -89,6 +89,12 @@ def validate_common(config) -> objectives.ObjectiveConfig:
           f"--config.learning_rate must be positive and finite, got {config.learning_rate}.")
   require(0 < float(config.get("policy_lr_scale", 1.0)) < math.inf,
           f"--config.policy_lr_scale must be positive and finite, got {config.get('policy_lr_scale')}.")
+  warmup = config.get("warmup")
+  if warmup is not None:
+    require(0 < float(warmup.start) <= 1,
+            f"--config.warmup.start is the first updates' learning-rate multiplier, in (0, 1], got {warmup.start}.")
+    require_int("warmup.hold_steps", warmup.hold_steps, 0)
+    require_int("warmup.ramp_steps", warmup.ramp_steps, 0)
   require(0 <= float(config.grad_clip_norm) < math.inf,
           f"--config.grad_clip_norm must be >= 0 and finite (0: no clipping), got {config.grad_clip_norm}.")
   runs_lib.from_config(config)
