@@ -11,7 +11,8 @@ Runs: one `python -m experiments.train` per variant, each training all the seeds
   the Table 1 runs of the same variants (VAR has all three on by default, WS-RAM the entropy bonus alone).
 
 With --learning_rates (the file `python -m experiments.select_lr` writes) each variant trains at the learning
-rate chosen for it there; the Figure 3 runs take their variant's.
+rate chosen for it there (a variant for which no rate of the grid converged keeps its config's default, with a
+warning); the Figure 3 runs take their variant's.
 
 Stop it at any time (or lose the session): started again with the same flags it resumes every run where its
 last checkpoint left it. When the runs are done (or with --report_only, from whatever has been written so far)
@@ -19,6 +20,7 @@ it writes results/table1.json, results/figure2.png, results/figure3.png, results
 glimpse paths of the first seed's WS-RAM+q+c model on test canvases) and the Table 1 section of RESULTS.md.
 """
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -56,7 +58,10 @@ def _heuristics_flags(setting: dict) -> list[str]:
 
 
 def read_learning_rates(path) -> dict[str, float]:
-  """variant -> learning rate, from the JSON `experiments.select_lr` writes; {} for None."""
+  """variant -> learning rate, from the JSON `experiments.select_lr` writes; {} for None.
+
+  A variant the file lists without a converged learning rate (None: no rate of the grid converged) keeps its
+  config's default, and a warning says so; a variant the file does not list at all is an error."""
   if not path:
     return {}
   try:
@@ -64,10 +69,15 @@ def read_learning_rates(path) -> dict[str, float]:
       chosen = json.load(f)["learning_rates"]
   except (OSError, ValueError, KeyError) as e:
     raise errors.UserError(f"Cannot read the learning rates of {path} ({e}); run experiments.select_lr first.")
-  missing = [v for v in TABLE_VARIANTS if chosen.get(v) is None]
-  if missing:
-    raise errors.UserError(f"{path} has no converged learning rate for {', '.join(missing)}; widen its grid.")
-  return {v: float(chosen[v]) for v in TABLE_VARIANTS}
+  unlisted = [v for v in TABLE_VARIANTS if v not in chosen]
+  if unlisted:
+    raise errors.UserError(f"{path} has no entry for {', '.join(unlisted)}; run experiments.select_lr for them.")
+  for v in TABLE_VARIANTS:
+    if chosen[v] is None:
+      default = mnist_configs.get_config(v).learning_rate
+      logging.warning("%s: no learning rate of the grid converged for %s; it trains at its config's %g.", path, v,
+                      default)
+  return {v: float(chosen[v]) for v in TABLE_VARIANTS if chosen[v] is not None}
 
 
 def planned_runs(seeds, steps, extra, learning_rates=None) -> dict[str, list[str]]:

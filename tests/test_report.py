@@ -2,8 +2,10 @@
 import json
 
 import numpy as np
+import pytest
 
 from experiments import table1
+from wsram_jax import errors
 from wsram_jax.training import metric_writers
 from wsram_jax.training import report
 
@@ -48,6 +50,15 @@ def test_planned_runs_train_every_seed_of_a_variant_as_one_program(tmp_path):
   assert "--config.num_runs=3" in runs["var"] and "--config.runs.seed=0,1,2" in runs["var"]
   assert "--config.learning_rate=0.0003" in runs["wsram_q_cv_heuron"]
   assert table1.run_dirs("root", "var", [0, 1, 2])[2].endswith("var/run_2")
+  # A variant with no converged rate keeps its config's default; one the file does not list is an error.
+  (tmp_path / "lr.json").write_text(json.dumps({"learning_rates": {**{v: 3e-4 for v in table1.TABLE_VARIANTS},
+                                                                    "var": None}}))
+  runs = table1.planned_runs([0], 500, [], table1.read_learning_rates(str(tmp_path / "lr.json")))
+  assert not any(a.startswith("--config.learning_rate") for a in runs["var"])
+  assert "--config.learning_rate=0.0003" in runs["var_cv"]
+  (tmp_path / "lr.json").write_text(json.dumps({"learning_rates": {"var": 1e-3}}))
+  with pytest.raises(errors.UserError, match="no entry for var_cv"):
+    table1.read_learning_rates(str(tmp_path / "lr.json"))
 
 
 def test_write_report_fills_results(tmp_path, monkeypatch):
