@@ -4,7 +4,7 @@ r"""The README's main job: a short real WS-RAM+q+c training run on translated an
 
 Writes to --workdir: canvases.png (the first fixed test canvases with labels and boxes), the run itself
 (metrics.jsonl, TensorBoard events, checkpoints), curves.png (training curves) and glimpses.png (the trained
-model's glimpse paths on test canvases), then prints the test error, the ESS and the gradient variance.
+model's glimpse paths on test canvases), then prints the test error, where the later glimpses went and the ESS.
 Running it again resumes the run (and only redraws the figures once it is complete). The config is
 `experiments/configs/mnist.py:quick`; any value can be overridden with --config.KEY=VALUE.
 """
@@ -53,7 +53,7 @@ def make_canvas_preview(workdir, *, num: int = 32, seed: int = 0, source: str = 
 
 
 def run_quickstart(config, workdir: str) -> str:
-  """Preview, train (resuming), plot; returns the summary line (test error, ESS, gradient variance)."""
+  """Preview, train (resuming), plot; returns the summary line (test error, glimpses on the digit, ESS)."""
   train.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   d = config.data

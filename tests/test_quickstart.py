@@ -102,4 +102,8 @@ def test_run_quickstart_trains_and_draws(tiny_config, tmp_path):
   for name in ("canvases.png", "curves.png", "glimpses.png", "metrics.jsonl"):
     assert (tmp_path / name).exists(), name
   assert (tmp_path / "glimpses.png").read_bytes()[:8] == PNG_MAGIC
-  assert "test error" in line and "ESS" in line and "grad var" in line
+  assert "test error" in line and "on the digit" in line and "ESS" in line and "grad var" in line
+  # Without the diagnostics (the quick config's default) the ESS is the last training batches'.
+  config.diag_every = 0
+  line = quickstart.run_quickstart(config, str(tmp_path / "nodiag"))
+  assert "ESS of the last training batches" in line and "grad var" not in line

@@ -381,8 +381,9 @@ def glimpse_figure(config, params, canvases, labels, path: str, *, boxes=None, n
 
 
 def summary(last: dict[str, Any]) -> str:
-  """One line with the numbers a run ends on: test errors, log-likelihood bound, ESS, gradient variance (one line
-  per run, labelled, for several runs)."""
+  """One line with the numbers a run ends on: test errors, where the later glimpses go, log-likelihood bound, ESS
+  (the diagnostics', else the last logged training batches'), gradient variance (one line per run, labelled, for
+  several runs)."""
   if "runs" in last:
     return "\n".join(f"{label}: {summary(run)}" for label, run in zip(last["labels"], last["runs"]))
   parts = []
@@ -391,6 +392,8 @@ def summary(last: dict[str, Any]) -> str:
                          ("greedy glimpses 2-N on the digit", "eval/on_digit/later", "{:.1%}"),
                          ("test log p(y|I) >=", "eval/log_p_y", "{:.4f}"),
                          ("ESS", "diag/ess/mean", "{:.2f}"),
+                         ("ESS of the last training batches", "train/ess" if "diag/ess/mean" not in last else "",
+                          "{:.2f}"),
                          ("grad var (theta)", "diag/grad_var/theta", "{:.3g}"),
                          ("grad var (eta)", "diag/grad_var/eta", "{:.3g}")):
     if key in last:
