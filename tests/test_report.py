@@ -1,5 +1,6 @@
 """The sweep report: Table 1 beside the paper's, Figures 2 and 3, from the runs' metrics files."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -79,3 +80,17 @@ def test_write_report_fills_results(tmp_path, monkeypatch):
     assert (tmp_path / "results" / name).exists()
   summary = json.loads((tmp_path / "results" / "table1.json").read_text())
   assert np.isclose(summary["error_sampled"]["wsram_q_cv"]["mean"], 0.07)
+
+
+def test_training_curves_leave_out_panels_the_run_did_not_log(tmp_path):
+  # No training loss and no gradient variance logged: two panels (error, ESS), each with a legend, no warning.
+  writer = metric_writers.MetricWriter(str(tmp_path), tensorboard=False)
+  for s in (100, 200):
+    writer.write_scalars(s, {"train/error": 0.5, "train/ess": 3.0})
+  writer.close()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    path = report.training_curves(str(tmp_path), str(tmp_path / "curves.png"))
+  header = open(path, "rb").read(24)
+  assert header[:8] == b"\x89PNG\r\n\x1a\n"
+  assert int.from_bytes(header[16:20], "big") == round(2 * 4.2 * 100)  # width: two panels of 4.2 in at 100 dpi

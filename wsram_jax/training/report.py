@@ -223,25 +223,28 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
 
 
 def training_curves(workdir: str, path: str, *, smooth: int = 5) -> str:
-  """One run's curves: training loss and error, test errors, ESS and gradient variance against updates."""
+  """One run's curves: training loss and error, test errors, ESS and gradient variance against updates (a panel
+  whose metrics the run did not log, e.g. the gradient variance without diagnostics, is left out)."""
   records = metric_writers.read_metrics(workdir)
   panels = ((("train/loss",), "training loss"),
             (("train/error", "eval/error_greedy", "eval/error_sampled"), "error"),
             (("train/ess", "diag/ess/mean"), "effective sample size"),
             (("diag/grad_var/theta", "diag/grad_var/eta"), "gradient variance"))
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
-  for ax, (keys, title) in zip(axes, panels):
-    for key in keys:
-      steps, values = metric_writers.series(records, key)
-      if steps.size:
-        ax.plot(steps, _smooth(values, smooth if key.startswith("train/") else 1), marker="." if
-                steps.size < 20 else None, label=key)
+  curves = [([(key, *metric_writers.series(records, key)) for key in keys], title) for keys, title in panels]
+  curves = [([c for c in panel if c[1].size], title) for panel, title in curves]
+  curves = [(panel, title) for panel, title in curves if panel] or [([], "training loss")]
+  fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), squeeze=False)
+  for ax, (panel, title) in zip(axes[0], curves):
+    for key, steps, values in panel:
+      ax.plot(steps, _smooth(values, smooth if key.startswith("train/") else 1), marker="." if
+              steps.size < 20 else None, label=key)
     if title == "gradient variance":
       ax.set_yscale("log")
     ax.set_title(title)
     ax.set_xlabel("updates")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if panel:
+      ax.legend(fontsize=7)
   return _save(fig, path, dpi=100)
 
 
