@@ -3,7 +3,7 @@
 Use: `--config=experiments/configs/mnist.py:<variant>` with variant one of
 
     var, var_cv, wsram, wsram_cv, wsram_q, wsram_q_cv      Table 1 ("+c.v." = control variates)
-    quick                                                    wsram_q_cv, about 6 minutes on 2 CPU cores
+    quick                                                    wsram_q_cv, under 5 minutes on 2 CPU cores (`make run`)
 
 Values the paper states: a 100x100 canvas, four glimpses, M = 5 samples, Adam, ReLU units in the recurrent
 layers, Gaussian locations and a categorical scale. Values it does not state are our choices, marked (ours).
