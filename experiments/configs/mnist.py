@@ -108,7 +108,7 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   # learning_rate; 1 = one learning rate for all, as in the paper.
   c.policy_lr_scale = 1.0
   # (ours) A slow start: every step times `start` for `hold_steps` updates, then rising linearly to the full
-  # learning rate over `ramp_steps` (`training.step.warmup_multiplier`); start = 1 turns it off.
+  # learning rate over `ramp_steps` (`training.step.make_optimizer`); start = 1 turns it off.
   c.warmup = ml_collections.ConfigDict({"start": 1.0, "hold_steps": 0, "ramp_steps": 0})
   c.grad_clip_norm = 10.0  # (ours) global-norm clipping; 0 turns it off.
   c.num_steps = 20000  # The paper reports 10 million updates; this is our CPU budget.
@@ -132,6 +132,7 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
     c.log_every = 100
     c.eval_every = 10000
     c.checkpoint_every = 1000
-    c.diag_every = 0  # the gradient-variance diagnostics compile a program of their own: ~20 s of the budget
+    c.diag_every = 0  # the gradient-variance diagnostics are a program of their own: 54 s to compile and run once
+    #                   on a loaded 2-core machine (RESULTS.md 5.3)
     c.data.num_test = 2000
   return c

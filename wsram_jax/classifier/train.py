@@ -387,13 +387,12 @@ def summary(last: dict[str, Any]) -> str:
   if "runs" in last:
     return "\n".join(f"{label}: {summary(run)}" for label, run in zip(last["labels"], last["runs"]))
   parts = []
+  ess = ("ESS", "diag/ess/mean") if "diag/ess/mean" in last else ("ESS of the last training batches", "train/ess")
   for name, key, fmt in (("test error (greedy)", "eval/error_greedy", "{:.2%}"),
                          ("test error (M samples)", "eval/error_sampled", "{:.2%}"),
                          ("greedy glimpses 2-N on the digit", "eval/on_digit/later", "{:.1%}"),
                          ("test log p(y|I) >=", "eval/log_p_y", "{:.4f}"),
-                         ("ESS", "diag/ess/mean", "{:.2f}"),
-                         ("ESS of the last training batches", "train/ess" if "diag/ess/mean" not in last else "",
-                          "{:.2f}"),
+                         (*ess, "{:.2f}"),
                          ("grad var (theta)", "diag/grad_var/theta", "{:.3g}"),
                          ("grad var (eta)", "diag/grad_var/eta", "{:.3g}")):
     if key in last:

@@ -230,9 +230,13 @@ def training_curves(workdir: str, path: str, *, smooth: int = 5) -> str:
             (("train/error", "eval/error_greedy", "eval/error_sampled"), "error"),
             (("train/ess", "diag/ess/mean"), "effective sample size"),
             (("diag/grad_var/theta", "diag/grad_var/eta"), "gradient variance"))
-  curves = [([(key, *metric_writers.series(records, key)) for key in keys], title) for keys, title in panels]
-  curves = [([c for c in panel if c[1].size], title) for panel, title in curves]
-  curves = [(panel, title) for panel, title in curves if panel] or [([], "training loss")]
+  curves = []  # (the panel's [(key, steps, values)] with data, its title)
+  for keys, title in panels:
+    lines = [(key, *metric_writers.series(records, key)) for key in keys]
+    lines = [line for line in lines if line[1].size]
+    if lines:
+      curves.append((lines, title))
+  curves = curves or [([], "training loss")]
   fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), squeeze=False)
   for ax, (panel, title) in zip(axes[0], curves):
     for key, steps, values in panel:

@@ -74,8 +74,9 @@ def make_optimizer(config, *, swept_learning_rate: bool = False) -> optax.Gradie
   (`attention.policy_mask`: the prior's head and the inference network): their learning rate is
   ``policy_lr_scale * learning_rate``, the rest's ``learning_rate``.
 
-  ``config.warmup`` (`warmup_multiplier`; off by default) multiplies every step by a factor that holds at
-  ``warmup.start`` for ``warmup.hold_steps`` updates and then rises linearly to 1 over ``warmup.ramp_steps``.
+  ``config.warmup`` (off by default) multiplies every step by a factor that holds at ``warmup.start`` for
+  ``warmup.hold_steps`` updates and then rises linearly to 1 over ``warmup.ramp_steps`` (``optax.linear_schedule``;
+  a ramp of 0 steps counts as 1).
   """
   swept_learning_rate = swept_learning_rate or "learning_rate" in runs_lib.from_config(config).values
   adam = optax.scale_by_adam() if swept_learning_rate else optax.adam(config.learning_rate)
@@ -86,17 +87,10 @@ def make_optimizer(config, *, swept_learning_rate: bool = False) -> optax.Gradie
     chain.append(optax.masked(optax.scale(policy_lr_scale), attention.policy_mask))
   warmup = config.get("warmup")
   if warmup is not None and float(warmup.start) != 1.0:
-    chain.append(optax.scale_by_schedule(functools.partial(
-        warmup_multiplier, start=float(warmup.start), hold_steps=int(warmup.hold_steps),
-        ramp_steps=int(warmup.ramp_steps))))
+    chain.append(optax.scale_by_schedule(optax.linear_schedule(
+        float(warmup.start), 1.0, transition_steps=max(int(warmup.ramp_steps), 1),
+        transition_begin=int(warmup.hold_steps))))
   return optax.chain(*chain) if len(chain) > 1 else adam
-
-
-def warmup_multiplier(count: jax.Array, *, start: float, hold_steps: int, ramp_steps: int) -> jax.Array:
-  """The learning rate's multiplier at update ``count`` (0-based): ``start`` for the first `hold_steps` updates,
-  then linear to 1 over `ramp_steps` updates, then 1."""
-  rise = jnp.clip((count - hold_steps) / max(ramp_steps, 1), 0.0, 1.0)
-  return start + (1.0 - start) * rise
 
 
 def create_train_state(seed: int, init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
