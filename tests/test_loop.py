@@ -174,6 +174,20 @@ def test_changed_config_is_refused_on_resume(tmp_path):
   assert int(state.step) == 10
 
 
+def test_a_key_added_since_reads_as_its_neutral_value_on_resume(tmp_path):
+  # A run recorded before `decay` existed resumes with decay off, and is refused with decay on.
+  config = _config(num_steps=5)
+  loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  later = _config(num_steps=10)
+  later.decay = ml_collections.ConfigDict({"begin": 0, "steps": 0, "end": 1.0})
+  changed = _config(num_steps=10)
+  changed.decay = ml_collections.ConfigDict({"begin": 0, "steps": 5, "end": 0.5})
+  with pytest.raises(errors.ConfigError, match="decay.end, decay.steps"):
+    loop.run(config=changed, workdir=str(tmp_path), **_task(changed))
+  state, _ = loop.run(config=later, workdir=str(tmp_path), **_task(later))
+  assert int(state.step) == 10
+
+
 def test_a_failed_resume_leaves_the_workdir_as_it_was(tmp_path):
   config = _config(num_steps=5)
   loop.run(config=config, workdir=str(tmp_path), **_task(config))

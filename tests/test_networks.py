@@ -259,6 +259,22 @@ def test_warmup_scales_the_first_updates_then_rises_to_the_full_rate(params):
       optax.adam(1e-3).init(params))
 
 
+def test_decay_lowers_the_rate_linearly_and_multiplies_the_warmup(params):
+  # As above: each update is -lr times the multiplier. Warm-up from 0.5 rising to 1 by update 4 (0.5, 0.625, 0.75,
+  # 0.875, 1, 1), decay from 1 at update 2 to 0.25 at update 4 (1, 1, 1, 0.625, 0.25, 0.25): their product.
+  config = mnist.get_config("wsram_q_cv")
+  config.update({"learning_rate": 1e-3, "grad_clip_norm": 0.0})
+  config.warmup.update({"start": 0.5, "hold_steps": 0, "ramp_steps": 4})
+  config.decay.update({"begin": 2, "steps": 2, "end": 0.25})
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  tx = step_lib.make_optimizer(config)
+  opt_state, steps = tx.init(params), []
+  for _ in range(6):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    steps.append(float(updates["core1"]["kernel"][0, 0]))
+  np.testing.assert_allclose(steps, [-5e-4, -6.25e-4, -7.5e-4, -5.46875e-4, -2.5e-4, -2.5e-4], rtol=1e-4)
+
+
 def test_learned_std(params):
   assert "log_std" in params["prior"] and "log_std" in params["inference"]["head"]
   lowres, _, _ = _inputs()

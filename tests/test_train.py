@@ -68,6 +68,8 @@ def test_evaluation_is_deterministic(tiny_config):
     ({"grad_clip_norm": float("nan")}, "grad_clip_norm must be"),
     ({"warmup.start": 0.0}, r"warmup.start is the first updates' learning-rate multiplier, in \(0, 1\]"),
     ({"warmup.start": 0.5, "warmup.ramp_steps": -1}, "warmup.ramp_steps must be an integer >= 0"),
+    ({"decay.end": 1.5}, r"decay.end is the last updates' learning-rate multiplier, in \[0, 1\]"),
+    ({"decay.begin": -1}, "decay.begin must be an integer >= 0"),
     ({"model.loc_std": 1e-8}, r"loc_std must be at least 0.0001"),
     ({"model.learn_loc_std": True, "model.min_loc_std": 1e-8}, r"min_loc_std must be at least 0.0001"),
     ({"method": "var", "proposal": "inference_network"}, "samples from the prior"),

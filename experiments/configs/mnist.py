@@ -110,6 +110,9 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   # (ours) A slow start: every step times `start` for `hold_steps` updates, then rising linearly to the full
   # learning rate over `ramp_steps` (`training.step.make_optimizer`); start = 1 turns it off.
   c.warmup = ml_collections.ConfigDict({"start": 1.0, "hold_steps": 0, "ramp_steps": 0})
+  # (ours) A slow end: the learning rate times a factor falling linearly from 1 at update `begin` to `end` at
+  # update `begin + steps`, then held; end = 1 turns it off.
+  c.decay = ml_collections.ConfigDict({"begin": 0, "steps": 0, "end": 1.0})
   c.grad_clip_norm = 10.0  # (ours) global-norm clipping; 0 turns it off.
   c.num_steps = 20000  # The paper reports 10 million updates; this is our CPU budget.
 

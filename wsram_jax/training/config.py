@@ -95,6 +95,12 @@ def validate_common(config) -> objectives.ObjectiveConfig:
             f"--config.warmup.start is the first updates' learning-rate multiplier, in (0, 1], got {warmup.start}.")
     require_int("warmup.hold_steps", warmup.hold_steps, 0)
     require_int("warmup.ramp_steps", warmup.ramp_steps, 0)
+  decay = config.get("decay")
+  if decay is not None:
+    require(0 <= float(decay.end) <= 1,
+            f"--config.decay.end is the last updates' learning-rate multiplier, in [0, 1], got {decay.end}.")
+    require_int("decay.begin", decay.begin, 0)
+    require_int("decay.steps", decay.steps, 0)
   require(0 <= float(config.grad_clip_norm) < math.inf,
           f"--config.grad_clip_norm must be >= 0 and finite (0: no clipping), got {config.grad_clip_norm}.")
   runs_lib.from_config(config)

@@ -58,6 +58,13 @@ SCHEDULE_KEYS = frozenset({
     "num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "diag_every", "jit",
     "progress"})
 
+# Keys added to the configurations after runs had been recorded, with the value under which a run computes what it
+# computed before the key existed: a recorded config.json that lacks one reads as holding that value, so that such
+# a run resumes under today's defaults and is refused under any other value.
+ADDED_KEYS = {
+    "warmup.start": 1.0, "warmup.hold_steps": 0, "warmup.ramp_steps": 0,
+    "decay.begin": 0, "decay.steps": 0, "decay.end": 1.0}
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -141,6 +148,7 @@ def _read_recorded_config(path: str) -> dict[str, Any]:
 
 def _changed_keys(recorded: Mapping[str, Any], config) -> list[str]:
   a, b = _flatten(recorded), _flatten(_config_dict(config))
+  a.update({k: v for k, v in ADDED_KEYS.items() if k in b and k not in a})
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k.split(".")[-1] not in SCHEDULE_KEYS)
 
 
@@ -148,7 +156,8 @@ def check_resume_compatible(workdir: str, config, checkpoint_steps) -> None:
   """Refuses to resume the checkpoints in `workdir` under a configuration that changes the run; writes nothing.
 
   With checkpoints (`checkpoint_steps` non-empty) WORKDIR/config.json must exist, be readable and agree with
-  `config` on everything but the schedule keys (`SCHEDULE_KEYS`: step counts, logging periods); otherwise
+  `config` on everything but the schedule keys (`SCHEDULE_KEYS`: step counts, logging periods; a key of
+  `ADDED_KEYS` that config.json lacks counts as holding its neutral value); otherwise
   `errors.ConfigError` (one sentence). Without checkpoints there is nothing to protect: any configuration may
   start there (a run that stopped before its first checkpoint, e.g. on a NaN, can be rerun with another).
   """

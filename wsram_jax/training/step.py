@@ -76,7 +76,9 @@ def make_optimizer(config, *, swept_learning_rate: bool = False) -> optax.Gradie
 
   ``config.warmup`` (off by default) multiplies every step by a factor that holds at ``warmup.start`` for
   ``warmup.hold_steps`` updates and then rises linearly to 1 over ``warmup.ramp_steps`` (``optax.linear_schedule``;
-  a ramp of 0 steps counts as 1).
+  a ramp of 0 steps counts as 1). ``config.decay`` (off by default) multiplies it by a factor that falls linearly
+  from 1 at update ``decay.begin`` to ``decay.end`` at update ``decay.begin + decay.steps`` and stays there (in
+  updates, not in fractions of ``num_steps``, so that extending a run does not change the steps it already took).
   """
   swept_learning_rate = swept_learning_rate or "learning_rate" in runs_lib.from_config(config).values
   adam = optax.scale_by_adam() if swept_learning_rate else optax.adam(config.learning_rate)
@@ -85,12 +87,28 @@ def make_optimizer(config, *, swept_learning_rate: bool = False) -> optax.Gradie
   policy_lr_scale = float(config.get("policy_lr_scale", 1.0))
   if policy_lr_scale != 1.0:
     chain.append(optax.masked(optax.scale(policy_lr_scale), attention.policy_mask))
+  multiplier = learning_rate_multiplier(config)
+  if multiplier is not None:
+    chain.append(optax.scale_by_schedule(multiplier))
+  return optax.chain(*chain) if len(chain) > 1 else adam
+
+
+def learning_rate_multiplier(config) -> Optional[optax.Schedule]:
+  """``config.warmup`` times ``config.decay`` as one schedule of the update count (see `make_optimizer`); None
+  when both are off (``warmup.start == 1`` and ``decay.end == 1``), so that such a run's optimiser state is plain
+  Adam's."""
+  factors = []
   warmup = config.get("warmup")
   if warmup is not None and float(warmup.start) != 1.0:
-    chain.append(optax.scale_by_schedule(optax.linear_schedule(
-        float(warmup.start), 1.0, transition_steps=max(int(warmup.ramp_steps), 1),
-        transition_begin=int(warmup.hold_steps))))
-  return optax.chain(*chain) if len(chain) > 1 else adam
+    factors.append(optax.linear_schedule(float(warmup.start), 1.0, transition_steps=max(int(warmup.ramp_steps), 1),
+                                         transition_begin=int(warmup.hold_steps)))
+  decay = config.get("decay")
+  if decay is not None and float(decay.end) != 1.0:
+    factors.append(optax.linear_schedule(1.0, float(decay.end), transition_steps=max(int(decay.steps), 1),
+                                         transition_begin=int(decay.begin)))
+  if not factors:
+    return None
+  return factors[0] if len(factors) == 1 else lambda count: factors[0](count) * factors[1](count)
 
 
 def create_train_state(seed: int, init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
