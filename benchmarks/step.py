@@ -224,7 +224,8 @@ def build_jax_step(config, images: np.ndarray, labels: np.ndarray) -> JaxStep:
   model = train.build_model(config)
   optimizer = step_lib.make_optimizer(config)
   state = train.create_train_state(config, model, optimizer)
-  images, labels = step_lib.replicate(step_lib.make_mesh(config.mesh_devices), (jnp.asarray(images), jnp.asarray(labels)))
+  images, labels = step_lib.replicate(step_lib.make_mesh(config.mesh_devices),
+                                      (jnp.asarray(images), jnp.asarray(labels)))
   step = train.make_train_step(config, model, optimizer)
   t0 = _now()
   lowered = step.lower(state, images, labels)

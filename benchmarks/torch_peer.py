@@ -60,8 +60,8 @@ class PeerConfig:
 
   @classmethod
   def from_config(cls, config, canvas_sizes: Mapping[str, int]) -> "PeerConfig":
-    """From an MNIST ConfigDict and `wsram_jax.classifier.train.canvas_kwargs(config)`. Only WS-RAM + q + c.v. with a fixed
-    location std is implemented."""
+    """From an MNIST ConfigDict and `wsram_jax.classifier.train.canvas_kwargs(config)`. Only WS-RAM + q + c.v.
+    with a fixed location std is implemented."""
     if not (config.method == "wsram" and config.proposal == "inference_network" and config.control_variates
             and not config.model.learn_loc_std and float(config.heuristics.temperature) == 1.0
             and float(config.heuristics.coverage_weight) == 0 and float(config.heuristics.entropy_weight) == 0):
@@ -352,7 +352,8 @@ class TorchPeer:
       t.grad = g
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pylint: disable=protected-access
     if self.cfg.grad_clip_norm > 0:
-      torch._foreach_mul_(grads, torch.clamp(self.cfg.grad_clip_norm / norm, max=1.0))  # pylint: disable=protected-access
+      scale = torch.clamp(self.cfg.grad_clip_norm / norm, max=1.0)
+      torch._foreach_mul_(grads, scale)  # pylint: disable=protected-access
     if bool(torch.isfinite(norm)) and bool(torch.isfinite(loss)):
       self.optimizer.step()
     metrics["grad_norm"] = norm

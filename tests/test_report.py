@@ -64,7 +64,8 @@ def test_planned_runs_train_every_seed_of_a_variant_as_one_program(tmp_path):
 
 def test_write_report_fills_results(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  (tmp_path / "RESULTS.md").write_text("# Results\n\nintro\n\n<!-- table1:begin -->\nold\n<!-- table1:end -->\n\ntail\n")
+  (tmp_path / "RESULTS.md").write_text(
+      "# Results\n\nintro\n\n<!-- table1:begin -->\nold\n<!-- table1:end -->\n\ntail\n")
   seeds = [0, 1]
   runs = table1.planned_runs(seeds, 200, [])
   for i, name in enumerate(runs):

@@ -30,8 +30,8 @@ from wsram_jax import actions as actions_lib
 from wsram_jax import proposals as proposals_lib
 from wsram_jax.actions import Action
 
-__all__ = ["INFERENCE_KEY", "BASELINE_KEY", "PRIOR_KEY", "param_labels", "policy_mask", "Heads", "Linear", "ActionHead", "head_distribution", "GlimpseRecord", "choose_action", "Trajectory",
-           "trajectory_fields"]
+__all__ = ["INFERENCE_KEY", "BASELINE_KEY", "PRIOR_KEY", "param_labels", "policy_mask", "Heads", "Linear",
+           "ActionHead", "head_distribution", "GlimpseRecord", "choose_action", "Trajectory", "trajectory_fields"]
 
 
 # Parameter groups: the inference network's parameters (eta) live under this top-level key of a model's
