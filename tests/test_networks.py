@@ -241,18 +241,24 @@ def test_policy_lr_scale_steps_only_the_policies(params):
   np.testing.assert_allclose(plain["core1"]["kernel"], -1e-3, rtol=1e-3)
 
 
+def _first_steps_under_constant_gradients(config, params, n):
+  """One weight's first `n` updates under `make_optimizer(config)` with all gradients 1: -lr times the schedule."""
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  tx = step_lib.make_optimizer(config)
+  opt_state, steps = tx.init(params), []
+  for _ in range(n):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    steps.append(float(updates["core1"]["kernel"][0, 0]))
+  return steps
+
+
 def test_warmup_scales_the_first_updates_then_rises_to_the_full_rate(params):
   # Constant gradients make every Adam step -lr (bias-corrected m / sqrt(v) = 1), so each update shows the
   # multiplier: start for hold_steps updates, then linear to 1 over ramp_steps.
   config = mnist.get_config("wsram_q_cv")
   config.update({"learning_rate": 1e-3, "grad_clip_norm": 0.0})
   config.warmup.update({"start": 0.25, "hold_steps": 2, "ramp_steps": 2})
-  grads = jax.tree_util.tree_map(jnp.ones_like, params)
-  tx = step_lib.make_optimizer(config)
-  opt_state, steps = tx.init(params), []
-  for _ in range(6):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    steps.append(float(updates["core1"]["kernel"][0, 0]))
+  steps = _first_steps_under_constant_gradients(config, params, 6)
   np.testing.assert_allclose(steps, [-2.5e-4, -2.5e-4, -2.5e-4, -6.25e-4, -1e-3, -1e-3], rtol=1e-4)
   config.warmup.start = 1.0  # off: plain Adam, the optimiser state of a run without warm-up
   assert jax.tree_util.tree_structure(step_lib.make_optimizer(config).init(params)) == jax.tree_util.tree_structure(
@@ -266,12 +272,7 @@ def test_decay_lowers_the_rate_linearly_and_multiplies_the_warmup(params):
   config.update({"learning_rate": 1e-3, "grad_clip_norm": 0.0})
   config.warmup.update({"start": 0.5, "hold_steps": 0, "ramp_steps": 4})
   config.decay.update({"begin": 2, "steps": 2, "end": 0.25})
-  grads = jax.tree_util.tree_map(jnp.ones_like, params)
-  tx = step_lib.make_optimizer(config)
-  opt_state, steps = tx.init(params), []
-  for _ in range(6):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    steps.append(float(updates["core1"]["kernel"][0, 0]))
+  steps = _first_steps_under_constant_gradients(config, params, 6)
   np.testing.assert_allclose(steps, [-5e-4, -6.25e-4, -7.5e-4, -5.46875e-4, -2.5e-4, -2.5e-4], rtol=1e-4)
 
 
