@@ -26,6 +26,7 @@ replicated (`replicate`), and XLA inserts the cross-device sum of the gradients.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any, Callable, Optional
 
@@ -106,9 +107,7 @@ def learning_rate_multiplier(config) -> Optional[optax.Schedule]:
   if decay is not None and float(decay.end) != 1.0:
     factors.append(optax.linear_schedule(1.0, float(decay.end), transition_steps=max(int(decay.steps), 1),
                                          transition_begin=int(decay.begin)))
-  if not factors:
-    return None
-  return factors[0] if len(factors) == 1 else lambda count: factors[0](count) * factors[1](count)
+  return (lambda count: math.prod(f(count) for f in factors)) if factors else None
 
 
 def create_train_state(seed: int, init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
