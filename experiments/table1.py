@@ -14,6 +14,9 @@ With --learning_rates (the file `python -m experiments.select_lr` writes) each v
 rate chosen for it there (a variant for which no rate of the grid converged keeps its config's default, with a
 warning); the Figure 3 runs take their variant's.
 
+`--only=var_cv,wsram_cv` trains just those workdirs, in that order (to spend a session on the comparisons that
+matter most first); the report still reads every workdir.
+
 Stop it at any time (or lose the session): started again with the same flags it resumes every run where its
 last checkpoint left it. When the runs are done (or with --report_only, from whatever has been written so far)
 it writes results/table1.json, results/figure2.png, results/figure3.png, results/glimpses.png (the greedy
@@ -46,6 +49,8 @@ _LEARNING_RATES = flags.DEFINE_string("learning_rates", None,
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only write the report from the runs' metrics so far.")
 _RESULTS = flags.DEFINE_string("results", "results", "Directory for the figures and the JSON summary.")
 _EXTRA = flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for every run (e.g. for a test).")
+_ONLY = flags.DEFINE_list("only", [], "Train only these workdirs (variants or Figure 3 runs), in this order; the "
+                          "report still covers every workdir's runs so far.")
 
 TABLE_VARIANTS = ("var", "var_cv", "wsram", "wsram_cv", "wsram_q", "wsram_q_cv")
 FIGURE3_RUNS = {"var_cv_heuroff": ("var_cv", mnist_configs.HEURISTICS_OFF),
@@ -95,6 +100,14 @@ def planned_runs(seeds, steps, extra, learning_rates=None) -> dict[str, list[str
   for name, (v, heuristics) in FIGURE3_RUNS.items():
     runs[name] = variant(v) + _heuristics_flags(heuristics)
   return runs
+
+
+def select(runs: dict[str, list[str]], only) -> dict[str, list[str]]:
+  """The runs named in `only`, in its order (all of them when it is empty)."""
+  unknown = [name for name in only if name not in runs]
+  if unknown:
+    raise errors.UserError(f"--only: no workdir named {', '.join(unknown)}; the names are {', '.join(runs)}.")
+  return {name: runs[name] for name in only} if only else runs
 
 
 def run_dirs(root: str, name: str, seeds) -> list[str]:
@@ -188,7 +201,7 @@ def main(argv):
   runs = planned_runs(seeds, _STEPS.value, _EXTRA.value, read_learning_rates(_LEARNING_RATES.value))
   command = "python -m experiments.table1 " + shlex.join(argv[0:0] + sys.argv[1:])
   if not _REPORT_ONLY.value:
-    run_all(runs, _ROOT.value, seeds, _STEPS.value, _JOBS.value)
+    run_all(select(runs, _ONLY.value), _ROOT.value, seeds, _STEPS.value, _JOBS.value)
   write_report(runs, _ROOT.value, seeds, _RESULTS.value, command, _STEPS.value)
 
 

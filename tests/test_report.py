@@ -51,6 +51,10 @@ def test_planned_runs_train_every_seed_of_a_variant_as_one_program(tmp_path):
   assert "--config.num_runs=3" in runs["var"] and "--config.runs.seed=0,1,2" in runs["var"]
   assert "--config.learning_rate=0.0003" in runs["wsram_q_cv_heuron"]
   assert table1.run_dirs("root", "var", [0, 1, 2])[2].endswith("var/run_2")
+  assert list(table1.select(runs, ["wsram_cv", "var_cv_heuroff"])) == ["wsram_cv", "var_cv_heuroff"]
+  assert table1.select(runs, []) == runs
+  with pytest.raises(errors.UserError, match="no workdir named wsram_x"):
+    table1.select(runs, ["wsram_x"])
   # A variant with no converged rate keeps its config's default; one the file does not list is an error.
   (tmp_path / "lr.json").write_text(json.dumps({"learning_rates": {**{v: 3e-4 for v in table1.TABLE_VARIANTS},
                                                                     "var": None}}))
