@@ -36,6 +36,29 @@ def test_summarize_means_over_seeds(tmp_path):
   assert s["runs"] == 2 and np.isclose(s["mean"], 0.15)
 
 
+def test_permutation_p_value_is_exact():
+  # Four seeds each, every value of the first below every value of the second: only the observed split of the
+  # C(8, 4) = 70 is that extreme.
+  assert np.isclose(report.permutation_p_value([1, 2, 3, 4], [5, 6, 7, 8]), 1 / 70)
+  # The reverse order: every split is at most the observed (largest) difference.
+  assert report.permutation_p_value([5, 6, 7, 8], [1, 2, 3, 4]) == 1.0
+  # Groups of 2 and 1 by hand: the splits {0, 1 | 3}, {0, 3 | 1}, {1, 3 | 0} differ by -2.5, 0.5 and 2.0 in
+  # mean, and the observed split is the lowest.
+  assert np.isclose(report.permutation_p_value([0, 1], [3]), 1 / 3)
+
+
+def test_orderings_test_the_papers_claims_on_finished_runs():
+  summaries = {"var_cv": {"mean": 0.02, "values": [0.01, 0.02, 0.02, 0.03], "runs": 4},
+               "var": {"mean": 0.06, "values": [0.05, 0.06, 0.06, 0.07], "runs": 4},
+               "wsram_q_cv": {"mean": 0.05, "values": [0.05], "runs": 1}}
+  rows = {(r["lower"], r["higher"]): r for r in report.orderings(summaries)}
+  assert rows[("var_cv", "var")]["holds"] and np.isclose(rows[("var_cv", "var")]["p_value"], 1 / 70)
+  assert "p_value" not in rows[("wsram_q_cv", "var_cv")]  # one finished run: not tested
+  text = report.orderings_markdown(list(rows.values()))
+  assert "| control variates help VAR | VAR+c < VAR | 1.81 < 3.11% | 2.00 vs 6.00% (n=4, 4) | yes | 0.014 |" in text
+  assert "not enough finished runs" in text
+
+
 def test_final_scale_usage_per_glimpse_is_the_mean_over_seeds(tmp_path):
   _fake_run(tmp_path / "a", 0.2)
   _fake_run(tmp_path / "b", 0.4)
@@ -85,6 +108,7 @@ def test_write_report_fills_results(tmp_path, monkeypatch):
     assert (tmp_path / "results" / name).exists()
   summary = json.loads((tmp_path / "results" / "table1.json").read_text())
   assert np.isclose(summary["error_sampled"]["wsram_q_cv"]["mean"], 0.07)
+  assert "The orderings the paper claims" in text and len(summary["orderings"]) == len(report.PAPER_ORDERINGS)
 
 
 def test_training_curves_leave_out_panels_the_run_did_not_log(tmp_path):
