@@ -10,6 +10,8 @@ layers, Gaussian locations and a categorical scale. Values it does not state are
 """
 import ml_collections
 
+from wsram_jax.training import config as config_lib
+
 VARIANTS = ("var", "var_cv", "wsram", "wsram_cv", "wsram_q", "wsram_q_cv", "quick")
 
 # The exploration heuristics of Sec. 4.5 "on" (ours: the paper gives no values) and "off". The paper found them
@@ -109,10 +111,10 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   c.policy_lr_scale = 1.0
   # (ours) A slow start: every step times `start` for `hold_steps` updates, then rising linearly to the full
   # learning rate over `ramp_steps` (`training.step.make_optimizer`); start = 1 turns it off.
-  c.warmup = ml_collections.ConfigDict({"start": 1.0, "hold_steps": 0, "ramp_steps": 0})
+  c.warmup = ml_collections.ConfigDict(config_lib.NO_WARMUP)
   # (ours) A slow end: the learning rate times a factor falling linearly from 1 at update `begin` to `end` at
   # update `begin + steps`, then held; end = 1 turns it off.
-  c.decay = ml_collections.ConfigDict({"begin": 0, "steps": 0, "end": 1.0})
+  c.decay = ml_collections.ConfigDict(config_lib.NO_DECAY)
   c.grad_clip_norm = 10.0  # (ours) global-norm clipping; 0 turns it off.
   c.num_steps = 20000  # The paper reports 10 million updates; this is our CPU budget.
 

@@ -18,8 +18,8 @@ from wsram_jax import errors
 from wsram_jax import objectives
 from wsram_jax.training import runs as runs_lib
 
-__all__ = ["MIN_LOC_STD", "require", "require_int", "require_loc_std", "model_fields", "check_model_block",
-           "validate_common", "capped", "load_config"]
+__all__ = ["MIN_LOC_STD", "NO_WARMUP", "NO_DECAY", "require", "require_int", "require_loc_std", "model_fields",
+           "check_model_block", "validate_common", "capped", "load_config"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,12 @@ def require_int(name: str, value, minimum: int = 1) -> None:
   require(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum,
           f"--config.{name} must be an integer >= {minimum}, got {value!r}.")
 
+
+# The learning-rate schedules' blocks when off (`config.warmup`, `config.decay`; `training.step.make_optimizer`):
+# every multiplier 1. The configs start from them, and a recorded run from before the blocks existed reads as
+# holding them (`training.loop.ADDED_KEYS`).
+NO_WARMUP = {"start": 1.0, "hold_steps": 0, "ramp_steps": 0}
+NO_DECAY = {"begin": 0, "steps": 0, "end": 1.0}
 
 # The smallest Gaussian location std a run accepts, in the [-1, 1] units of glimpse locations.
 MIN_LOC_STD = 1e-4

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wsram_jax.training import checkpoints
+from wsram_jax.training import config as config_lib
 from wsram_jax import errors
 from wsram_jax.training import memory
 from wsram_jax.training import metric_writers
@@ -61,9 +62,8 @@ SCHEDULE_KEYS = frozenset({
 # Keys added to the configurations after runs had been recorded, with the value under which a run computes what it
 # computed before the key existed: a recorded config.json that lacks one reads as holding that value, so that such
 # a run resumes under today's defaults and is refused under any other value.
-ADDED_KEYS = {
-    "warmup.start": 1.0, "warmup.hold_steps": 0, "warmup.ramp_steps": 0,
-    "decay.begin": 0, "decay.steps": 0, "decay.end": 1.0}
+ADDED_KEYS = {f"{block}.{k}": v for block, neutral in (("warmup", config_lib.NO_WARMUP), ("decay", config_lib.NO_DECAY))
+              for k, v in neutral.items()}
 
 
 @flax.struct.dataclass
