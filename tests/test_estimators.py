@@ -236,6 +236,18 @@ class VariationalLossTest(chex.TestCase):
     a, y, _ = _log_probs(22, (3, 5))
     np.testing.assert_allclose(estimators.variational_loss(a, y, 1.0), -np.mean(y), **TOL)
 
+  def test_importance_weighted_contract(self):
+    # Samples from q: every term times v = p(a)/q(a), with no gradient into v (none reaches log_q_a).
+    a, y, q = _log_probs(24, (3, 5))
+    grads = jax.jit(jax.grad(lambda a, y, q: estimators.variational_loss(a, y, 0.5, log_q_a=q),
+                             argnums=(0, 1, 2)))(a, y, q)
+    v = np.exp(np.asarray(a) - np.asarray(q))
+    np.testing.assert_allclose(grads[0], -v * (np.asarray(y) - 0.5) / 15, **TOL)
+    np.testing.assert_allclose(grads[1], -v / 15, **TOL)
+    np.testing.assert_array_equal(grads[2], np.zeros((3, 5)))
+    np.testing.assert_allclose(estimators.variational_loss(a, y, 0.5, log_q_a=q), -np.mean(v * np.asarray(y)),
+                               **TOL)
+
   def test_leave_one_out_baseline(self):
     y = jnp.array([[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 0.0, 0.0]])
     np.testing.assert_allclose(

@@ -6,7 +6,8 @@ so expectations are compared at ~1e-10, not within Monte Carlo error. What is pi
   * prior proposal: control variates leave the WS-RAM expectation exactly unchanged and lower the variance;
   * WS-RAM approaches the exact d log p(y|I) / d theta as M grows, and equals it for every M when q is the
     exact posterior (then w_m = 1/M);
-  * VAR (no baseline, a constant one, leave-one-out) is unbiased for dF/dtheta (Eqn 3);
+  * VAR (no baseline, a constant one, leave-one-out) is unbiased for dF/dtheta (Eqn 3); under a tempered prior
+    (heuristic (1)) it is biased, unless each sample is weighted by p(a)/p_T(a);
   * VIMCO, and WS-RAM with a theta-independent q, are unbiased for the gradient of the Eqn 9 bound;
   * the q-side control variate (Eqn 17) is unbiased; the p-side one (Eqn 18) is biased when q != prior;
   * the sleep-phase q loss is unbiased for E_y KL(p(a|y) || q(a|y)).
@@ -245,6 +246,26 @@ class ExpectationTest(chex.TestCase):
     moments = _moments("prior", m)
     for name in ("var", "var_const", "var_loo")[:3 if m >= 2 else 2]:
       np.testing.assert_allclose(moments[name][0], -grad_f, **EXACT)
+
+  @parameterized.parameters(1, 2)
+  def test_var_under_a_tempered_prior_is_biased_unless_importance_weighted(self, m):
+    """Heuristic (1) for VAR: samples from the prior tempered at T, the loss treating them as the prior's
+    (biased for dF/dtheta), or weighting each by p(a)/p_T(a) (`log_q_a`: unbiased)."""
+    grad_f = _flat(jax.grad(toy.variational_objective)(self.theta, self.image, LABEL, CONFIG))
+
+    def losses(log_p_a, log_p_y, log_q_a):
+      return jnp.stack([estimators.variational_loss(log_p_a, log_p_y, -1.0),
+                        estimators.variational_loss(log_p_a, log_p_y, -1.0, log_q_a=log_q_a)])
+
+    tempered = toy.estimator_moments(losses, self.theta, self.eta, self.image, LABEL, CONFIG, m, "prior",
+                                     temperature=2.0)
+    self.assertTrue(tempered.exact)
+    self.assertGreater(np.linalg.norm(tempered.mean_theta[0] + grad_f), 1e-2)
+    np.testing.assert_allclose(tempered.mean_theta[1], -grad_f, **EXACT)
+    # At T = 1 the weights are 1: the two losses are the same estimator.
+    untempered = toy.estimator_moments(losses, self.theta, self.eta, self.image, LABEL, CONFIG, m, "prior")
+    np.testing.assert_allclose(untempered.mean_theta[1], untempered.mean_theta[0], **EXACT)
+    np.testing.assert_allclose(untempered.var_theta[1], untempered.var_theta[0], **EXACT)
 
   @parameterized.parameters(2, 3)
   def test_vimco_is_unbiased_for_the_bound(self, m):

@@ -29,7 +29,10 @@ function of the image (`baselines.baseline_loss`), or the mean reward of the *ot
 
   d loss / d log_p_y[m] = -1 / (M B),    d loss / d log_p_a[m] = -(log_p_y[m] - b_m) / (M B),
 
-and no gradient into the baseline.
+and no gradient into the baseline. Samples drawn from another proposal q (heuristic (1) of Section 4.5, the
+prior tempered) make Eqn 5 biased for dF/dtheta; with `log_q_a` each term is weighted by
+v_m = p(a^m | I) / q(a^m), which removes that bias (importance sampling; `notebooks/estimator_math.ipynb`
+measures both).
 
 WS-RAM: importance-weighted gradient of l (Eqns 6-10, wake-p of reweighted wake-sleep) -> `wsram_losses`
 -------------------------------------------------------------------------------------------------------
@@ -271,21 +274,25 @@ def wsram_losses(
   return loss_p, loss_q
 
 
-def variational_loss(log_p_a: Array, log_p_y: Array, baseline: Array = 0.0) -> Array:
+def variational_loss(log_p_a: Array, log_p_y: Array, baseline: Array = 0.0,
+                     log_q_a: Optional[Array] = None) -> Array:
   """The VAR surrogate loss of Eqn 5, with a reward baseline (Section 4.4; [2] in the paper).
 
-  Samples are from the prior. With B examples and M samples each:
+  Samples are from the prior, or, with `log_q_a`, from a proposal q (e.g. the tempered prior) whose terms get
+  the importance weights v_m = p(a^m) / q(a^m) (not normalised). With B examples and M samples each:
 
-    d/d log_p_y[m] = -1/(M B);   d/d log_p_a[m] = -(log_p_y[m] - baseline_m)/(M B);
-    no gradient into the baseline.
+    d/d log_p_y[m] = -v_m/(M B);   d/d log_p_a[m] = -v_m (log_p_y[m] - baseline_m)/(M B);
+    no gradient into the baseline or the weights; v_m = 1 without `log_q_a`.
 
-  The value is minus the Monte Carlo estimate of F (Eqn 3), `-mean_m log p(y|a^m)`, whatever the baseline.
+  The value is minus the Monte Carlo estimate of F (Eqn 3), `-mean_m v_m log p(y|a^m)`, whatever the baseline.
 
   Args:
-    log_p_a: `[..., M]` log p(a^m | I, theta), samples a^m from the prior.
+    log_p_a: `[..., M]` log p(a^m | I, theta).
     log_p_y: `[..., M]` log p(y | a^m, I, theta) (finite).
     baseline: broadcastable to `[..., M]`, or per example `[...]`; 0 means no control variate. It must not
       depend on a^m (e.g. a moving average, a learned b(I), `leave_one_out_baseline(log_p_y)`).
+    log_q_a: `[..., M]` log q(a^m), the density the samples were drawn from, or None when that is the prior
+      (or when the samples are to be treated as the prior's, as the exploration heuristic does: biased).
 
   Returns:
     The scalar loss.
@@ -295,6 +302,9 @@ def variational_loss(log_p_a: Array, log_p_y: Array, baseline: Array = 0.0) -> A
   reward = jax.lax.stop_gradient(log_p_y - baseline)
   # Eqn 5: d log p(y|a^m) + (log p(y|a^m) - b) d log p(a^m).
   surrogate = log_p_y + _weighted(reward, _zero_with_unit_gradient(log_p_a))
+  if log_q_a is not None:
+    _check_log_probs(log_p_a, log_p_y, log_q_a)
+    surrogate = _weighted(jax.lax.stop_gradient(jnp.exp(log_p_a - log_q_a)), surrogate)
   return -jnp.mean(surrogate)
 
 

@@ -97,10 +97,11 @@ def all_sequences(config: ToyConfig) -> Array:
 
 
 @jax.jit
-def log_prior(theta: Params, seqs: Array) -> Array:
-  """`[...]` log p(a | I, theta) for sequences `seqs [..., 2]`."""
-  first = jax.nn.log_softmax(theta["prior_first"])
-  nxt = jax.nn.log_softmax(theta["prior_next"], axis=-1)
+def log_prior(theta: Params, seqs: Array, temperature: float = 1.0) -> Array:
+  """`[...]` log p(a | I, theta) for sequences `seqs [..., 2]`; with a `temperature` T, the prior tempered as
+  heuristic (1) of Section 4.5 tempers it (each glimpse's logits divided by T)."""
+  first = jax.nn.log_softmax(theta["prior_first"] / temperature)
+  nxt = jax.nn.log_softmax(theta["prior_next"] / temperature, axis=-1)
   return first[seqs[..., 0]] + nxt[seqs[..., 0], seqs[..., 1]]
 
 
@@ -113,10 +114,10 @@ def log_likelihood(theta: Params, image: Array, y: int, seqs: Array) -> Array:
 
 
 @jax.jit
-def log_proposal(eta: Params, y: int, seqs: Array) -> Array:
-  """`[...]` log q(a | y, I, eta) for sequences `seqs [..., 2]`."""
-  first = jax.nn.log_softmax(eta["q_first"][y])
-  nxt = jax.nn.log_softmax(eta["q_next"][y], axis=-1)
+def log_proposal(eta: Params, y: int, seqs: Array, temperature: float = 1.0) -> Array:
+  """`[...]` log q(a | y, I, eta) for sequences `seqs [..., 2]` (tempered by `temperature` as `log_prior`)."""
+  first = jax.nn.log_softmax(eta["q_first"][y] / temperature)
+  nxt = jax.nn.log_softmax(eta["q_next"][y] / temperature, axis=-1)
   return first[seqs[..., 0]] + nxt[seqs[..., 0], seqs[..., 1]]
 
 
@@ -125,29 +126,31 @@ def _check_proposal(proposal: str) -> None:
     raise ValueError(f"proposal must be one of {PROPOSALS}; got {proposal!r}.")
 
 
-@functools.partial(jax.jit, static_argnames=("proposal",))
+@functools.partial(jax.jit, static_argnames=("proposal", "temperature"))
 def log_probs(theta: Params, eta: Params, image: Array, y: int, seqs: Array,
-              proposal: str = "q") -> tuple[Array, Array, Array]:
+              proposal: str = "q", temperature: float = 1.0) -> tuple[Array, Array, Array]:
   """`(log_p_a, log_p_y, log_q_a)`, each `[...]`, at sequences `seqs [..., 2]`: differentiable in theta, eta.
 
   With `proposal="prior"`, log_q_a is `stop_gradient(log_p_a)`: the proposal's density at the samples, with
-  no parameter of its own (as `estimators.wsram_losses` expects; for `estimators.vimco_loss` pass None).
+  no parameter of its own (as `estimators.wsram_losses` expects; for `estimators.vimco_loss` pass None). A
+  `temperature` other than 1 tempers the proposal (`log_prior`): log_q_a is then the tempered density (for the
+  prior, under stop_gradient), log_p_a stays the prior's own.
   """
   _check_proposal(proposal)
   log_p_a = log_prior(theta, seqs)
   log_p_y = log_likelihood(theta, image, y, seqs)
   if proposal == "prior":
-    log_q_a = jax.lax.stop_gradient(log_p_a)
+    log_q_a = jax.lax.stop_gradient(log_prior(theta, seqs, temperature))
   else:
-    log_q_a = log_proposal(eta, y, seqs)
+    log_q_a = log_proposal(eta, y, seqs, temperature)
   return log_p_a, log_p_y, log_q_a
 
 
-@functools.partial(jax.jit, static_argnames=("config", "proposal"))
+@functools.partial(jax.jit, static_argnames=("config", "proposal", "temperature"))
 def sequence_log_probs(theta: Params, eta: Params, image: Array, y: int, config: ToyConfig,
-                       proposal: str = "q") -> tuple[Array, Array, Array]:
+                       proposal: str = "q", temperature: float = 1.0) -> tuple[Array, Array, Array]:
   """`log_probs` at every sequence: three `[S]` tables."""
-  return log_probs(theta, eta, image, y, all_sequences(config), proposal)
+  return log_probs(theta, eta, image, y, all_sequences(config), proposal, temperature)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_samples", "proposal"))
@@ -284,9 +287,10 @@ def multi_sample_bound(theta: Params, eta: Params, image: Array, y: int, config:
 # Estimator moments, fast: per-sequence Jacobians and the loss's coefficients on the log-probabilities.
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "config", "proposal"))
+@functools.partial(jax.jit, static_argnames=("loss_fn", "config", "proposal", "temperature"))
 def estimator_gradients(loss_fn: LossFn, theta: Params, eta: Params, image: Array, y: int,
-                        config: ToyConfig, idx: Array, proposal: str = "q") -> tuple[Array, Array]:
+                        config: ToyConfig, idx: Array, proposal: str = "q",
+                        temperature: float = 1.0) -> tuple[Array, Array]:
   """Gradients of `loss_fn` w.r.t. flat theta `[T, *L, P]` and flat eta `[T, *L, Q]` at T tuples `idx [T, M]`.
 
   The same numbers as `jax.grad` of `loss_fn(*log_probs(theta, eta, image, y, all_sequences[idx]))` for each
@@ -300,7 +304,8 @@ def estimator_gradients(loss_fn: LossFn, theta: Params, eta: Params, image: Arra
   eta_flat, unravel_eta = ravel_pytree(eta)
 
   def tables(theta_flat, eta_flat):
-    return sequence_log_probs(unravel_theta(theta_flat), unravel_eta(eta_flat), image, y, config, proposal)
+    return sequence_log_probs(unravel_theta(theta_flat), unravel_eta(eta_flat), image, y, config, proposal,
+                              temperature)
 
   log_p_a, log_p_y, log_q_a = tables(theta_flat, eta_flat)
   jac_p_a, jac_p_y = jax.jacfwd(lambda t: tables(t, eta_flat)[:2])(theta_flat)  # [S, P] each
@@ -333,8 +338,8 @@ class Moments(NamedTuple):
   exact: bool
 
 
-def _moments(loss_fn, theta, eta, image, y, config, proposal, idx, weights, ddof_scale):
-  g_theta, g_eta = estimator_gradients(loss_fn, theta, eta, image, y, config, idx, proposal)
+def _moments(loss_fn, theta, eta, image, y, config, proposal, temperature, idx, weights, ddof_scale):
+  g_theta, g_eta = estimator_gradients(loss_fn, theta, eta, image, y, config, idx, proposal, temperature)
 
   def moments(g):
     mean = jnp.tensordot(weights, g, axes=1)
@@ -344,35 +349,40 @@ def _moments(loss_fn, theta, eta, image, y, config, proposal, idx, weights, ddof
   return moments(g_theta) + moments(g_eta)
 
 
-def _sampling_log_probs(theta, eta, y, config, proposal):
+def _sampling_log_probs(theta, eta, y, config, proposal, temperature=1.0):
   seqs = all_sequences(config)
-  logits = log_prior(theta, seqs) if proposal == "prior" else log_proposal(eta, y, seqs)
+  if proposal == "prior":
+    logits = log_prior(theta, seqs, temperature)
+  else:
+    logits = log_proposal(eta, y, seqs, temperature)
   return jax.nn.log_softmax(logits)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "config", "proposal", "num_samples"))
-def _exact_moments(loss_fn, theta, eta, image, y, config, proposal, num_samples):
+@functools.partial(jax.jit, static_argnames=("loss_fn", "config", "proposal", "temperature", "num_samples"))
+def _exact_moments(loss_fn, theta, eta, image, y, config, proposal, temperature, num_samples):
   idx = jnp.asarray(tuple_indices(config.num_sequences, num_samples))
-  log_p = _sampling_log_probs(theta, eta, y, config, proposal)
+  log_p = _sampling_log_probs(theta, eta, y, config, proposal, temperature)
   weights = jnp.exp(jnp.sum(log_p[idx], axis=-1))
-  return _moments(loss_fn, theta, eta, image, y, config, proposal, idx, weights, 1.0)
+  return _moments(loss_fn, theta, eta, image, y, config, proposal, temperature, idx, weights, 1.0)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("loss_fn", "config", "proposal", "num_samples", "num_replicates"))
-def _monte_carlo_moments(loss_fn, theta, eta, image, y, config, proposal, num_samples, key, num_replicates):
-  log_p = _sampling_log_probs(theta, eta, y, config, proposal)
+    jax.jit, static_argnames=("loss_fn", "config", "proposal", "temperature", "num_samples", "num_replicates"))
+def _monte_carlo_moments(loss_fn, theta, eta, image, y, config, proposal, temperature, num_samples, key,
+                         num_replicates):
+  log_p = _sampling_log_probs(theta, eta, y, config, proposal, temperature)
   idx = jax.random.categorical(key, log_p, shape=(num_replicates, num_samples))
   weights = jnp.full((num_replicates,), 1.0 / num_replicates, log_p.dtype)
   ddof_scale = num_replicates / (num_replicates - 1)
-  return _moments(loss_fn, theta, eta, image, y, config, proposal, idx, weights, ddof_scale)
+  return _moments(loss_fn, theta, eta, image, y, config, proposal, temperature, idx, weights, ddof_scale)
 
 
 def estimator_moments(loss_fn: LossFn, theta: Params, eta: Params, image: Array, y: int,
                       config: ToyConfig, num_samples: int, proposal: str = "q", *,
-                      key: Optional[chex.PRNGKey] = None, num_replicates: int = 20_000,
-                      max_tuples: int = 5_000) -> Moments:
-  """Mean and variance of `loss_fn`'s parameter gradient over M samples from the proposal.
+                      temperature: float = 1.0, key: Optional[chex.PRNGKey] = None,
+                      num_replicates: int = 20_000, max_tuples: int = 5_000) -> Moments:
+  """Mean and variance of `loss_fn`'s parameter gradient over M samples from the proposal (tempered by
+  `temperature`, as `log_probs`).
 
   Exact (every M-tuple, weighted by its probability) when S^M <= max_tuples; otherwise Monte Carlo over
   `num_replicates` tuples drawn with `key` (then the variance is the unbiased sample variance). loss_fn is a
@@ -380,10 +390,10 @@ def estimator_moments(loss_fn: LossFn, theta: Params, eta: Params, image: Array,
   """
   _check_proposal(proposal)
   if config.num_sequences**num_samples <= max_tuples:
-    moments = _exact_moments(loss_fn, theta, eta, image, y, config, proposal, num_samples)
+    moments = _exact_moments(loss_fn, theta, eta, image, y, config, proposal, temperature, num_samples)
     return Moments(*moments, exact=True)
   if key is None:
     raise ValueError(f"S^M = {config.num_sequences**num_samples} tuples exceed max_tuples: pass a key.")
   moments = _monte_carlo_moments(
-      loss_fn, theta, eta, image, y, config, proposal, num_samples, key, num_replicates)
+      loss_fn, theta, eta, image, y, config, proposal, temperature, num_samples, key, num_replicates)
   return Moments(*moments, exact=False)
