@@ -20,7 +20,9 @@ matter most first); the report still reads every workdir.
 Stop it at any time (or lose the session): started again with the same flags it resumes every run where its
 last checkpoint left it. When the runs are done (or with --report_only, from whatever has been written so far)
 it writes results/table1.json, results/figure2.png, results/figure3.png, results/glimpses.png (the greedy
-glimpse paths of the first seed's WS-RAM+q+c model on test canvases) and the Table 1 section of RESULTS.md.
+glimpse paths of the first seed's WS-RAM+q+c model on test canvases, when its checkpoints are there) and the
+Table 1 section of RESULTS.md. The finished workdirs' metrics (without checkpoints) are kept in git as
+results/table1_runs/NAME.tar.xz: `tar xJf results/table1_runs/NAME.tar.xz -C ROOT` restores what the report reads.
 """
 import json
 import logging
@@ -160,7 +162,8 @@ def write_report(runs: dict[str, list[str]], root: str, seeds, results: str, com
   summaries = report.summarize(groups, key="eval/error_sampled", min_step=steps)
   greedy = report.summarize(groups, key="eval/error_greedy", min_step=steps)
   glimpse_run = os.path.join(root, "wsram_q_cv")
-  if os.path.exists(os.path.join(glimpse_run, "config.json")):
+  checkpoint_dir = os.path.join(glimpse_run, "checkpoints")
+  if os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir):  # (not in an archive of the metrics alone)
     config = config_lib.load_config(glimpse_run)
     state = train.restore_state(config, glimpse_run)
     first = runs_lib.from_config(config)
