@@ -192,3 +192,34 @@ def test_a_run_that_parks_its_later_glimpses_has_not_converged(tmp_path):
   verdict = select_lr.converged(str(tmp_path / "attends"), 100, 0.5, min_on_digit=0.5)
   assert verdict["converged"] and verdict["on_digit_later"] == 0.9
   assert not select_lr.converged(str(tmp_path / "attends"), 200, 0.5)["converged"]  # did not reach the budget
+
+
+_UNSTACK_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from wsram_jax.training import runs as runs_lib
+mesh = runs_lib.make_mesh(4)
+assert mesh is not None and mesh.size == 2
+def put(x, spec):
+  return jax.device_put(x, NamedSharding(mesh, spec))
+tree = {"w": put(jnp.arange(24.).reshape(4, 6), P(runs_lib.RUN_AXIS)),
+        "step": put(jnp.arange(4), P(runs_lib.RUN_AXIS)), "replicated": put(jnp.ones((4, 2)), P())}
+for r in range(4):
+  got = runs_lib.unstack(tree, r)
+  np.testing.assert_array_equal(got["w"], np.arange(24.).reshape(4, 6)[r])
+  assert int(got["step"]) == r
+  np.testing.assert_array_equal(got["replicated"], np.ones(2))
+  # Read on one device: no program spans both, so no cross-device collective.
+  assert all(len(v.sharding.device_set) == 1 for v in got.values()), r
+print("ok")
+"""
+
+
+def test_unstack_reads_a_run_from_its_own_shard():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, "-c", _UNSTACK_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().endswith("ok")

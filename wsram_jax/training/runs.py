@@ -120,8 +120,24 @@ def stack(states: list[Any]) -> Any:
 
 
 def unstack(state: Any, r: int) -> Any:
-  """Run r of a stacked pytree."""
-  return jax.tree_util.tree_map(lambda x: x[r], state)
+  """Run r of a stacked pytree.
+
+  A leaf sharded over several devices (`run_sharding`) is read from the one shard that holds run r, on that
+  shard's device: indexing the global array instead compiles a program for every device with a cross-device
+  collective, and XLA:CPU runs those collectives on its shared thread pool, where a few of them dispatched
+  back to back can take every thread while waiting for each other (a run of Table 1 aborted on such a
+  rendezvous after its 40 s timeout)."""
+  return jax.tree_util.tree_map(lambda x: _take_run(x, r), state)
+
+
+def _take_run(x, r: int):
+  if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+    for shard in x.addressable_shards:
+      rows = shard.index[0] if shard.index else slice(None)
+      start, stop, _ = rows.indices(x.shape[0])
+      if start <= r < stop:
+        return shard.data[r - start]
+  return x[r]
 
 
 def make_mesh(num_runs: int) -> Optional[Mesh]:
