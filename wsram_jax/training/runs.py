@@ -124,9 +124,9 @@ def unstack(state: Any, r: int) -> Any:
 
   A leaf sharded over several devices (`run_sharding`) is read from the one shard that holds run r, on that
   shard's device: indexing the global array instead compiles a program for every device with a cross-device
-  collective, and XLA:CPU runs those collectives on its shared thread pool, where a few of them dispatched
-  back to back can take every thread while waiting for each other (a run of Table 1 aborted on such a
-  rendezvous after its 40 s timeout)."""
+  collective, and a run of Table 1 aborted when one such all-reduce's rendezvous passed XLA:CPU's 40 s timeout
+  (most likely several of them, dispatched back to back, held every thread of the shared pool while waiting
+  for each other)."""
   return jax.tree_util.tree_map(lambda x: _take_run(x, r), state)
 
 
