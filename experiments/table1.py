@@ -162,10 +162,15 @@ def write_report(runs: dict[str, list[str]], root: str, seeds, results: str, com
   summaries = report.summarize(groups, key="eval/error_sampled", min_step=steps)
   greedy = report.summarize(groups, key="eval/error_greedy", min_step=steps)
   glimpse_run = os.path.join(root, "wsram_q_cv")
-  checkpoint_dir = os.path.join(glimpse_run, "checkpoints")
-  if os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir):  # (not in an archive of the metrics alone)
+  state = None
+  if os.path.exists(os.path.join(glimpse_run, "config.json")):
     config = config_lib.load_config(glimpse_run)
-    state = train.restore_state(config, glimpse_run)
+    try:
+      state = train.restore_state(config, glimpse_run)
+    except errors.CheckpointError:  # an archive of the metrics alone (results/table1_runs): no figure
+      logging.warning("%s holds no checkpoint; %s is left as it is.", glimpse_run,
+                      os.path.join(results, "glimpses.png"))
+  if state is not None:
     first = runs_lib.from_config(config)
     if first.num_runs > 1:  # the first seed's model
       state, config = runs_lib.unstack(state, 0), first.config_for(config, 0)

@@ -126,6 +126,14 @@ def _check_proposal(proposal: str) -> None:
     raise ValueError(f"proposal must be one of {PROPOSALS}; got {proposal!r}.")
 
 
+def _proposal_log_prob(theta: Params, eta: Params, y: int, seqs: Array, proposal: str,
+                       temperature: float = 1.0) -> Array:
+  """`[...]` log-density of the sampling distribution (the prior or q(.|y), tempered by `temperature`)."""
+  if proposal == "prior":
+    return log_prior(theta, seqs, temperature)
+  return log_proposal(eta, y, seqs, temperature)
+
+
 @functools.partial(jax.jit, static_argnames=("proposal", "temperature"))
 def log_probs(theta: Params, eta: Params, image: Array, y: int, seqs: Array,
               proposal: str = "q", temperature: float = 1.0) -> tuple[Array, Array, Array]:
@@ -139,10 +147,9 @@ def log_probs(theta: Params, eta: Params, image: Array, y: int, seqs: Array,
   _check_proposal(proposal)
   log_p_a = log_prior(theta, seqs)
   log_p_y = log_likelihood(theta, image, y, seqs)
+  log_q_a = _proposal_log_prob(theta, eta, y, seqs, proposal, temperature)
   if proposal == "prior":
-    log_q_a = jax.lax.stop_gradient(log_prior(theta, seqs, temperature))
-  else:
-    log_q_a = log_proposal(eta, y, seqs, temperature)
+    log_q_a = jax.lax.stop_gradient(log_q_a)
   return log_p_a, log_p_y, log_q_a
 
 
@@ -159,10 +166,7 @@ def sample(key: chex.PRNGKey, theta: Params, eta: Params, y: int, config: ToyCon
   """`[M, 2]` glimpse sequences drawn independently from the proposal (the prior, or q(.|y))."""
   _check_proposal(proposal)
   seqs = all_sequences(config)
-  if proposal == "prior":
-    logits = log_prior(theta, seqs)
-  else:
-    logits = log_proposal(eta, y, seqs)
+  logits = _proposal_log_prob(theta, eta, y, seqs, proposal)
   index = jax.random.categorical(key, jax.lax.stop_gradient(logits), shape=(num_samples,))
   return seqs[index]
 
@@ -350,12 +354,7 @@ def _moments(loss_fn, theta, eta, image, y, config, proposal, temperature, idx, 
 
 
 def _sampling_log_probs(theta, eta, y, config, proposal, temperature=1.0):
-  seqs = all_sequences(config)
-  if proposal == "prior":
-    logits = log_prior(theta, seqs, temperature)
-  else:
-    logits = log_proposal(eta, y, seqs, temperature)
-  return jax.nn.log_softmax(logits)
+  return jax.nn.log_softmax(_proposal_log_prob(theta, eta, y, all_sequences(config), proposal, temperature))
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "config", "proposal", "temperature", "num_samples"))

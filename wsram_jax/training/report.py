@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -109,19 +110,17 @@ def permutation_p_value(lower: Sequence[float], higher: Sequence[float]) -> floa
   pooled, n = np.concatenate([lower, higher]), lower.size
   observed = lower.mean() - higher.mean()
   total = pooled.sum()
-  count = splits = 0
+  count = 0
   for idx in itertools.combinations(range(pooled.size), n):
     first = pooled[list(idx)].sum()
-    diff = first / n - (total - first) / (pooled.size - n)
-    count += diff <= observed + 1e-12
-    splits += 1
-  return count / splits
+    count += first / n - (total - first) / (pooled.size - n) <= observed + 1e-12
+  return count / math.comb(pooled.size, n)
 
 
 def orderings(summaries: Mapping[str, dict], claims=PAPER_ORDERINGS) -> list[dict]:
   """Each claimed ordering (lower, higher) tested on the runs' final values (`summarize`): the two means,
-  whether ours has them in the paper's order, and the one-sided `permutation_p_value`; None where a variant has
-  fewer than two finished runs."""
+  whether ours has them in the paper's order, and the one-sided `permutation_p_value`. A claim with a variant of
+  fewer than two finished runs keeps only its names and the paper's numbers (no ``p_value``)."""
   out = []
   for lower, higher, claim in claims:
     a, b = summaries.get(lower), summaries.get(higher)
