@@ -44,3 +44,33 @@ def test_trajectory_metrics():
                                          mask=jnp.asarray([[0.0, 1.0], [0.0, 1.0]]))
   np.testing.assert_allclose(masked["outside_canvas"], 0.0)
   np.testing.assert_allclose(masked["scale_usage_1"], 0.75)
+
+
+def test_nvil_baseline_centres_the_learned_one_with_a_moving_average():
+  """``baseline='nvil'``: the VAR signal is log p(y|a) - b(I) - c, b(I) regresses log p(y|a) - c, and the loss
+  reports the residual log p(y|a) - b(I) for the moving average c to track (NVIL's centring)."""
+  import jax
+  cfg = objectives.ObjectiveConfig(method="var", proposal="prior", baseline="nvil")
+  log_p_a = jnp.asarray([[-1.0, -2.0], [-0.5, -1.5]])
+  log_p_y = jnp.asarray([[-2.0, -3.0], [-1.0, -4.0]])
+  learned = jnp.asarray([[0.5, 0.5], [-1.0, -1.0]])
+  c = -1.5
+
+  def loss(log_p_a, learned):
+    return objectives.method_loss(cfg, log_p_a, log_p_y, log_p_a, baseline_value=c, learned_baseline=learned)
+
+  (value, metrics), (g_a, g_b) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(log_p_a, learned)
+  np.testing.assert_allclose(metrics["baseline_target"], np.mean(log_p_y - learned), rtol=1e-6)
+  # Eqn 5 with b = b(I) + c: d/d log p(a^m) = -(log p(y|a^m) - b(I) - c) / (M B).
+  np.testing.assert_allclose(g_a, -(log_p_y - learned - c) / 4, rtol=1e-6)
+  # The regression 1/2 mean (b(I) - (log p(y|a) - c))^2 (weight 1).
+  np.testing.assert_allclose(g_b, (learned - (log_p_y - c)) / 4, rtol=1e-6)
+  # The estimate of -F does not depend on the baseline.
+  np.testing.assert_allclose(metrics["baseline_mse"], np.mean((learned + c - log_p_y) ** 2), rtol=1e-6)
+  assert np.isfinite(value)
+  # With the moving average as its state; the others keep none.
+  from wsram_jax import baselines
+  assert isinstance(objectives.baseline_transform(cfg).init(), baselines.MovingAverageState)
+  learned_only = objectives.ObjectiveConfig(method="var", proposal="prior", baseline="learned")
+  assert "baseline_target" not in objectives.method_loss(learned_only, log_p_a, log_p_y, log_p_a,
+                                                         learned_baseline=learned)[1]

@@ -19,7 +19,9 @@ Methods (`ObjectiveConfig.method`):
   update (Bornschein & Bengio), which needs the model and is added by the task's loss.
 * ``var``: the variational method of [2] (Sec. 4.1): M trajectories from the prior, the Eqn 5 surrogate with
   a baseline: none, ``moving`` (a moving average of log p(y|a), `baseline_transform`), ``learned`` (the
-  model's baseline head b(I), regressed on log p(y|a)), or ``loo`` (leave-one-out over the M samples).
+  model's baseline head b(I), regressed on log p(y|a)), ``nvil`` (b(I) plus a moving average c of the residual
+  log p(y|a) - b(I), NVIL's centring [11]: b(I) regresses log p(y|a) - c), or ``loo`` (leave-one-out over the M
+  samples).
 * ``vimco``: the multi-sample bound of Eqn 9 with VIMCO's leave-one-out learning signals (Mnih & Rezende 2016),
   samples from the prior.
 
@@ -48,7 +50,7 @@ from wsram_jax.errors import ConfigError
 
 METHODS = ("wsram", "var", "vimco")
 PROPOSALS = ("prior", "inference_network", "defensive_mixture")
-BASELINES = ("none", "moving", "learned", "loo")
+BASELINES = ("none", "moving", "learned", "nvil", "loo")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -95,7 +97,7 @@ class ObjectiveConfig:
     control_variates: WS-RAM's Eqns 16-19 (VAR's control variate is ``baseline``).
     p_baseline: the coefficient of WS-RAM's p-side control variate (`estimators.wsram_losses`):
       ``self_normalized`` (Eqn 18, the paper's), ``unbiased`` (p / (M q)) or ``as_printed`` (p / q, Eqn 16).
-    baseline: VAR's baseline: ``none``, ``moving``, ``learned`` or ``loo``.
+    baseline: VAR's baseline: ``none``, ``moving``, ``learned``, ``nvil`` or ``loo``.
     baseline_decay: the moving average's decay, in [0, 1).
     baseline_weight: weight of the learned baseline's regression loss.
     num_samples: M.
@@ -204,9 +206,11 @@ def make_proposal(cfg: ObjectiveConfig, hyper=None) -> proposals_lib.Proposal:
 
 
 def baseline_transform(cfg: ObjectiveConfig, *, init_value: float = 0.0) -> baselines.BaselineTransform:
-  """VAR's moving-average baseline (``baseline='moving'``; its value before any batch is `init_value`, and it is
-  debiased towards the rewards seen), or no baseline state."""
-  if cfg.method == "var" and cfg.baseline == "moving":
+  """VAR's moving average (``baseline='moving'``: of the batches' mean log p(y|a); ``'nvil'``: of their mean
+  residual log p(y|a) - b(I)), whose value before any batch is `init_value` and which is debiased towards the
+  batches seen; or no baseline state. What it averages is the loss's ``baseline_target`` metric, or its
+  ``reward`` (`training.step.build_step`)."""
+  if cfg.method == "var" and cfg.baseline in ("moving", "nvil"):
     return baselines.moving_average(cfg.baseline_decay, init_value=init_value)
   return baselines.no_baseline()
 
@@ -278,7 +282,9 @@ def method_loss(cfg: ObjectiveConfig, log_p_a: jax.Array, log_p_y: jax.Array, lo
   ``wsram`` -> `estimators.wsram_losses` (``loss_q`` added unless the proposal is the prior), ``vimco`` ->
   `estimators.vimco_loss`, ``var`` -> `estimators.variational_loss` with the baseline `cfg.baseline`
   (``moving``: ``baseline_value``; ``learned``: ``learned_baseline`` `[B, M]`, also regressed with weight
-  `cfg.baseline_weight`; ``loo``: leave-one-out). The sleep update and the exploration heuristics need the
+  `cfg.baseline_weight`; ``nvil``: ``learned_baseline + baseline_value``, the head regressed on
+  ``log_p_y - baseline_value``, and the metric ``baseline_target``, the batch's mean ``log_p_y -
+  learned_baseline``, for the moving average to track; ``loo``: leave-one-out). The sleep update and the exploration heuristics need the
   rollout and are added by the task's loss (`with_heuristics`). ``log_inference_a`` `[B, M]` is the inference
   network's own log-density of the samples: when the proposal is not q itself (tempered, a mixture, one of the
   user's), wake-q trains q's own density on them (`estimators.wsram_losses`' ``log_q_own``). ``hyper`` as for
@@ -306,10 +312,13 @@ def method_loss(cfg: ObjectiveConfig, log_p_a: jax.Array, log_p_y: jax.Array, lo
       baseline = 0.0
     elif cfg.baseline == "moving":
       baseline = baseline_value
-    elif cfg.baseline == "learned":
+    elif cfg.baseline in ("learned", "nvil"):
       if learned_baseline is None:
-        raise ValueError("baseline='learned' needs the model's learned_baseline [B, M].")
+        raise ValueError(f"baseline='{cfg.baseline}' needs the model's learned_baseline [B, M].")
       baseline = learned_baseline
+      if cfg.baseline == "nvil":  # NVIL's centring: c, from earlier batches only, absorbs what b(I) lags behind
+        baseline = learned_baseline + baseline_value
+        metrics["baseline_target"] = jnp.mean(jax.lax.stop_gradient(log_p_y - learned_baseline))
     else:  # loo
       baseline = estimators.leave_one_out_baseline(log_p_y)
     loss = estimators.variational_loss(log_p_a, log_p_y, baseline)
@@ -317,6 +326,8 @@ def method_loss(cfg: ObjectiveConfig, log_p_a: jax.Array, log_p_y: jax.Array, lo
       metrics["baseline_mse"] = jnp.mean((jax.lax.stop_gradient(baseline) - log_p_y) ** 2)
     if cfg.baseline == "learned":
       loss = loss + cfg.baseline_weight * baselines.baseline_loss(learned_baseline, log_p_y)
+    elif cfg.baseline == "nvil":
+      loss = loss + cfg.baseline_weight * baselines.baseline_loss(learned_baseline, log_p_y - baseline_value)
   return loss, metrics
 
 

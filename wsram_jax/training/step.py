@@ -141,8 +141,8 @@ def build_step(loss_and_grads: LossAndGrads, btx: baselines.BaselineTransform,
                optimizer: optax.GradientTransformation) -> Callable[..., tuple[loop.TrainState, dict]]:
   """`step(state, *data) -> (state, metrics)` (not jitted), one update for any task: the gradients of step t
   from `loss_and_grads(params, extra, fold_in(state.key, t), *data)` (`build_loss_and_grads`), the baseline `btx`
-  updated with the batch's ``reward``, then `optimizer` through `loop.guarded_update` (no update if the loss or
-  the gradients are not finite). Metrics: the loss's, prefixed ``train/``, and ``train/grad_norm``.
+  updated with the batch's ``baseline_target`` (or its ``reward`` where the loss gives none), then `optimizer`
+  through `loop.guarded_update` (no update if the loss or the gradients are not finite). Metrics: the loss's, prefixed ``train/``, and ``train/grad_norm``.
 
   ``step(state, *data, hyper=h)`` is one run of a sweep (`training.runs`): ``h`` holds its own numbers (scalars),
   passed to the loss; its ``learning_rate`` scales the update of an optimiser built by
@@ -151,7 +151,8 @@ def build_step(loss_and_grads: LossAndGrads, btx: baselines.BaselineTransform,
   def step(state: loop.TrainState, *data, hyper=None):
     key = jax.random.fold_in(state.key, state.step)
     (loss, metrics), grads = loss_and_grads(state.params, state.extra, key, *data, hyper=hyper)
-    _, new_extra = btx.update(metrics["reward"], state.extra)
+    # The baseline state tracks what the loss names: its ``baseline_target`` if it has one, else its ``reward``.
+    _, new_extra = btx.update(metrics.get("baseline_target", metrics["reward"]), state.extra)
 
     def apply(params, opt_state):
       updates, opt_state = optimizer.update(grads, opt_state, params)
