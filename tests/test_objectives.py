@@ -1,9 +1,11 @@
-"""The objective layer's trajectory metrics, on a hand-made batch of trajectories."""
+"""The objective layer's trajectory metrics and VAR's nvil baseline, on hand-made batches."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from wsram_jax import actions
 from wsram_jax import attention
+from wsram_jax import baselines
 from wsram_jax import objectives
 
 
@@ -49,7 +51,6 @@ def test_trajectory_metrics():
 def test_nvil_baseline_centres_the_learned_one_with_a_moving_average():
   """``baseline='nvil'``: the VAR signal is log p(y|a) - b(I) - c, b(I) regresses log p(y|a) - c, and the loss
   reports the residual log p(y|a) - b(I) for the moving average c to track (NVIL's centring)."""
-  import jax
   cfg = objectives.ObjectiveConfig(method="var", proposal="prior", baseline="nvil")
   log_p_a = jnp.asarray([[-1.0, -2.0], [-0.5, -1.5]])
   log_p_y = jnp.asarray([[-2.0, -3.0], [-1.0, -4.0]])
@@ -69,7 +70,6 @@ def test_nvil_baseline_centres_the_learned_one_with_a_moving_average():
   np.testing.assert_allclose(metrics["baseline_mse"], np.mean((learned + c - log_p_y) ** 2), rtol=1e-6)
   assert np.isfinite(value)
   # With the moving average as its state; the others keep none.
-  from wsram_jax import baselines
   assert isinstance(objectives.baseline_transform(cfg).init(), baselines.MovingAverageState)
   learned_only = objectives.ObjectiveConfig(method="var", proposal="prior", baseline="learned")
   assert "baseline_target" not in objectives.method_loss(learned_only, log_p_a, log_p_y, log_p_a,

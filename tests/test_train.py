@@ -58,7 +58,6 @@ def test_evaluation_is_deterministic(tiny_config):
   np.testing.assert_allclose(sum(usage), 1.0, rtol=1e-5)
 
 
-
 def test_the_nvil_baseline_tracks_the_residual_of_the_learned_one(tiny_config):
   """With ``baseline='nvil'`` the step's moving average follows the batch's mean log p(y|a) - b(I), not its mean
   log p(y|a): after two updates its (debiased) value is the decay-weighted mean of the two batches' residuals."""
@@ -78,6 +77,7 @@ def test_the_nvil_baseline_tracks_the_residual_of_the_learned_one(tiny_config):
   np.testing.assert_allclose(value, (d * targets[0] + targets[1]) / (1 + d), rtol=1e-5)
   # The head starts at b(I) = 0 and has moved after one update: the residual is not the reward any more.
   assert abs(targets[1] - rewards[1]) > 1e-4
+
 
 @pytest.mark.parametrize("overrides, match", [
     ({"num_samples": 0}, "num_samples"),

@@ -284,11 +284,11 @@ def method_loss(cfg: ObjectiveConfig, log_p_a: jax.Array, log_p_y: jax.Array, lo
   (``moving``: ``baseline_value``; ``learned``: ``learned_baseline`` `[B, M]`, also regressed with weight
   `cfg.baseline_weight`; ``nvil``: ``learned_baseline + baseline_value``, the head regressed on
   ``log_p_y - baseline_value``, and the metric ``baseline_target``, the batch's mean ``log_p_y -
-  learned_baseline``, for the moving average to track; ``loo``: leave-one-out). The sleep update and the exploration heuristics need the
-  rollout and are added by the task's loss (`with_heuristics`). ``log_inference_a`` `[B, M]` is the inference
-  network's own log-density of the samples: when the proposal is not q itself (tempered, a mixture, one of the
-  user's), wake-q trains q's own density on them (`estimators.wsram_losses`' ``log_q_own``). ``hyper`` as for
-  `make_proposal`.
+  learned_baseline``, for the moving average to track; ``loo``: leave-one-out). The sleep update and the
+  exploration heuristics need the rollout and are added by the task's loss (`with_heuristics`).
+  ``log_inference_a`` `[B, M]` is the inference network's own log-density of the samples: when the proposal is
+  not q itself (tempered, a mixture, one of the user's), wake-q trains q's own density on them
+  (`estimators.wsram_losses`' ``log_q_own``). ``hyper`` as for `make_proposal`.
 
   Returns:
     `(loss, metrics)`: the scalar loss and its parts (``loss_p``, ``loss_q``, ``baseline_mse``).
@@ -315,19 +315,18 @@ def method_loss(cfg: ObjectiveConfig, log_p_a: jax.Array, log_p_y: jax.Array, lo
     elif cfg.baseline in ("learned", "nvil"):
       if learned_baseline is None:
         raise ValueError(f"baseline='{cfg.baseline}' needs the model's learned_baseline [B, M].")
-      baseline = learned_baseline
-      if cfg.baseline == "nvil":  # NVIL's centring: c, from earlier batches only, absorbs what b(I) lags behind
-        baseline = learned_baseline + baseline_value
+      # NVIL's centring c (from earlier batches only) absorbs what b(I) lags behind; the plain head has none.
+      centre = baseline_value if cfg.baseline == "nvil" else 0.0
+      baseline = learned_baseline + centre
+      if cfg.baseline == "nvil":
         metrics["baseline_target"] = jnp.mean(jax.lax.stop_gradient(log_p_y - learned_baseline))
     else:  # loo
       baseline = estimators.leave_one_out_baseline(log_p_y)
     loss = estimators.variational_loss(log_p_a, log_p_y, baseline)
     if cfg.baseline != "none":
       metrics["baseline_mse"] = jnp.mean((jax.lax.stop_gradient(baseline) - log_p_y) ** 2)
-    if cfg.baseline == "learned":
-      loss = loss + cfg.baseline_weight * baselines.baseline_loss(learned_baseline, log_p_y)
-    elif cfg.baseline == "nvil":
-      loss = loss + cfg.baseline_weight * baselines.baseline_loss(learned_baseline, log_p_y - baseline_value)
+    if cfg.baseline in ("learned", "nvil"):  # b(I) regresses what the centre leaves of the reward
+      loss = loss + cfg.baseline_weight * baselines.baseline_loss(learned_baseline, log_p_y - centre)
   return loss, metrics
 
 

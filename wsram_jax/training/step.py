@@ -142,7 +142,8 @@ def build_step(loss_and_grads: LossAndGrads, btx: baselines.BaselineTransform,
   """`step(state, *data) -> (state, metrics)` (not jitted), one update for any task: the gradients of step t
   from `loss_and_grads(params, extra, fold_in(state.key, t), *data)` (`build_loss_and_grads`), the baseline `btx`
   updated with the batch's ``baseline_target`` (or its ``reward`` where the loss gives none), then `optimizer`
-  through `loop.guarded_update` (no update if the loss or the gradients are not finite). Metrics: the loss's, prefixed ``train/``, and ``train/grad_norm``.
+  through `loop.guarded_update` (no update if the loss or the gradients are not finite). Metrics: the loss's,
+  prefixed ``train/``, and ``train/grad_norm``.
 
   ``step(state, *data, hyper=h)`` is one run of a sweep (`training.runs`): ``h`` holds its own numbers (scalars),
   passed to the loss; its ``learning_rate`` scales the update of an optimiser built by
