@@ -137,6 +137,30 @@ def test_a_signal_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, s
   np.testing.assert_array_equal(full.params["w"], resumed.params["w"])
 
 
+def test_a_signal_during_a_progress_line_waits_for_the_update_to_end(tmp_path, monkeypatch):
+  """A signal that arrives while a line is being written is honoured after the update, not inside the write
+  (raised there, it left the line without its end, and the binary's one-line message was glued onto it)."""
+  written = []
+
+  class SignallingStream:
+    def write(self, text):
+      if not written:
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the first progress line
+      written.append(text)
+
+    def flush(self):
+      pass
+
+  progress = loop.Progress
+  monkeypatch.setattr(loop, "Progress", lambda num_steps: progress(num_steps, out=SignallingStream()))
+  config = _config(num_steps=20, checkpoint_every=20)
+  with pytest.raises(errors.Interrupted, match=r"Stopped by SIGTERM at step 5; saved it in"):
+    loop.run(config=config, workdir=str(tmp_path), **_task(config))
+  assert "".join(written).startswith("step 5/20 |") and "".join(written).endswith("\n")
+  records = metric_writers.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records if "train/loss" in r] == [5]
+
+
 def test_a_signal_during_a_save_lets_the_save_finish(tmp_path, monkeypatch):
   save = checkpoints.Checkpointer.save
 

@@ -195,7 +195,8 @@ def test_binary_refuses_a_busy_or_unusable_workdir_in_one_line(tiny_mnist_dir, t
 
 def stop_running_binary(cmd, workdir, signum):
   """Starts `cmd`, sends it `signum` once it has logged a training line; returns (returncode, stderr)."""
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT then prints every thread's stack
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
   try:
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -204,7 +205,12 @@ def stop_running_binary(cmd, workdir, signum):
       time.sleep(0.05)
     assert proc.poll() is None, "the run ended before the signal; make it longer"
     proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+      _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+      proc.send_signal(signal.SIGABRT)
+      _, stderr = proc.communicate(timeout=60)
+      raise AssertionError(f"the run did not stop within 120 s of the signal; its stacks:\n{stderr[-6000:]}")
   finally:
     proc.kill()
   return proc.returncode, stderr

@@ -307,7 +307,8 @@ class Progress:
     speed = f"{rate:.1f} steps/s" if runs is None else f"{rate:.1f} steps/s x {runs} runs (mean over the runs)"
     text = (f"step {step}/{self.num_steps} | {shown} | {speed} | "
             f"ETA {_format_eta(eta) if eta == eta else '?'}")
-    print(text, file=self.out, flush=True)
+    self.out.write(text + "\n")  # one write: the line and its end are never separated
+    self.out.flush()
     return text
 
 
@@ -330,8 +331,9 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
 
   A logged ``train/loss`` or ``train/bound`` beyond +-`SANE_LIMIT` is warned about, once.
 
-  Only one process at a time may run in `workdir` (`WorkdirLock`). SIGINT and SIGTERM finish a checkpoint save in
-  progress, save the step reached and raise `errors.Interrupted` (`training.signals`).
+  Only one process at a time may run in `workdir` (`WorkdirLock`). SIGINT and SIGTERM are honoured between updates
+  (the update in progress, with its logging, evaluation or checkpoint, finishes first): the step reached is saved
+  and `errors.Interrupted` raised (`training.signals`).
 
   Several runs (`runs`, R > 1, `training.runs`): the state and the step's metrics carry a leading run axis; the
   checkpoints hold all the runs (in ``WORKDIR/checkpoints``), and each run r has its own metrics, TensorBoard
@@ -431,33 +433,35 @@ def _train(config, state, ckpt, writers, labels, train_step, evaluate, diagnose,
     history = []
     try:
       while step < config.num_steps:
-        state, metrics = train_step(state)
-        history.append(metrics)
-        step += 1
-        if not progress.started:
-          jax.block_until_ready(state.params)
-          progress.start(step)  # Throughput counts from after this process's first (compiling) step.
-        if step % config.log_every == 0 or step == config.num_steps:
-          check_finite(state, step)
-          means = _mean_metrics(history)
-          # Fewer steps than log_every: the first average after a resume, or the last one of the run.
-          averaged = len(history) if len(history) < config.log_every else None
-          history = []
-          live = [r for r in range(len(writers)) if r not in frozen]
-          for r in live:
-            record(r, step, {k: (v[r] if several else v) for k, v in means.items()}, averaged_steps=averaged)
-          shown = {k: np.mean(v[live]) if several else v for k, v in means.items()}
-          check_sane(step, shown)
-          progress.line(step, shown, progress_keys, runs=len(live) if several else None)
-        if evaluate is not None and (step % config.eval_every == 0 or step == config.num_steps):
-          check_finite(state, step)
-          each_run(evaluate, step)
-        if diagnose is not None and config.diag_every > 0 and (
-            step % config.diag_every == 0 or step == config.num_steps):
-          each_run(diagnose, step)
-        if step % config.checkpoint_every == 0 or step == config.num_steps:
-          check_finite(state, step)
-          with stop.deferred():  # a signal now waits for the save to finish
+        # A signal is honoured between updates, never inside one: raised asynchronously, it could tear a
+        # progress or metrics line, or leave a lock held that the final save then waits for.
+        with stop.deferred():
+          state, metrics = train_step(state)
+          history.append(metrics)
+          step += 1
+          if not progress.started:
+            jax.block_until_ready(state.params)
+            progress.start(step)  # Throughput counts from after this process's first (compiling) step.
+          if step % config.log_every == 0 or step == config.num_steps:
+            check_finite(state, step)
+            means = _mean_metrics(history)
+            # Fewer steps than log_every: the first average after a resume, or the last one of the run.
+            averaged = len(history) if len(history) < config.log_every else None
+            history = []
+            live = [r for r in range(len(writers)) if r not in frozen]
+            for r in live:
+              record(r, step, {k: (v[r] if several else v) for k, v in means.items()}, averaged_steps=averaged)
+            shown = {k: np.mean(v[live]) if several else v for k, v in means.items()}
+            check_sane(step, shown)
+            progress.line(step, shown, progress_keys, runs=len(live) if several else None)
+          if evaluate is not None and (step % config.eval_every == 0 or step == config.num_steps):
+            check_finite(state, step)
+            each_run(evaluate, step)
+          if diagnose is not None and config.diag_every > 0 and (
+              step % config.diag_every == 0 or step == config.num_steps):
+            each_run(diagnose, step)
+          if step % config.checkpoint_every == 0 or step == config.num_steps:
+            check_finite(state, step)
             ckpt.save(step, state)
     except (signals.StopRequested, KeyboardInterrupt) as e:
       raise _stop(getattr(e, "signum", signal.SIGINT), state, ckpt, stop) from None

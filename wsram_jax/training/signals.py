@@ -3,7 +3,8 @@
     with StopOnSignals() as stop:        # in the main thread, SIGINT and SIGTERM raise StopRequested ...
       ...
       with stop.deferred():              # ... except in here: a signal waits until the block has ended
-        ckpt.save(step, state)           #     (a checkpoint save is finished, never torn)
+        state = update(state)            #     (the training loop defers each whole update: a signal raised
+        ckpt.save(step, state)           #     inside library code could tear a line or leave a lock held)
 
 `StopRequested` derives from BaseException, as KeyboardInterrupt does, so that library code that catches
 `Exception` lets it through to the one place that handles it: `training.loop.run`, which saves the step reached
