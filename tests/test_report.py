@@ -89,6 +89,25 @@ def test_planned_runs_train_every_seed_of_a_variant_as_one_program(tmp_path):
     table1.read_learning_rates(str(tmp_path / "lr.json"))
 
 
+def test_figure2_draws_each_method_as_its_seeds_mean_with_their_range(tmp_path):
+  for seed, (error, late_step) in enumerate(((0.4, 300), (0.6, None))):  # seed 1 stopped before step 300
+    writer = metric_writers.MetricWriter(str(tmp_path / f"s{seed}"), tensorboard=False)
+    for step in (100, 200, late_step):
+      if step:
+        writer.write_scalars(step, {"train/error": error, "train/ess": 3.0, "diag/grad_var/theta": 1e-4 * (seed + 1)})
+    writer.close()
+  runs = [str(tmp_path / "s0"), str(tmp_path / "s1")]
+  steps, mean, lowest, highest = report._across_runs(runs, "train/error")  # pylint: disable=protected-access
+  np.testing.assert_array_equal(steps, [100, 200, 300])
+  np.testing.assert_allclose(mean, [0.5, 0.5, 0.4])  # step 300: only seed 0 logged it
+  np.testing.assert_allclose(lowest, [0.4, 0.4, 0.4])
+  np.testing.assert_allclose(highest, [0.6, 0.6, 0.4])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    path = report.figure2({"var_cv": runs}, str(tmp_path / "figure2.png"))
+  assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_write_report_fills_results(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   (tmp_path / "RESULTS.md").write_text(

@@ -161,17 +161,15 @@ def _save(fig, path: str, *, dpi: int) -> str:
   return path
 
 
-def _averaged(workdirs: Iterable[str], key: str) -> tuple[np.ndarray, np.ndarray]:
+def _across_runs(workdirs: Iterable[str], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """``(steps, mean, lowest, highest)`` of `key` at each step any run logged it, over the runs that did; all
+  ``[T]``, empty when no run logged `key`."""
   per_run = [metric_writers.series(metric_writers.read_metrics(w), key) for w in workdirs]
-  per_run = [(s, v) for s, v in per_run if s.size]
-  if not per_run:
-    return np.array([]), np.array([])
-  steps = sorted(set().union(*(set(s.tolist()) for s, _ in per_run)))
-  means = []
-  for step in steps:
-    vals = [v[np.searchsorted(s, step)] for s, v in per_run if step in set(s.tolist())]
-    means.append(np.mean(vals))
-  return np.array(steps), np.array(means)
+  per_run = [dict(zip(s.tolist(), v.tolist())) for s, v in per_run if s.size]
+  steps = sorted(set().union(*per_run)) if per_run else []
+  values = [[run[step] for run in per_run if step in run] for step in steps]
+  return (np.array(steps), np.array([np.mean(v) for v in values]), np.array([min(v) for v in values]),
+          np.array([max(v) for v in values]))
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -183,9 +181,10 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def figure2(groups: Mapping[str, Sequence[str]], path: str, *, smooth: int = 5) -> str:
-  """Figure 2: training error, gradient variance (theta) and ESS against thousands of updates.
+  """Figure 2: training error, test error, gradient variance (theta) and ESS against thousands of updates.
 
-  The training error is that of the trajectories the loss was computed on, drawn from the proposal: for the
+  Each line is the mean over a method's runs (seeds); the band around it spans the lowest to the highest run at
+  each step, smoothed like the line (training metrics over `smooth` logged points). The training error is that of the trajectories the loss was computed on, drawn from the proposal: for the
   +q variants the inference network, which sees the label. The test-error panel (the prior's samples on the
   fixed test canvases) compares every method on the same footing.
   """
@@ -196,10 +195,15 @@ def figure2(groups: Mapping[str, Sequence[str]], path: str, *, smooth: int = 5) 
   fig, axes = plt.subplots(1, len(panels), figsize=(19, 4.2))
   for ax, (key, title) in zip(axes, panels):
     for name, workdirs in groups.items():
-      steps, values = _averaged(workdirs, key)
+      steps, mean, lowest, highest = _across_runs(workdirs, key)
       if steps.size:
-        ax.plot(steps / 1000, _smooth(values, smooth if key.startswith("train/") else 1),
-                label=LABELS.get(name, name), marker="." if key.startswith("eval/") else None)
+        window = smooth if key.startswith("train/") else 1
+        label = LABELS.get(name, name) + (f" ({len(workdirs)} seeds)" if len(workdirs) > 1 else "")
+        (line,) = ax.plot(steps / 1000, _smooth(mean, window), label=label,
+                          marker="." if key.startswith("eval/") else None)
+        if np.any(highest > lowest):
+          ax.fill_between(steps / 1000, _smooth(lowest, window), _smooth(highest, window), color=line.get_color(),
+                          alpha=0.2, linewidth=0)
     ax.set_title(title)
     ax.set_xlabel("thousands of updates")
     if key.startswith("diag/"):
@@ -224,6 +228,12 @@ def _final_scale_usage(workdirs: Iterable[str], num_scales: int) -> Optional[np.
   return np.mean(np.asarray(per_run, float), axis=0)
 
 
+def _legend(ax, fontsize: int) -> None:
+  """A legend, unless nothing was drawn on `ax` (a setting whose runs are not there yet)."""
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=fontsize)
+
+
 def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_scales: int = 3,
             smooth: int = 5) -> str:
   """Figure 3: each method with the exploration heuristics on and off: training error, and each scale's use.
@@ -242,20 +252,20 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
   ax = axes[0, 0]
   for method, settings in pairs.items():
     for i, (setting, workdirs) in enumerate(settings.items()):
-      steps, values = _averaged(workdirs, "train/error")
+      steps, values = _across_runs(workdirs, "train/error")[:2]
       if steps.size:
         ax.plot(steps / 1000, _smooth(values, smooth), label=f"{method}, {setting}",
                 linestyle=styles[i % len(styles)])
   ax.set_title("training error")
   ax.set_xlabel("thousands of updates")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  _legend(ax, 8)
   axes[1, 0].axis("off")
   for col, (method, settings) in enumerate(pairs.items(), start=1):
     ax = axes[0, col]
     for i, (setting, workdirs) in enumerate(settings.items()):
       for s in range(num_scales):
-        steps, values = _averaged(workdirs, f"train/scale_usage_{s}")
+        steps, values = _across_runs(workdirs, f"train/scale_usage_{s}")[:2]
         if steps.size:
           ax.plot(steps / 1000, _smooth(values, smooth), color=f"C{s}",
                   linestyle=styles[i % len(styles)], label=f"scale {s}, {setting}")
@@ -263,7 +273,7 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
     ax.set_xlabel("thousands of updates")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, 7)
     ax = axes[1, col]
     width = 0.8 / max(len(settings), 1)
     for i, (setting, workdirs) in enumerate(settings.items()):
@@ -281,7 +291,7 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
                  + ", ".join(settings) + ")", fontsize=9)
     ax.set_xlabel("glimpse")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    _legend(ax, 7)
   return _save(fig, path, dpi=110)
 
 
