@@ -315,11 +315,11 @@ def method_loss(cfg: ObjectiveConfig, log_p_a: jax.Array, log_p_y: jax.Array, lo
     elif cfg.baseline in ("learned", "nvil"):
       if learned_baseline is None:
         raise ValueError(f"baseline='{cfg.baseline}' needs the model's learned_baseline [B, M].")
-      # NVIL's centring c (from earlier batches only) absorbs what b(I) lags behind; the plain head has none.
-      centre = baseline_value if cfg.baseline == "nvil" else 0.0
-      baseline = learned_baseline + centre
-      if cfg.baseline == "nvil":
+      centre = 0.0  # the plain head has none
+      if cfg.baseline == "nvil":  # NVIL's centring c (from earlier batches only) absorbs what b(I) lags behind
+        centre = baseline_value
         metrics["baseline_target"] = jnp.mean(jax.lax.stop_gradient(log_p_y - learned_baseline))
+      baseline = learned_baseline + centre
     else:  # loo
       baseline = estimators.leave_one_out_baseline(log_p_y)
     loss = estimators.variational_loss(log_p_a, log_p_y, baseline)

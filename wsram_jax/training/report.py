@@ -184,8 +184,9 @@ def figure2(groups: Mapping[str, Sequence[str]], path: str, *, smooth: int = 5) 
   """Figure 2: training error, test error, gradient variance (theta) and ESS against thousands of updates.
 
   Each line is the mean over a method's runs (seeds); the band around it spans the lowest to the highest run at
-  each step, smoothed like the line (training metrics over `smooth` logged points). The training error is that of the trajectories the loss was computed on, drawn from the proposal: for the
-  +q variants the inference network, which sees the label. The test-error panel (the prior's samples on the
+  each step, smoothed like the line (training metrics over `smooth` logged points). The training error is that
+  of the trajectories the loss was computed on, drawn from the proposal: for the +q variants the inference
+  network, which sees the label. The test-error panel (the prior's samples on the
   fixed test canvases) compares every method on the same footing.
   """
   panels = (("train/error", "training error (samples from the proposal)"),
