@@ -59,6 +59,32 @@ def test_orderings_test_the_papers_claims_on_finished_runs():
   assert "not enough finished runs" in text
 
 
+def test_curve_orderings_test_the_figure2_claims_on_each_runs_average_from_a_step(tmp_path):
+  def run(name, grad_var_late, grad_var_early=1.0):
+    writer = metric_writers.MetricWriter(str(tmp_path / name), tensorboard=False)
+    writer.write_scalars(100, {"diag/grad_var/theta": grad_var_early})  # before from_step: left out
+    for step, value in ((200, grad_var_late), (300, 3 * grad_var_late)):  # run average: 2 * grad_var_late
+      writer.write_scalars(step, {"diag/grad_var/theta": value})
+    writer.close()
+    return str(tmp_path / name)
+
+  groups = {"wsram_cv": [run(f"c{i}", 1e-5 * (i + 1)) for i in range(4)],
+            "wsram": [run(f"n{i}", 1e-3 * (i + 1), grad_var_early=0.0) for i in range(4)],
+            "wsram_q": [run("q0", 1e-3)]}
+  assert np.isclose(report.run_average(groups["wsram"][0], "diag/grad_var/theta", 200), 2e-3)
+  assert report.run_average(groups["wsram"][0], "train/ess", 200) is None
+  rows = {(r["lower"], r["higher"], r["metric"]): r for r in report.curve_orderings(groups, from_step=200)}
+  row = rows[("wsram_cv", "wsram", "diag/grad_var/theta")]
+  assert row["holds"] and np.isclose(row["p_value"], 1 / 70)  # every +c run below every plain one
+  np.testing.assert_allclose(row["means"], [2 * 2.5e-5, 2 * 2.5e-3])
+  assert "p_value" not in rows[("wsram_q", "wsram", "diag/grad_var/theta")]  # one wsram_q run: not tested
+  assert "p_value" not in rows[("wsram", "wsram_cv", "train/ess")]  # no run logged it
+  text = report.curve_orderings_markdown(list(rows.values()))
+  assert ("| control variates lower WS-RAM's gradient variance | WS-RAM+c < WS-RAM | `diag/grad_var/theta` from "
+          "update 200 | 5e-05 vs 0.005 (n=4, 4) | yes | 0.014 |") in text
+  assert "not enough runs" in text
+
+
 def test_final_scale_usage_per_glimpse_is_the_mean_over_seeds(tmp_path):
   _fake_run(tmp_path / "a", 0.2)
   _fake_run(tmp_path / "b", 0.4)
@@ -128,6 +154,8 @@ def test_write_report_fills_results(tmp_path, monkeypatch):
   summary = json.loads((tmp_path / "results" / "table1.json").read_text())
   assert np.isclose(summary["error_sampled"]["wsram_q_cv"]["mean"], 0.07)
   assert "The orderings the paper claims" in text and len(summary["orderings"]) == len(report.PAPER_ORDERINGS)
+  assert "The paper's Figure 2 claims" in text
+  assert len(summary["figure2_orderings"]) == len(report.FIGURE2_CLAIMS)
 
 
 def test_training_curves_leave_out_panels_the_run_did_not_log(tmp_path):
