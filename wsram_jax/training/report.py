@@ -347,8 +347,8 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
         ax.bar(x, usage[:, s], width * 0.95, bottom=bottom, color=f"C{s}", hatch=hatches[i % len(hatches)],
                edgecolor="k", linewidth=0.4, label=f"scale {s}" if i == 0 else None)
         bottom += usage[:, s]
-    ax.set_title(f"{method}: scale of each greedy glimpse at the end\n(bars left to right: "
-                 + ", ".join(settings) + ")", fontsize=9)
+    ax.set_title(f"{method}: scale of each greedy glimpse at the end\nbars left to right: "
+                 + ",\n".join(settings), fontsize=9)
     ax.set_xlabel("glimpse")
     ax.set_ylim(0, 1)
     _legend(ax, 7)
