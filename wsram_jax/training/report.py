@@ -132,19 +132,25 @@ def orderings(summaries: Mapping[str, dict], claims=PAPER_ORDERINGS) -> list[dic
   return out
 
 
+def _ordering_table(rows: Sequence[dict], header: str, context, ours, missing: str) -> list[str]:
+  """Tested orderings as markdown lines: claim | ordering | context(row) | ours(row) | holds | p, or `missing` in
+  place of the last three for a row without a test."""
+  lines = [header, "|---|---|---|---|---|---|"]
+  for r in rows:
+    cells = [r["claim"], f"{LABELS[r['lower']]} < {LABELS[r['higher']]}", context(r)]
+    cells += ([ours(r), "yes" if r["holds"] else "no", f"{r['p_value']:.3f}"] if "p_value" in r
+              else [missing, "", ""])
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
 def orderings_markdown(rows: Sequence[dict]) -> str:
   """`orderings` as a markdown table."""
-  lines = ["| the paper's claim | ordering | paper | ours (mean over seeds) | in the paper's order | one-sided "
-           "permutation p |", "|---|---|---|---|---|---|"]
-  for r in rows:
-    order = f"{LABELS[r['lower']]} < {LABELS[r['higher']]}"
-    paper = f"{r['paper'][0]:.2f} < {r['paper'][1]:.2f}%"
-    if "p_value" in r:
-      ours = f"{100 * r['means'][0]:.2f} vs {100 * r['means'][1]:.2f}% (n={r['runs'][0]}, {r['runs'][1]})"
-      lines.append(f"| {r['claim']} | {order} | {paper} | {ours} | {'yes' if r['holds'] else 'no'} | "
-                   f"{r['p_value']:.3f} |")
-    else:
-      lines.append(f"| {r['claim']} | {order} | {paper} | not enough finished runs | | |")
+  lines = _ordering_table(
+      rows, "| the paper's claim | ordering | paper | ours (mean over seeds) | in the paper's order | one-sided "
+      "permutation p |", lambda r: f"{r['paper'][0]:.2f} < {r['paper'][1]:.2f}%",
+      lambda r: f"{100 * r['means'][0]:.2f} vs {100 * r['means'][1]:.2f}% (n={r['runs'][0]}, {r['runs'][1]})",
+      "not enough finished runs")
   lines.append("")
   lines.append("p: the fraction of the ways to split the pooled final errors of both variants into groups of their "
                "sizes whose mean difference is at most ours (exact; 1/70 = 0.014 is the smallest possible with 4 "
@@ -198,18 +204,11 @@ def curve_orderings(groups: Mapping[str, Sequence[str]], *, from_step: int,
 
 def curve_orderings_markdown(rows: Sequence[dict]) -> str:
   """`curve_orderings` as a markdown table."""
-  lines = ["| the claim | ordering | metric (run average) | ours (mean over seeds) | in that order | one-sided "
-           "permutation p |", "|---|---|---|---|---|---|"]
-  for r in rows:
-    order = f"{LABELS[r['lower']]} < {LABELS[r['higher']]}"
-    metric = f"`{r['metric']}` from update {r['from_step']:,}"
-    if "p_value" in r:
-      ours = f"{r['means'][0]:.3g} vs {r['means'][1]:.3g} (n={len(r['values'][0])}, {len(r['values'][1])})"
-      lines.append(f"| {r['claim']} | {order} | {metric} | {ours} | {'yes' if r['holds'] else 'no'} | "
-                   f"{r['p_value']:.3f} |")
-    else:
-      lines.append(f"| {r['claim']} | {order} | {metric} | not enough runs | | |")
-  return "\n".join(lines)
+  return "\n".join(_ordering_table(
+      rows, "| the claim | ordering | metric (run average) | ours (mean over seeds) | in that order | one-sided "
+      "permutation p |", lambda r: f"`{r['metric']}` from update {r['from_step']:,}",
+      lambda r: f"{r['means'][0]:.3g} vs {r['means'][1]:.3g} (n={len(r['values'][0])}, {len(r['values'][1])})",
+      "not enough runs"))
 
 
 def _save(fig, path: str, *, dpi: int) -> str:
