@@ -90,6 +90,8 @@ def test_final_scale_usage_per_glimpse_is_the_mean_over_seeds(tmp_path):
   _fake_run(tmp_path / "b", 0.4)
   usage = report._final_scale_usage([str(tmp_path / "a"), str(tmp_path / "b")], 3)
   np.testing.assert_allclose(usage, [[0.0, 0.0, 1.0], [0.0, 0.3, 0.7]])
+  # Seed a: glimpses [0, 0, 1] and [0, 0.2, 0.8], so 90% of its glimpses at scale 2; seed b: 80%.
+  np.testing.assert_allclose(report.dominant_scale_share([str(tmp_path / "a"), str(tmp_path / "b")], 3), [0.9, 0.8])
   assert report._final_scale_usage([str(tmp_path / "missing")], 3) is None
 
 

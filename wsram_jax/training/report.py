@@ -272,19 +272,33 @@ def figure2(groups: Mapping[str, Sequence[str]], path: str, *, smooth: int = 5) 
   return _save(fig, path, dpi=110)
 
 
-def _final_scale_usage(workdirs: Iterable[str], num_scales: int) -> Optional[np.ndarray]:
-  """``[N, S]``: each glimpse's use of each scale at the runs' last evaluation (the prior's greedy glimpses,
-  ``eval/scale_usage/g{n}_s{s}``), averaged over the runs that have one; None when none has."""
+def _final_scale_usage_per_run(workdirs: Iterable[str], num_scales: int) -> list[np.ndarray]:
+  """Per run that has a last evaluation with them, ``[N, S]``: each glimpse's use of each scale there (the prior's
+  greedy glimpses, ``eval/scale_usage/g{n}_s{s}``)."""
   per_run = []
   for w in workdirs:
     final = final_metrics(w)
     glimpses = sorted({int(k.split("/g")[1].split("_")[0]) for k in final if k.startswith("eval/scale_usage/g")})
     if glimpses:
-      per_run.append([[final.get(f"eval/scale_usage/g{n}_s{s}", 0.0) for s in range(num_scales)] for n in glimpses])
-  shapes = {np.shape(u) for u in per_run}
-  if not per_run or len(shapes) > 1:
+      per_run.append(np.asarray([[final.get(f"eval/scale_usage/g{n}_s{s}", 0.0) for s in range(num_scales)]
+                                 for n in glimpses], float))
+  return per_run
+
+
+def _final_scale_usage(workdirs: Iterable[str], num_scales: int) -> Optional[np.ndarray]:
+  """``[N, S]``: `_final_scale_usage_per_run` averaged over the runs; None when no run has it (or they differ in
+  N)."""
+  per_run = _final_scale_usage_per_run(workdirs, num_scales)
+  if not per_run or len({u.shape for u in per_run}) > 1:
     return None
-  return np.mean(np.asarray(per_run, float), axis=0)
+  return np.mean(per_run, axis=0)
+
+
+def dominant_scale_share(workdirs: Iterable[str], num_scales: int) -> list[float]:
+  """Per run, the share of its greedy glimpses (all glimpses at the last evaluation) at its most-used scale: 1.0
+  when the run collapsed onto one scale, 1/S when it uses every scale equally. A mean over seeds of the scale
+  usage hides a collapse whose seeds chose different scales; this does not."""
+  return [float(u.mean(axis=0).max()) for u in _final_scale_usage_per_run(workdirs, num_scales)]
 
 
 def _legend(ax, fontsize: int) -> None:
@@ -298,8 +312,9 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
   """Figure 3: each method with the exploration heuristics on and off: training error, and each scale's use.
 
   Top row: the training error, and per method the fraction of the proposal's glimpses at each scale against
-  updates. Bottom row, per method: each glimpse's scale usage at the last evaluation (the prior's greedy
-  glimpses on the test canvases, mean over seeds), one stacked bar per glimpse and setting.
+  updates (mean over seeds). Bottom row: each seed's `dominant_scale_share` per method and setting; per method,
+  each glimpse's scale usage at the last evaluation (the prior's greedy glimpses on the test canvases, mean over
+  seeds), one stacked bar per glimpse and setting.
 
   Args:
     pairs: method label -> {setting label: workdirs}, e.g. {'heuristics on': [...], 'heuristics off': [...]};
@@ -319,7 +334,19 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
   ax.set_xlabel("thousands of updates")
   ax.grid(alpha=0.3)
   _legend(ax, 8)
-  axes[1, 0].axis("off")
+  ax = axes[1, 0]  # one dot per seed: the collapse onto one scale, which the means over seeds can hide
+  names = []
+  for method, settings in pairs.items():
+    for setting, workdirs in settings.items():
+      shares = dominant_scale_share(workdirs, num_scales)
+      ax.scatter(np.full(len(shares), len(names)), shares, color="k", s=14, zorder=3)
+      names.append(f"{method}\n{setting}")
+  ax.set_xticks(np.arange(len(names)))
+  ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+  ax.set_ylim(1 / num_scales - 0.02, 1.02)
+  ax.set_title("each seed's share of its most-used scale at the end\n(greedy glimpses; 1 = one scale only)",
+               fontsize=9)
+  ax.grid(alpha=0.3)
   for col, (method, settings) in enumerate(pairs.items(), start=1):
     ax = axes[0, col]
     for i, (setting, workdirs) in enumerate(settings.items()):
@@ -328,7 +355,7 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
         if steps.size:
           ax.plot(steps / 1000, _smooth(values, smooth), color=f"C{s}",
                   linestyle=styles[i % len(styles)], label=f"scale {s}, {setting}")
-    ax.set_title(f"{method}: fraction of glimpses at each scale")
+    ax.set_title(f"{method}: fraction of glimpses at each scale (mean over seeds)", fontsize=10)
     ax.set_xlabel("thousands of updates")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
