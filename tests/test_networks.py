@@ -122,7 +122,9 @@ def test_trained_computation_equals_the_documented_equations(learn_loc_std, num_
   g_reference = jax.jit(jax.grad(scalar(reference)))(params)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_trained)[0], jax.tree_util.tree_leaves(g_reference)):
     scale = float(jnp.max(jnp.abs(b))) + 1e-6
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+    # float32 rounding: with these random parameters some gradients are sums of terms of 1e2-1e3 that cancel (XLA's
+    # fusion choices move them by up to 2e-4 relative); a wrong derivation is off by far more.
+    np.testing.assert_allclose(a, b, rtol=5e-4, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
   assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree_util.tree_leaves(g_trained["inference"]))
 
 

@@ -369,3 +369,16 @@ def test_keep_freed_memory_reuses_large_allocations_without_page_faults():
   # kernel (at least one fault per 2 MB huge page, one per 4 KB page without them)...
   assert out["0"][1] >= (64 << 20) / (2 << 20)
   assert out["1"][1] < 0.1 * out["0"][1]  # ...unless freed memory stays in the heap
+
+
+def test_compile_benchmark_runs_on_a_tiny_config(tmp_path):
+  from benchmarks import compile as compile_bench  # pylint: disable=g-import-not-at-top
+  overrides = {k: v for k, v in tiny_overrides("unused").items() if k.startswith(("model.", "data.canvas",
+                                                                                  "data.min", "data.max", "num_"))}
+  results = compile_bench.measure(1, 4, 1, 2, 2, overrides=tuple(overrides.items()), log=lambda s: None)
+  for setting in ("ours", "xla"):  # one cold process each, then both timed in one more
+    (row,) = results["compile"][setting]
+    assert row["compile_s"] > 0 and row["lower_s"] > 0 and row["fusions"] > 0
+    assert len(results["steps"][setting]["all"]) == 2
+  assert results["step_ratio_ours_over_xla"] > 0
+  assert "| XLA's older ones (ours) |" in compile_bench.markdown(results)

@@ -285,3 +285,13 @@ def test_sigkill_and_resume_gives_bit_identical_parameters(tiny_config, tiny_mni
   assert step_a == step_b == 400
   for x, y in zip(*(__import__("jax").tree_util.tree_leaves(s) for s in (a, b))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_compiler_options_leave_what_xla_flags_names_to_xla_flags(monkeypatch):
+  monkeypatch.delenv(step_lib.FUSION_EMITTERS_ENV, raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert step_lib.compiler_options() == {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+  assert step_lib.compiler_options() == {"xla_cpu_use_fusion_emitters": False}
+  monkeypatch.setenv(step_lib.FUSION_EMITTERS_ENV, "1")
+  assert step_lib.compiler_options() == {}

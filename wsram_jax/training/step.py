@@ -53,14 +53,30 @@ DATA_AXIS = "data"  # The mesh axis the batch is sharded over.
 LossAndGrads = Callable[..., tuple[tuple[jax.Array, dict], Any]]
 
 
+# XLA:CPU options of the jitted steps, each with what it buys (BENCHMARKS.md, "Compile time").
+_CPU_COMPILER_OPTIONS = {
+    # LLVM at -O1: the step's ~500 kernels compile 25% faster than at XLA's default level and run as fast (its
+    # matmuls are library calls, its other kernels memory-bound).
+    "xla_backend_optimization_level": 1,
+    # XLA's older loop-fusion emitters instead of its MLIR ones: the step compiles 35-40% faster (XLA 3.1-3.5 s
+    # instead of 5.5-6.1 s for the paper's configuration on 2 cores) and runs as fast at B = 128, 0-5% slower at
+    # B = 32 (a few concatenate-transposes of the weight gradients are slower).
+    "xla_cpu_use_fusion_emitters": False,
+}
+FUSION_EMITTERS_ENV = "WSRAM_JAX_FUSION_EMITTERS"  # "1": keep XLA's default (MLIR) fusion emitters.
+
+
 def compiler_options() -> dict[str, Any]:
-  """XLA options for the jitted steps. On the CPU, LLVM at -O1: the step's ~500 kernels compile 25% faster (6.4 s
-  instead of 8.6 s for the paper's configuration on 2 cores) and the step runs as fast (its matmuls are library
-  calls, its other kernels memory-bound; BENCHMARKS.md). An explicit --xla_backend_optimization_level in
-  XLA_FLAGS (the tests use 0) is left alone."""
-  if jax.default_backend() != "cpu" or "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", ""):
+  """XLA options for the jitted steps (`_CPU_COMPILER_OPTIONS` on the CPU, none elsewhere). An option named in
+  XLA_FLAGS (the tests set --xla_backend_optimization_level=0) is left to XLA_FLAGS; ``WSRAM_JAX_FUSION_EMITTERS=1``
+  keeps XLA's default fusion emitters."""
+  if jax.default_backend() != "cpu":
     return {}
-  return {"xla_backend_optimization_level": 1}
+  flags = os.environ.get("XLA_FLAGS", "")
+  options = {k: v for k, v in _CPU_COMPILER_OPTIONS.items() if k not in flags}
+  if os.environ.get(FUSION_EMITTERS_ENV, "") == "1":
+    options.pop("xla_cpu_use_fusion_emitters", None)
+  return options
 
 
 def make_optimizer(config, *, swept_learning_rate: bool = False) -> optax.GradientTransformation:
