@@ -9,7 +9,7 @@ Runs: one `python -m experiments.train` per variant, each training all the seeds
 * Table 1 / Figure 2: the six variants (var, var_cv, wsram, wsram_cv, wsram_q, wsram_q_cv);
 * Figure 3: var_cv with the exploration heuristics off, and wsram_q_cv with all of them on and all off, beside
   the Table 1 runs of the same variants (VAR has all three on by default, WS-RAM the entropy bonus alone); and
-  var_cv with the coverage bonus (heuristic 2) alone off.
+  var_cv with the coverage bonus (heuristic 2) alone off, and with its location term alone off.
 
 With --learning_rates (the file `python -m experiments.select_lr` writes) each variant trains at the learning
 rate chosen for it there (a variant for which no rate of the grid converged keeps its config's default, with a
@@ -60,7 +60,9 @@ FIGURE3_RUNS = {"var_cv_heuroff": ("var_cv", mnist_configs.HEURISTICS_OFF),
                 "wsram_q_cv_heuron": ("wsram_q_cv", mnist_configs.HEURISTICS_ON),
                 "wsram_q_cv_heuroff": ("wsram_q_cv", mnist_configs.HEURISTICS_OFF),
                 # Which heuristic pulls VAR+c's later glimpses off the digit: (2), the coverage bonus, alone off.
-                "var_cv_nocoverage": ("var_cv", dict(mnist_configs.HEURISTICS_ON, coverage_weight=0.0))}
+                "var_cv_nocoverage": ("var_cv", dict(mnist_configs.HEURISTICS_ON, coverage_weight=0.0)),
+                # ... and its location term alone off (the bonus for using every scale kept).
+                "var_cv_coverage_scales": ("var_cv", dict(mnist_configs.HEURISTICS_ON, coverage_location_weight=0.0))}
 
 
 def _heuristics_flags(setting: dict) -> list[str]:
@@ -191,7 +193,8 @@ def write_report(runs: dict[str, list[str]], root: str, seeds, results: str, com
   report.figure2(groups, os.path.join(results, "figure2.png"))
   report.figure3({
       "VAR+c": {"heuristics on": groups["var_cv"], "heuristics off": run_dirs(root, "var_cv_heuroff", seeds),
-                "coverage bonus off": run_dirs(root, "var_cv_nocoverage", seeds)},
+                "coverage bonus off": run_dirs(root, "var_cv_nocoverage", seeds),
+                "coverage of the scales only": run_dirs(root, "var_cv_coverage_scales", seeds)},
       "WS-RAM+q+c": {"heuristics on": run_dirs(root, "wsram_q_cv_heuron", seeds),
                      "heuristics off": run_dirs(root, "wsram_q_cv_heuroff", seeds),
                      "T = 2 + entropy bonus (default)": groups["wsram_q_cv"]},
