@@ -178,13 +178,9 @@ def main(argv):
     raise errors.ConfigError("--repeats, --batch_size, --num_runs and --rounds must be positive, --steps >= 0.")
   results = measure(_REPEATS.value, _BATCH_SIZE.value, _NUM_RUNS.value, _STEPS.value, _ROUNDS.value,
                     _VARIANT.value)
+  from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
   text = markdown(results)
-  if _OUT.value:
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    with open(_OUT.value + ".json", "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1)
-    with open(_OUT.value + ".md", "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+  bench.write_files(results, text + "\n", _OUT.value)
   print(text)
 
 

@@ -123,13 +123,9 @@ def main(argv):
   if not run_counts or min(run_counts) < 1 or _STEPS.value < 1 or _ROUNDS.value < 1:
     raise errors.ConfigError("--run_counts, --steps and --rounds must be positive.")
   results = measure(run_counts, _BATCH_SIZE.value, _STEPS.value, _ROUNDS.value, _VARIANT.value, overrides)
+  from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
   text = markdown(results)
-  if _OUT.value:
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    with open(_OUT.value + ".json", "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1)
-    with open(_OUT.value + ".md", "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+  bench.write_files(results, text + "\n", _OUT.value)
   print(text)
 
 

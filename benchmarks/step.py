@@ -43,7 +43,7 @@ from wsram_jax import glimpse as glimpse_lib
 from wsram_jax.training import step as step_lib
 from wsram_jax.classifier import train
 
-__all__ = ["BenchmarkOptions", "run", "markdown", "dot_shapes", "hlo_stats", "environment"]
+__all__ = ["BenchmarkOptions", "run", "markdown", "write", "write_files", "dot_shapes", "hlo_stats", "environment"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -548,15 +548,21 @@ def markdown(results: dict[str, Any]) -> str:
   return "\n".join(lines + rows) + "\n"
 
 
-def write(results: dict[str, Any], out: Optional[str]) -> str:
-  """Writes ``out.json`` and ``out.md`` (when ``out`` is given); returns the markdown."""
-  text = markdown(results)
+def write_files(results: dict[str, Any], text: str, out: Optional[str]) -> None:
+  """Writes `results` to ``out.json`` and `text` to ``out.md`` (directories created) when ``out`` is given; the
+  benchmarks' one writer."""
   if out:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".json", "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1, default=str)
     with open(out + ".md", "w", encoding="utf-8") as f:
       f.write(text)
+
+
+def write(results: dict[str, Any], out: Optional[str]) -> str:
+  """Writes ``out.json`` and ``out.md`` (when ``out`` is given); returns the markdown."""
+  text = markdown(results)
+  write_files(results, text, out)
   return text
 
 
