@@ -175,3 +175,15 @@ def test_window_on_box():
   np.testing.assert_allclose(on_box(jnp.asarray([0.95, 0.95]), 1, box), (0.0, 0.0, 0.0))
   # Centre just outside (row 20 is past the box's exclusive end), window overlapping its edge: rows 14..25.
   np.testing.assert_allclose(on_box(jnp.asarray([0.0, -0.25]), 1, box), (0.0, 1.0, 0.6))
+
+
+def test_glimpse_works_in_float64_under_jax_enable_x64():
+  """A gradient check in float64 (`jax.enable_x64`) can extract glimpses: the slice starts share one int dtype."""
+  canvas = np.random.default_rng(0).uniform(size=(20, 20, 1))
+  with jax.enable_x64(True):
+    g = jax.jit(functools.partial(glimpse.extract_glimpse, size=4, num_scales=3))(
+        jnp.asarray(canvas, jnp.float64), jnp.asarray([0.1, -0.3]), jnp.asarray(1))
+    assert g.dtype == jnp.float64 and g.shape == (4, 4, 1)
+  ref = glimpse.extract_glimpse(jnp.asarray(canvas, jnp.float32), jnp.asarray([0.1, -0.3]), jnp.asarray(1), size=4,
+                                num_scales=3)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-6)

@@ -102,7 +102,8 @@ def extract_prepared(prepared: jax.Array, loc: jax.Array, scale: jax.Array, *, s
   starts = window_starts(loc, canvas_hw, size=size, num_scales=num_scales) + p  # [S, 2] padded coords
   c = prepared.shape[0]
   big = size * 2 ** (num_scales - 1)
-  window = lax.dynamic_slice(prepared, (0, starts[-1, 0], starts[-1, 1]), (c, big, big))
+  zero = jnp.zeros((), starts.dtype)  # start indices of one dtype (a Python 0 is int64 under jax_enable_x64)
+  window = lax.dynamic_slice(prepared, (zero, starts[-1, 0], starts[-1, 1]), (c, big, big))
   scale = jnp.asarray(scale, jnp.int32)
   out = None
   for s in reversed(range(num_scales)):
@@ -112,7 +113,7 @@ def extract_prepared(prepared: jax.Array, loc: jax.Array, scale: jax.Array, *, s
       sub = window[:, off:off + w, off:off + w]
     else:  # odd (scale 0 of an odd size): half a pixel off centre, a dynamic slice
       off = starts[s] - starts[-1]
-      sub = lax.dynamic_slice(window, (0, off[0], off[1]), (c, w, w))
+      sub = lax.dynamic_slice(window, (zero, off[0], off[1]), (c, w, w))
     pooled = _pool(sub, s).astype(prepared.dtype)
     out = pooled if out is None else jnp.where(scale == s, pooled, out)
   return lax.stop_gradient(jnp.moveaxis(out, 0, -1))
