@@ -284,6 +284,14 @@ def make_evaluator(config, model, test_canvases, test_labels, test_boxes) -> Cal
   return evaluate
 
 
+def diagnostic_batch(config, images, labels, seed: int) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+  """``((canvases, labels), key)``: the fixed minibatch of B canvases that the diagnostics of seed `seed` measure,
+  and the key of their estimates (`training.step.diagnostic_key`)."""
+  key = step_lib.diagnostic_key(seed)
+  canvases, ys, _ = canvas_lib.sample_batch(key, images, labels, config.batch_size, **canvas_kwargs(config))
+  return (canvases, ys), key
+
+
 def make_diagnose(config, model, images, labels) -> Callable[..., dict]:
   """Gradient variance over `config.diag_num_estimates` estimates of one fixed minibatch, and its ESS
   (`training.step.make_diagnose`): ``diagnose(state)``, or for several runs ``diagnose(state_r, r)`` (each run
@@ -293,11 +301,7 @@ def make_diagnose(config, model, images, labels) -> Callable[..., dict]:
                                     num_estimates=config.diag_num_estimates,
                                     uses_inference_network=objective_config(config).uses_inference_network)
 
-  def inputs(seed):
-    key = step_lib.diagnostic_key(seed)
-    canvases, ys, _ = canvas_lib.sample_batch(key, images, labels, config.batch_size, **canvas_kwargs(config))
-    return (canvases, ys), key
-
+  inputs = functools.partial(diagnostic_batch, config, images, labels)
   if runs.num_runs == 1:
     batch, key = inputs(config.seed)
     return lambda state: diagnose(state, batch, key)
