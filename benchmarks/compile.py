@@ -25,15 +25,22 @@ import time
 
 from absl import flags
 
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Cold-compile processes per setting (alternating).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size B.")
-_NUM_RUNS = flags.DEFINE_integer("num_runs", 1, "Runs R in the step (1: the single-run step).")
-_STEPS = flags.DEFINE_integer("steps", 200, "Timed steps of each setting per round (0: no step timing).")
-_ROUNDS = flags.DEFINE_integer("rounds", 8, "Interleaved rounds of step timing.")
-_VARIANT = flags.DEFINE_string("variant", "wsram_q_cv", "Config variant of experiments/configs/mnist.py.")
-_OUT = flags.DEFINE_string("out", None, "Write OUT.json and OUT.md (directories are created).")
-_CHILD = flags.DEFINE_string("child", None, "Internal: 'compile' or 'steps', with the spec as JSON in --spec.")
-_SPEC = flags.DEFINE_string("spec", None, "Internal: the child's spec.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """This binary's flags; defined only when it runs as a program, so that importing it (tests, other binaries
+  with a --steps of their own) adds nothing to the global absl flags."""
+  flags.DEFINE_integer("repeats", 3, "Cold-compile processes per setting (alternating).")
+  flags.DEFINE_integer("batch_size", 32, "Batch size B.")
+  flags.DEFINE_integer("num_runs", 1, "Runs R in the step (1: the single-run step).")
+  flags.DEFINE_integer("steps", 200, "Timed steps of each setting per round (0: no step timing).")
+  flags.DEFINE_integer("rounds", 8, "Interleaved rounds of step timing.")
+  flags.DEFINE_string("variant", "wsram_q_cv", "Config variant of experiments/configs/mnist.py.")
+  flags.DEFINE_string("out", None, "Write OUT.json and OUT.md (directories are created).")
+  flags.DEFINE_string("child", None, "Internal: 'compile' or 'steps', with the spec as JSON in --spec.")
+  flags.DEFINE_string("spec", None, "Internal: the child's spec.")
+
 
 SETTINGS = {"ours": {}, "xla": {"xla_cpu_use_fusion_emitters": True}}  # compiler options over `compiler_options`
 
@@ -165,25 +172,26 @@ def main(argv):
   from wsram_jax import errors  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise errors.UserError(f"Unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value.")
-  if _CHILD.value:
+  if FLAGS.child:
     import jax  # pylint: disable=g-import-not-at-top
     from wsram_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top
-    spec = json.loads(_SPEC.value)
+    spec = json.loads(FLAGS.spec)
     # As the training binary: R > 1 runs split over one XLA CPU device per core (set before JAX starts).
     jax.config.update("jax_num_cpu_devices", runs_lib.cpu_devices(spec["num_runs"]))
-    fn = {"compile": child_compile, "steps": child_steps}[_CHILD.value]
+    fn = {"compile": child_compile, "steps": child_steps}[FLAGS.child]
     print(json.dumps(fn(spec)))
     return
-  if _REPEATS.value < 1 or _BATCH_SIZE.value < 1 or _NUM_RUNS.value < 1 or _STEPS.value < 0 or _ROUNDS.value < 1:
+  if FLAGS.repeats < 1 or FLAGS.batch_size < 1 or FLAGS.num_runs < 1 or FLAGS.steps < 0 or FLAGS.rounds < 1:
     raise errors.ConfigError("--repeats, --batch_size, --num_runs and --rounds must be positive, --steps >= 0.")
-  results = measure(_REPEATS.value, _BATCH_SIZE.value, _NUM_RUNS.value, _STEPS.value, _ROUNDS.value,
-                    _VARIANT.value)
+  results = measure(FLAGS.repeats, FLAGS.batch_size, FLAGS.num_runs, FLAGS.steps, FLAGS.rounds,
+                    FLAGS.variant)
   from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
   text = markdown(results)
-  bench.write_files(results, text + "\n", _OUT.value)
+  bench.write_files(results, text + "\n", FLAGS.out)
   print(text)
 
 
 if __name__ == "__main__":
   from wsram_jax.training import cli  # pylint: disable=g-import-not-at-top
+  define_flags()
   cli.run_main(main)

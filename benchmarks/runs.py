@@ -15,13 +15,18 @@ import time
 
 from absl import flags
 
-_RUN_COUNTS = flags.DEFINE_list("run_counts", ["1", "2", "4", "8"], "Numbers of runs R to measure.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size B of every run.")
-_STEPS = flags.DEFINE_integer("steps", 40, "Timed steps of each kind per R (after warm-up), over the rounds.")
-_ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved rounds.")
-_VARIANT = flags.DEFINE_string("variant", "wsram_q_cv", "Config variant of experiments/configs/mnist.py.")
-_OVERRIDES = flags.DEFINE_multi_string("override", [], "KEY=VALUE config overrides (e.g. for a test).")
-_OUT = flags.DEFINE_string("out", None, "Write OUT.json and OUT.md (directories are created).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """This binary's flags; defined only when it runs as a program (importing it adds no global absl flags)."""
+  flags.DEFINE_list("run_counts", ["1", "2", "4", "8"], "Numbers of runs R to measure.")
+  flags.DEFINE_integer("batch_size", 32, "Batch size B of every run.")
+  flags.DEFINE_integer("steps", 40, "Timed steps of each kind per R (after warm-up), over the rounds.")
+  flags.DEFINE_integer("rounds", 4, "Interleaved rounds.")
+  flags.DEFINE_string("variant", "wsram_q_cv", "Config variant of experiments/configs/mnist.py.")
+  flags.DEFINE_multi_string("override", [], "KEY=VALUE config overrides (e.g. for a test).")
+  flags.DEFINE_string("out", None, "Write OUT.json and OUT.md (directories are created).")
 
 
 def measure(run_counts, batch_size, steps, rounds, variant="wsram_q_cv", overrides=(), log=print) -> dict:
@@ -115,17 +120,17 @@ def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f"Unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value.")
   try:
-    run_counts = tuple(int(r) for r in _RUN_COUNTS.value)
+    run_counts = tuple(int(r) for r in FLAGS.run_counts)
     overrides = tuple((k, json.loads(v) if v[:1] in "0123456789-[{\"tf" else v)
-                      for k, v in (o.split("=", 1) for o in _OVERRIDES.value))
+                      for k, v in (o.split("=", 1) for o in FLAGS.override))
   except ValueError as e:
     raise errors.ConfigError(f"--run_counts takes integers and --override KEY=VALUE: {e}.") from None
-  if not run_counts or min(run_counts) < 1 or _STEPS.value < 1 or _ROUNDS.value < 1:
+  if not run_counts or min(run_counts) < 1 or FLAGS.steps < 1 or FLAGS.rounds < 1:
     raise errors.ConfigError("--run_counts, --steps and --rounds must be positive.")
-  results = measure(run_counts, _BATCH_SIZE.value, _STEPS.value, _ROUNDS.value, _VARIANT.value, overrides)
+  results = measure(run_counts, FLAGS.batch_size, FLAGS.steps, FLAGS.rounds, FLAGS.variant, overrides)
   from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
   text = markdown(results)
-  bench.write_files(results, text + "\n", _OUT.value)
+  bench.write_files(results, text + "\n", FLAGS.out)
   print(text)
 
 
@@ -135,4 +140,5 @@ if __name__ == "__main__":
   import jax  # pylint: disable=g-import-not-at-top
   # One XLA CPU device per core, set before JAX starts, as the training binary does for several runs.
   jax.config.update("jax_num_cpu_devices", runs_lib.cpu_devices(os.cpu_count() or 1))
+  define_flags()
   cli.run_main(main)
