@@ -105,9 +105,7 @@ def main(argv: Sequence[str]) -> None:
   results["command"] = "python -m experiments.grad_variance " + shlex.join(sys.argv[1:])
   text = f"Command: `{results['command']}`\n\n" + markdown(results)
   if FLAGS.out:
-    report.write_json(FLAGS.out + ".json", results)
-    with open(FLAGS.out + ".md", "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+    report.write_results(FLAGS.out, results, text)
   print(text)
 
 

@@ -15,7 +15,6 @@ which looks once and parks its later glimpses off the digit has not converged by
 learning rate is the highest one whose runs all converged. Writes RESULTS.json (the choice and every
 run's numbers), which `python -m experiments.table1 --learning_rates=RESULTS.json` reads, and RESULTS.md.
 """
-import json
 import os
 import shlex
 import subprocess
@@ -135,15 +134,11 @@ def main(argv):
       raise errors.UserError(f"The {variant} sweep failed (exit {proc.returncode}); its output is above.")
   choices = {v: choose(os.path.join(FLAGS.root, v), learning_rates, seeds, FLAGS.steps, FLAGS.max_error,
                        FLAGS.min_on_digit) for v in FLAGS.variants}
-  os.makedirs(os.path.dirname(FLAGS.results) or ".", exist_ok=True)
-  with open(FLAGS.results + ".json", "w", encoding="utf-8") as f:
-    json.dump({"command": cmd, "steps": FLAGS.steps, "max_error": FLAGS.max_error,
-               "min_on_digit": FLAGS.min_on_digit,
-               "learning_rates": {v: c["learning_rate"] for v, c in choices.items()}, "details": choices}, f,
-              indent=1)
   text = markdown(choices, learning_rates, seeds, FLAGS.steps, FLAGS.max_error, cmd, FLAGS.min_on_digit)
-  with open(FLAGS.results + ".md", "w", encoding="utf-8") as f:
-    f.write(text + "\n")
+  report.write_results(FLAGS.results, {"command": cmd, "steps": FLAGS.steps, "max_error": FLAGS.max_error,
+                                       "min_on_digit": FLAGS.min_on_digit,
+                                       "learning_rates": {v: c["learning_rate"] for v, c in choices.items()},
+                                       "details": choices}, text)
   print(text)
 
 

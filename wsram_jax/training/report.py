@@ -434,3 +434,10 @@ def write_json(path: str, obj) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
+
+
+def write_results(prefix: str, obj, text: str) -> None:
+  """An experiment's results: `obj` as ``PREFIX.json`` (`write_json`) and the markdown `text` as ``PREFIX.md``."""
+  write_json(prefix + ".json", obj)
+  with open(prefix + ".md", "w", encoding="utf-8") as f:
+    f.write(text + "\n")
