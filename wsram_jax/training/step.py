@@ -58,9 +58,9 @@ _CPU_COMPILER_OPTIONS = {
     # LLVM at -O1: the step's ~500 kernels compile 25% faster than at XLA's default level and run as fast (its
     # matmuls are library calls, its other kernels memory-bound).
     "xla_backend_optimization_level": 1,
-    # XLA's older loop-fusion emitters instead of its MLIR ones: the step compiles 35-40% faster (XLA 3.1-3.5 s
-    # instead of 5.5-6.1 s for the paper's configuration on 2 cores) and runs as fast at B = 128, 0-5% slower at
-    # B = 32 (a few concatenate-transposes of the weight gradients are slower).
+    # XLA's older loop-fusion emitters instead of its MLIR ones: at B = 32 the step compiles 30% faster (XLA
+    # 3.2-3.5 s instead of 4.6-4.9 s for the paper's configuration on 2 cores) and runs 1.6% slower; at B = 128
+    # one measurement found no faster compile and an 8% slower step (BENCHMARKS.md, `benchmarks.compile`).
     "xla_cpu_use_fusion_emitters": False,
 }
 FUSION_EMITTERS_ENV = "WSRAM_JAX_FUSION_EMITTERS"  # "1": keep XLA's default (MLIR) fusion emitters.
