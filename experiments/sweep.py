@@ -32,12 +32,17 @@ def done(root: str, name: str, seeds, steps: int) -> bool:
   return all(f.get("step", 0) >= steps and "eval/error_sampled" in f for f in finals)
 
 
-def run_all(runs: dict[str, list[str]], root: str, seeds, steps: int, jobs: int) -> None:
+def run_all(runs: dict[str, list[str]], root: str, seeds, steps, jobs: int) -> None:
+  """Trains every workdir of `runs` (name -> its `experiments.train` arguments) that has not finished `steps`
+  updates (one count for all, or name -> its count), `jobs` processes at a time, in order; each writes its
+  command to WORKDIR/command.txt and its output to WORKDIR/log.txt. Raises `errors.UserError` naming the
+  workdirs whose process failed, after the others have finished."""
   env = dict(os.environ)
   if jobs > 1:  # Several single-threaded processes use 2 cores better than one two-threaded one here.
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
-  pending = [name for name in runs if not done(root, name, seeds, steps)]
+  steps_of = steps if isinstance(steps, dict) else dict.fromkeys(runs, steps)
+  pending = [name for name in runs if not done(root, name, seeds, steps_of[name])]
   print(f"{len(runs) - len(pending)} of {len(runs)} runs done; {len(pending)} to go, {jobs} at a time.",
         flush=True)
   active: dict[str, subprocess.Popen] = {}
