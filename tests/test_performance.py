@@ -104,44 +104,125 @@ def one_torch_thread():
   torch.set_num_threads(threads)
 
 
-def _peer_setup(tiny_config):
+def _peer_setup(tiny_config, **overrides):
   torch_peer = pytest.importorskip("benchmarks.torch_peer", reason="PyTorch (the 'bench' extra) is not installed")
-  config = tiny_config("wsram_q_cv", batch_size=4, model__hidden_size=16)
+  config = tiny_config("wsram_q_cv", batch_size=4, model__hidden_size=16, **overrides)
+  train.validate_config(config)
   model = train.build_model(config)
   params = networks.init_params(model, jax.random.PRNGKey(0))
   return torch_peer, config, model, params
 
 
-def test_torch_peer_loss_and_gradients_equal_jax(tiny_config, one_torch_thread):
-  torch = pytest.importorskip("torch", reason="PyTorch (the 'bench' extra) is not installed")
-  torch_peer, config, model, params = _peer_setup(tiny_config)
+def _same_noise_batch(config, seed=0):
+  """Canvases ``[B, H, W, 1]``, labels, a key, and the noise the JAX rollout draws from that key
+  (classifier.loss.make_loss_fn -> batched_rollout -> rollout)."""
   b, m, n = config.batch_size, config.num_samples, config.num_glimpses
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   size = config.data.canvas_size
   canvases = (rng.uniform(size=(b, size, size, 1)) * (rng.uniform(size=(b, size, size, 1)) < 0.3)).astype(np.float32)
-  labels = np.asarray([1, 2, 3, 4], np.int32)
-  key = jax.random.PRNGKey(3)
-  loss_fn = train.make_loss_fn(config, model)
-  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-      params, (jnp.asarray(canvases), jnp.asarray(labels)), key, 0.0)
-  # The noise the JAX rollout drew (classifier.loss.make_loss_fn -> batched_rollout -> rollout), handed to the peer.
+  labels = np.arange(1, b + 1, dtype=np.int32) % config.model.num_classes
+  key = jax.random.PRNGKey(3 + seed)
   k_roll, _ = jax.random.split(key)
   noise = jax.vmap(lambda k: actions.draw_noise(k, (m, n)))(jax.random.split(k_roll, b))
+  return canvases, labels, key, noise
+
+
+def _check_peer_against_jax(torch_peer, config, model, params, compile_mode=None):
+  """The peer's loss, metrics, sampled actions and gradients against the JAX loss's, given the same noise."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from wsram_jax import objectives  # pylint: disable=g-import-not-at-top
+  from wsram_jax.classifier import loss as loss_lib  # pylint: disable=g-import-not-at-top
+  canvases, labels, key, noise = _same_noise_batch(config)
+  loss_fn = train.make_loss_fn(config, model)
+  batch = (jnp.asarray(canvases), jnp.asarray(labels))
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, key, 0.0)
+  traj = loss_lib.batched_rollout(
+      params, *batch, jax.random.split(key)[0], model=model,
+      proposal=objectives.make_proposal(train.objective_config(config)), num_glimpses=config.num_glimpses,
+      num_samples=config.num_samples)
   peer = torch_peer.TorchPeer(torch_peer.PeerConfig.from_config(config, train.canvas_kwargs(config)), params,
-                              np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.int32))
-  t_loss, t_metrics = peer.loss_and_metrics(torch.tensor(canvases[..., 0]), torch.tensor(labels),
-                                            torch.tensor(np.asarray(noise.normal)),
-                                            torch.tensor(np.asarray(noise.uniform[..., 0])))
+                              np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.int32), compile_mode=compile_mode)
+  args = (torch.tensor(canvases[..., 0]), torch.tensor(labels), torch.tensor(np.asarray(noise.normal)),
+          torch.tensor(np.asarray(noise.uniform[..., 0])))
+  t_loss, t_metrics = peer.loss_fn(*args)
   t_loss.backward()
   np.testing.assert_allclose(float(t_loss.detach()), float(loss), rtol=1e-5)
   for k in ("ess", "bound", "error", "entropy", "loss_p", "loss_q", "scale_usage_0"):
     np.testing.assert_allclose(float(t_metrics[k]), float(metrics[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+  np.testing.assert_array_equal(t_metrics["scale"].numpy(), np.asarray(traj.actions.scale))
+  np.testing.assert_allclose(t_metrics["loc"].numpy(), np.asarray(traj.actions.loc), rtol=1e-5, atol=1e-6)
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     name = "/".join(p.key for p in path)
     t_grad = peer.params[name].grad
     t_grad = np.zeros(g.shape) if t_grad is None else t_grad.numpy()
     np.testing.assert_allclose(t_grad, np.asarray(g), rtol=1e-4, atol=1e-6 * max(1.0, float(jnp.abs(g).max())),
                                err_msg=name)
+  return peer
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # the default wsram_q_cv: the proposal tempered at T = 2, the entropy bonus
+    {"heuristics__coverage_weight": 0.1, "heuristics__coverage_location_weight": 0.5, "p_baseline": "unbiased"},
+    {"heuristics__temperature": 1.0, "heuristics__entropy_weight": 0.0},  # q itself as proposal
+    {"control_variates": False, "heuristics__temperature": 0.5},
+], ids=["default", "coverage_unbiased", "untempered", "no_cv"])
+def test_torch_peer_loss_and_gradients_equal_jax(tiny_config, one_torch_thread, overrides):
+  torch_peer, config, model, params = _peer_setup(tiny_config, **overrides)
+  if not overrides:  # the peer is checked against what the default config turns on
+    assert config.heuristics.temperature != 1 and config.heuristics.entropy_weight > 0
+  _check_peer_against_jax(torch_peer, config, model, params)
+
+
+def test_compiled_torch_peer_equals_jax(tiny_config, one_torch_thread, tmp_path, monkeypatch):
+  monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing left in the user's cache
+  torch_peer, config, model, params = _peer_setup(tiny_config, heuristics__coverage_weight=0.1)
+  peer = _check_peer_against_jax(torch_peer, config, model, params, compile_mode="default")
+  assert peer.compile_mode == "default" and peer.loss_fn is not peer.loss_and_metrics
+
+
+def test_torch_peer_update_equals_the_optax_update(tiny_config, one_torch_thread):
+  # Clipping, Adam, the policies' learning-rate scale and the warmup and decay factors of four updates, each on
+  # the same gradients (JAX's, at the parameters both sides have reached).
+  import torch  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  torch_peer, config, model, params = _peer_setup(
+      tiny_config, policy_lr_scale=3.0, learning_rate=1e-2, grad_clip_norm=0.05,
+      warmup=dict(start=0.2, hold_steps=1, ramp_steps=2), decay=dict(begin=1, steps=4, end=0.5))
+  optimizer = step_lib.make_optimizer(config)
+  opt_state = optimizer.init(params)
+  canvases, labels, key, _ = _same_noise_batch(config, seed=1)
+  batch = (jnp.asarray(canvases), jnp.asarray(labels))
+  grad_fn = jax.jit(jax.grad(lambda p: train.make_loss_fn(config, model)(p, batch, key, 0.0)[0]))
+  peer = torch_peer.TorchPeer(torch_peer.PeerConfig.from_config(config, train.canvas_kwargs(config)), params,
+                              np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.int32))
+  names = ["/".join(p.key for p in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  for _ in range(4):
+    grads = grad_fn(params)
+    for name, g in zip(names, jax.tree_util.tree_leaves(grads)):
+      peer.params[name].grad = torch.tensor(np.asarray(g))
+    norm = peer.apply_gradients()
+    np.testing.assert_allclose(float(norm), float(optax.global_norm(grads)), rtol=1e-5)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  assert peer.updates == 4
+  for name, v in zip(names, jax.tree_util.tree_leaves(params)):
+    np.testing.assert_allclose(peer.params[name].detach().numpy(), np.asarray(v), rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"proposal": "defensive_mixture"}, "proposal=defensive_mixture"),
+    ({"model__learn_loc_std": True}, "learned location std"),
+    ({"sleep_weight": 0.5}, "sleep phase"),
+])
+def test_peer_config_refuses_what_the_peer_lacks_in_one_line(tiny_config, overrides, match):
+  from benchmarks import peer_config  # pylint: disable=g-import-not-at-top  (no torch needed)
+  from wsram_jax import errors  # pylint: disable=g-import-not-at-top
+  config = tiny_config("wsram_q_cv", **overrides)
+  with pytest.raises(errors.ConfigError, match=match) as e:
+    peer_config.PeerConfig.from_config(config, train.canvas_kwargs(config))
+  assert "\n" not in str(e.value)
+  assert peer_config.unsupported(tiny_config("quick")) is None
 
 
 def test_torch_peer_trains(tiny_config, one_torch_thread):
