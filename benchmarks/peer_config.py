@@ -21,7 +21,10 @@ from typing import Mapping, Optional
 
 from wsram_jax import errors
 
-__all__ = ["PeerConfig", "unsupported", "learning_rate_factor"]
+__all__ = ["PeerConfig", "COMPILE_MODES", "unsupported", "learning_rate_factor"]
+
+# The modes of `torch.compile` that `TorchPeer(compile_mode=...)` accepts ("default" is torch's mode=None).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def unsupported(config) -> Optional[str]:

@@ -34,20 +34,21 @@ def measure(run_counts, batch_size, steps, rounds, variant="wsram_q_cv", overrid
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  from benchmarks import procfs  # pylint: disable=g-import-not-at-top
   from wsram_jax.classifier import train  # pylint: disable=g-import-not-at-top
   from wsram_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  images, labels = bench.synthetic_digits(10000)
+  images, labels = common.synthetic_digits(10000)
   images, labels = jnp.asarray(images), jnp.asarray(labels)
-  results = {"environment": bench.environment(), "devices": len(jax.local_devices()), "batch_size": batch_size,
+  results = {"environment": procfs.environment(), "devices": len(jax.local_devices()), "batch_size": batch_size,
              "variant": variant, "rows": []}
-  single_config = bench.make_config(variant, batch_size, overrides)
+  single_config = common.make_config(variant, batch_size, overrides)
   model = train.build_model(single_config)
   optimizer = step_lib.make_optimizer(single_config)
   single = train.make_train_step(single_config, model, optimizer)
   for r in run_counts:
-    config = bench.make_config(variant, batch_size, tuple(overrides) + (("num_runs", r),))
+    config = common.make_config(variant, batch_size, tuple(overrides) + (("num_runs", r),))
     multi_state = train.create_train_state(config, model, step_lib.make_optimizer(config))
     multi = train.make_train_step(config, model, step_lib.make_optimizer(config))
     t0 = time.perf_counter()
@@ -93,7 +94,7 @@ def measure(run_counts, batch_size, steps, rounds, variant="wsram_q_cv", overrid
            "ratio": round(t_single / t_multi, 2),
            "temp_mb": round(mem.temp_size_in_bytes / 2**20, 1) if mem else None,
            "argument_mb": round(mem.argument_size_in_bytes / 2**20, 1) if mem else None,
-           "peak_rss_mb": round(bench._peak_rss_mb(), 1)}  # pylint: disable=protected-access
+           "peak_rss_mb": round(procfs.peak_rss_mb(), 1)}
     results["rows"].append(row)
     log(f"R={r}: {row['updates_per_s']} updates/s in one program against {row['single_updates_per_s']} for "
         f"{r} single-run steps ({row['ratio']}x); compile {row['lower_s']} + {row['compile_s']} s; "
@@ -128,9 +129,9 @@ def main(argv):
   if not run_counts or min(run_counts) < 1 or FLAGS.steps < 1 or FLAGS.rounds < 1:
     raise errors.ConfigError("--run_counts, --steps and --rounds must be positive.")
   results = measure(run_counts, FLAGS.batch_size, FLAGS.steps, FLAGS.rounds, FLAGS.variant, overrides)
-  from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import report  # pylint: disable=g-import-not-at-top
   text = markdown(results)
-  bench.write_files(results, text + "\n", FLAGS.out)
+  report.write_files(results, text + "\n", FLAGS.out)
   print(text)
 
 

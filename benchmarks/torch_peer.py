@@ -47,13 +47,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.peer_config import PeerConfig, learning_rate_factor
+from benchmarks.peer_config import COMPILE_MODES, PeerConfig, learning_rate_factor
 
 __all__ = ["PeerConfig", "COMPILE_MODES", "params_from_flax", "glimpse", "crop_loop_glimpse", "wsram_losses",
            "coverage_regularizer", "TorchPeer"]
-
-# The modes of `torch.compile` that `TorchPeer(compile_mode=...)` accepts ("default" is mode=None).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 _LOG_2PI = math.log(2.0 * math.pi)
 

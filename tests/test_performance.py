@@ -275,33 +275,76 @@ def test_torch_wsram_losses_equal_the_estimator(one_torch_thread):
 # The benchmark harness.
 
 
+def _tiny_benchmark_overrides():
+  return tuple((k, v) for k, v in tiny_overrides("unused").items()
+               if k.startswith(("model.", "data.canvas", "data.min", "data.max", "num_")))
+
+
 def test_benchmark_runs_on_a_tiny_config(tmp_path):
+  from benchmarks import report  # pylint: disable=g-import-not-at-top
   from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
-  overrides = {k: v for k, v in tiny_overrides("unused").items() if k.startswith(("model.", "data.canvas",
-                                                                                  "data.min", "data.max", "num_"))}
+  from benchmarks import torch_timing  # pylint: disable=g-import-not-at-top
+  # The compiled peer is checked against JAX above; compiling it again here would double the test's time.
   options = bench.BenchmarkOptions(batch_sizes=(4,), steps=2, rounds=2, warmup=1, num_digits=64,
-                                   glimpse_repeats=3, torch_threads=(1,), overrides=tuple(overrides.items()))
+                                   glimpse_repeats=3, torch_threads=(1,), torch_compile_modes=(),
+                                   overrides=_tiny_benchmark_overrides())
   results = bench.run(options, log=lambda s: None)
-  text = bench.write(results, str(tmp_path / "out"))
+  text = report.write(results, str(tmp_path / "out"))
   entry = results["batch_sizes"]["4"]
   assert entry["jax"]["step"]["n"] == 2 and entry["jax"]["xla_flops"] > 0
   # The step has no loop around a matmul, so XLA's FLOP count covers every dot of the step.
   assert entry["jax"]["hlo"]["dots"] > 0 and entry["jax"]["xla_flops"] >= entry["jax"]["dot_flops"]
   assert entry["matmuls"]["count"] == entry["jax"]["hlo"]["dots"] and entry["utilisation"] > 0
-  assert "| JAX ms/step" in text and json.loads((tmp_path / "out.json").read_text())["batch_sizes"]["4"]
+  # Cold compile by the one definition (fresh processes), then a second run that loads the step from the cache.
+  cold, second = entry["jax"]["compile_time"]["cold"], entry["jax"]["compile_time"]["second_run"]
+  assert cold["total_s"] == pytest.approx(cold["lower_s"] + cold["compile_s"], abs=2e-3) and cold["compile_s"] > 0
+  assert second["compile_s"] < cold["compile_s"]
+  assert "| JAX ms/step" in text and "JAX cold compile" in text
+  assert json.loads((tmp_path / "out.json").read_text())["batch_sizes"]["4"]
+  if torch_timing.torch_installed():
+    assert entry["torch"]["eager_1t"]["step"]["n"] == 2 and entry["torch_best"] == "eager_1t"
+    assert "JAX speed-up over the fastest PyTorch" in text
   if (os.cpu_count() or 1) in (2, 4):  # B = 4 splits over one host device per core, timed in a child process
     dp = entry["jax_data_parallel"]
     assert dp["devices"] == os.cpu_count() and dp["step"]["n"] == 2 and dp["one_device"]["n"] == 2
     assert dp["speedup_over_one_device"] > 0 and "| JAX data parallel" in text
 
 
+@pytest.mark.parametrize("args, match", [
+    (["--variant=var_cv"], "--config.method=var"),
+    (["--variant=wsram"], "--config.proposal=prior"),
+    (["--variant=nosuch"], "Unknown variant"),
+    (["--torch_compile_modes=fastest"], "Unknown --torch_compile_modes fastest"),
+])
+def test_benchmark_refuses_in_one_line_what_it_cannot_run(args, match):
+  # Before anything compiles, with or without torch installed: the peer lacks what the variant turns on.
+  proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and match in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_benchmarks_do_not_import_the_experiments_package():
+  # One direction only: experiments.benchmark is a binary over benchmarks/, which reads the config by its path.
+  script = ("import sys\n"
+            "import benchmarks.step, benchmarks.compile, benchmarks.runs, benchmarks.coldcompile, benchmarks.report\n"
+            "from benchmarks import common\n"
+            "config = common.make_config('wsram_q_cv', 32)\n"
+            "assert config.heuristics.temperature == 2.0, config.heuristics\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'experiments'))\n")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_dot_shapes_reads_dimension_numbers():
-  from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import hlo  # pylint: disable=g-import-not-at-top
   f = jax.jit(lambda x, w, g: (x @ w, jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))))
-  hlo = f.lower(jnp.ones((6, 4)), jnp.ones((4, 3)), jnp.ones((6, 5))).compile().as_text()
-  dots = sorted(bench.dot_shapes(hlo), key=lambda d: d["flops"])
+  compiled_hlo = f.lower(jnp.ones((6, 4)), jnp.ones((4, 3)), jnp.ones((6, 5))).compile().as_text()
+  dots = sorted(hlo.dot_shapes(compiled_hlo), key=lambda d: d["flops"])
   assert [d["flops"] for d in dots] == [2 * 6 * 4 * 3, 2 * 4 * 5 * 6]
-  fn, flops = bench.matmul_batch(dots)
+  fn, flops = hlo.matmul_batch(dots)
   fn()
   assert flops == 2 * 6 * 4 * 3 + 2 * 4 * 5 * 6
 
@@ -454,9 +497,7 @@ def test_keep_freed_memory_reuses_large_allocations_without_page_faults():
 
 def test_compile_benchmark_runs_on_a_tiny_config(tmp_path):
   from benchmarks import compile as compile_bench  # pylint: disable=g-import-not-at-top
-  overrides = {k: v for k, v in tiny_overrides("unused").items() if k.startswith(("model.", "data.canvas",
-                                                                                  "data.min", "data.max", "num_"))}
-  results = compile_bench.measure(1, 4, 1, 2, 2, overrides=tuple(overrides.items()), log=lambda s: None)
+  results = compile_bench.measure(1, 4, 1, 2, 2, overrides=_tiny_benchmark_overrides(), log=lambda s: None)
   for setting in ("ours", "xla"):  # one cold process each, then both timed in one more
     (row,) = results["compile"][setting]
     assert row["compile_s"] > 0 and row["lower_s"] > 0 and row["fusions"] > 0

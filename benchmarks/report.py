@@ -1,0 +1,107 @@
+"""The benchmarks' results as markdown (`markdown`, for `benchmarks.step`'s results) and the one writer of their
+files (`write_files`: OUT.json and OUT.md)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+__all__ = ["markdown", "write_files", "write"]
+
+
+def _peer_label(name: str, peer: dict[str, Any]) -> str:
+  if peer.get("kind") == "compiled":
+    return f"PyTorch compiled (torch.compile mode={peer['mode']}, {peer['threads']} threads) ms/step"
+  return f"PyTorch eager ({peer.get('threads', name)} thread{'s' if peer.get('threads') != 1 else ''}) ms/step"
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """`benchmarks.step.run`'s results as a markdown table (a column per batch size)."""
+  env = results["environment"]
+  lines = [f"{env['cpu']}, {env['cores']} cores; jax {env['jax']} ({env['backend']}), torch {env['torch']}; "
+           f"{results['options']['variant']}; load average {env['loadavg']} at the start, {env.get('loadavg_end')} "
+           "at the end.", ""]
+  lines += ["| | " + " | ".join(f"B={b}" for b in results["batch_sizes"]) + " |",
+            "|---|" + "---|" * len(results["batch_sizes"])]
+  rows = []
+
+  def row(name, fn):
+    cells = []
+    for e in results["batch_sizes"].values():
+      try:
+        cells.append(fn(e))
+      except (KeyError, TypeError):
+        cells.append("-")
+    rows.append(f"| {name} | " + " | ".join(cells) + " |")
+
+  ms = lambda s: f"{s['median_ms']:.1f} ({s['p20_ms']:.1f}-{s['p80_ms']:.1f})"
+  row("JAX ms/step, median (p20-p80)", lambda e: f"**{e['jax']['step']['median_ms']:.1f}** "
+                                                 f"({e['jax']['step']['p20_ms']:.1f}-{e['jax']['step']['p80_ms']:.1f})")
+  peers = {}
+  for e in results["batch_sizes"].values():
+    for k, v in e["torch"].items():
+      peers.setdefault(k, v)
+  for name in sorted(peers, key=lambda k: (peers[k].get("kind") != "eager", k)):
+    row(_peer_label(name, peers[name]), lambda e, k=name: ms(e["torch"][k]["step"]))
+  if peers:
+    row("PyTorch compile: first compiled step, s (cold Inductor cache)",
+        lambda e: ", ".join(f"{e['torch'][k]['mode']} {e['torch'][k]['compile_s']:.0f}" for k in e["torch"]
+                            if e["torch"][k].get("kind") == "compiled") or "-")
+    row("**JAX speed-up over the fastest PyTorch** (which)",
+        lambda e: f"**{e['speedup_of_jax_over_best_torch']:.2f}x** ({e['torch_best']})")
+    row("JAX speed-up over the fastest eager / compiled PyTorch",
+        lambda e: " / ".join(f"{e['torch'][e[f'torch_best_{kind}']]['speedup_of_jax']:.2f}x"
+                             if f"torch_best_{kind}" in e else "-" for kind in ("eager", "compiled")))
+  failed = sorted({k for e in results["batch_sizes"].values() for k in e.get("torch_failed", {})})
+  for name in failed:
+    row(f"{name}: failed", lambda e, k=name: e["torch_failed"][k])
+  row("JAX data parallel over n host devices (one per core; child process): n, ms/step (p20-p80); one device "
+      "there", lambda e: f"{e['jax_data_parallel']['devices']}, **{e['jax_data_parallel']['step']['median_ms']:.1f}**"
+                         f" ({e['jax_data_parallel']['step']['p20_ms']:.1f}-"
+                         f"{e['jax_data_parallel']['step']['p80_ms']:.1f}); "
+                         f"{e['jax_data_parallel']['one_device']['median_ms']:.1f}")
+  if peers:
+    row("JAX data parallel over the fastest PyTorch (the two ratios chained)",
+        lambda e: f"**{e['speedup_of_data_parallel_over_best_torch']:.2f}x**")
+  row("JAX cold compile (benchmarks.coldcompile): lower + compile = total, wall s (CPU s)",
+      lambda e: (lambda c: f"{c['lower_s']:.1f} + {c['compile_s']:.1f} = **{c['total_s']:.1f}** "
+                           f"({c['lower_cpu_s']:.1f} + {c['compile_cpu_s']:.1f})")(e["jax"]["compile_time"]["cold"]))
+  row("JAX second run (persistent cache): lower + load, wall s",
+      lambda e: f"{e['jax']['compile_time']['second_run']['total_s']:.1f}")
+  row("JAX images/s, glimpses/s", lambda e: f"{e['jax']['images_per_s']:.0f}, {e['jax']['glimpses_per_s']:.0f}")
+  row("XLA GFLOP/step (cost analysis; dots only)",
+      lambda e: f"{e['jax']['xla_flops'] / 1e9:.3f} ({e['jax']['dot_flops'] / 1e9:.3f})")
+  row("achieved GFLOP/s", lambda e: f"{e['jax']['achieved_gflops']:.1f}")
+  row("the step's matmuls alone, GFLOP/s", lambda e: f"{e['matmuls']['gflops']:.1f} ({e['matmuls']['count']} dots)")
+  row("utilisation of that rate", lambda e: f"**{e['utilisation']:.0%}** (dots only {e['dot_utilisation']:.0%})")
+  row("XLA buffers: arguments, temporaries MB",
+      lambda e: f"{e['jax']['memory_mb']['argument']:.1f}, {e['jax']['memory_mb']['temp']:.1f}")
+  row("process RSS MB: before; peak while compiling; peak in JAX steps; peak in PyTorch steps",
+      lambda e: f"{e['rss_mb']['before_compile']:.0f}; {e['rss_mb']['compile_peak']:.0f}; "
+                f"{e['rss_mb']['jax_steps_peak']:.0f}; " + (f"{e['rss_mb']['torch_steps_peak']:.0f}"
+                                                            if e['rss_mb'].get('torch_steps_peak') else "-"))
+  row("compiled step: fusions, while loops, dots",
+      lambda e: f"{e['jax']['hlo']['fusions']}, {e['jax']['hlo']['while_loops']}, {e['jax']['hlo']['dots']}")
+  row("glimpses alone (B x M), ms: JAX / torch vectorised / torch crop loop",
+      lambda e: " / ".join(f"{e['glimpse'][k]['median_ms']:.2f}" if k in e["glimpse"] else "-"
+                           for k in ("jax", "torch_vectorised", "torch_crop_loop")))
+  row("load average during the rounds (min-max)", lambda e: f"{e['loadavg_during'][0]}-{e['loadavg_during'][1]}")
+  return "\n".join(lines + rows) + "\n"
+
+
+def write_files(results: dict[str, Any], text: str, out: Optional[str]) -> None:
+  """Writes `results` to ``out.json`` and `text` to ``out.md`` (directories created) when ``out`` is given; the
+  benchmarks' one writer."""
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=1, default=str)
+    with open(out + ".md", "w", encoding="utf-8") as f:
+      f.write(text)
+
+
+def write(results: dict[str, Any], out: Optional[str]) -> str:
+  """Writes ``out.json`` and ``out.md`` (when ``out`` is given); returns the markdown."""
+  text = markdown(results)
+  write_files(results, text, out)
+  return text
