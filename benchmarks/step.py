@@ -61,7 +61,8 @@ class BenchmarkOptions:
   variant: str = "wsram_q_cv"
   torch: bool = True  # time the PyTorch peers when torch is installed
   torch_threads: tuple[int, ...] = (1, 0)  # eager peers; 0 = torch's default (all cores)
-  torch_compile_modes: tuple[str, ...] = ("default",)  # compiled peers (`peer_config.COMPILE_MODES`)
+  # compiled peers (`peer_config.COMPILE_MODES`); on a CPU "reduce-overhead" and "max-autotune" only add CUDA graphs
+  torch_compile_modes: tuple[str, ...] = ("default", "max-autotune-no-cudagraphs")
   num_digits: int = 10000  # synthetic training set
   glimpse_repeats: int = 30
   overrides: tuple[tuple[str, Any], ...] = ()  # (dotted config key, value) pairs, e.g. for a small test config

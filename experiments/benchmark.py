@@ -2,7 +2,8 @@ r"""Benchmarks the train step of the default model against PyTorch, eager and co
 throughput, memory, FLOP utilisation.
 
     python -m experiments.benchmark [--batch_sizes=32,128] [--steps=60] [--rounds=6] [--out=benchmarks/results/X]
-        [--torch_compile_modes=default] [--torch_threads=1,0] [--compile_repeats=1] [--notorch] [--variant=...]
+        [--torch_compile_modes=default,max-autotune-no-cudagraphs] [--torch_threads=1,0] [--compile_repeats=1]
+        [--notorch] [--variant=wsram_q_cv]
 
 The PyTorch peers (`benchmarks/torch_peer.py`: the same model and step, eager at each thread count and under
 ``torch.compile``) run in the same process, interleaved with the JAX step, when torch is installed (``make
@@ -31,8 +32,10 @@ _OUT = flags.DEFINE_string("out", None, "Write OUT.json and OUT.md (directories 
 _VARIANT = flags.DEFINE_string("variant", "wsram_q_cv", "Config variant of experiments/configs/mnist.py.")
 _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch peers (if torch is installed).")
 _TORCH_THREADS = flags.DEFINE_list("torch_threads", ["1", "0"], "Eager PyTorch's intra-op threads (0 = all cores).")
-_COMPILE_MODES = flags.DEFINE_list("torch_compile_modes", ["default"],
-                                   "torch.compile modes of the compiled peer (empty: none).")
+_COMPILE_MODES = flags.DEFINE_list(
+    "torch_compile_modes", ["default", "max-autotune-no-cudagraphs"],
+    "torch.compile modes of the compiled peers (empty: none); on a CPU reduce-overhead is default's and max-autotune "
+    "max-autotune-no-cudagraphs' (CUDA graphs need a GPU).")
 _COMPILE_REPEATS = flags.DEFINE_integer("compile_repeats", 1, "Cold-compile processes per batch size (0: none).")
 _DATA_PARALLEL = flags.DEFINE_integer(
     "data_parallel", 0, "Devices for the data-parallel step: 0 = one per CPU core, 1 = no data-parallel step.")
