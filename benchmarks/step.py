@@ -63,6 +63,7 @@ class BenchmarkOptions:
   torch_threads: tuple[int, ...] = (1, 0)  # eager peers; 0 = torch's default (all cores)
   # compiled peers (`peer_config.COMPILE_MODES`); on a CPU "reduce-overhead" and "max-autotune" only add CUDA graphs
   torch_compile_modes: tuple[str, ...] = ("default", "max-autotune-no-cudagraphs")
+  torch_compile_threads: tuple[int, ...] = (0,)  # compiled peers' threads; 0 = torch's default (all cores)
   num_digits: int = 10000  # synthetic training set
   glimpse_repeats: int = 30
   overrides: tuple[tuple[str, Any], ...] = ()  # (dotted config key, value) pairs, e.g. for a small test config
@@ -201,7 +202,7 @@ def run(options: BenchmarkOptions = BenchmarkOptions(), log: Callable[[str], Non
     rss["before_torch"] = procfs.current_rss_mb()
     peers, peer_info = torch_timing.peers(
         config, images, labels, threads=options.torch_threads, compile_modes=options.torch_compile_modes,
-        warmup=options.warmup, log=log) if options.torch else ({}, {})
+        compile_threads=options.torch_compile_threads, warmup=options.warmup, log=log) if options.torch else ({}, {})
     rss["torch_steps_peak"] = procfs.peak_rss_mb() if peers else None
     rss["peak_reset_supported"] = reset
     timers = {"jax": step.run, **peers, "matmuls": matmuls}
@@ -279,6 +280,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
   options = BenchmarkOptions(**{**spec["options"], "batch_sizes": tuple(spec["options"]["batch_sizes"]),
                                 "torch_threads": tuple(spec["options"]["torch_threads"]),
                                 "torch_compile_modes": tuple(spec["options"]["torch_compile_modes"]),
+                                "torch_compile_threads": tuple(spec["options"]["torch_compile_threads"]),
                                 "overrides": tuple(tuple(o) for o in spec["options"]["overrides"])})
   b, n = spec["batch_size"], spec["devices"]
   images, labels = common.synthetic_digits(options.num_digits)

@@ -30,13 +30,14 @@ def _one_line(e: BaseException) -> str:
 
 
 def peers(config, images: np.ndarray, labels: np.ndarray, *, threads: tuple[int, ...],
-          compile_modes: tuple[str, ...], warmup: int, log: Callable[[str], None]
-          ) -> tuple[dict[str, Callable[[], Any]], dict[str, dict[str, Any]]]:
+          compile_modes: tuple[str, ...], compile_threads: tuple[int, ...] = (0,), warmup: int,
+          log: Callable[[str], None]) -> tuple[dict[str, Callable[[], Any]], dict[str, dict[str, Any]]]:
   """``(timers, info)``: a closure per peer that runs one step on its thread count, and what each is.
 
-  Eager: ``eager_{t}t`` for every `threads` entry (0 = torch's default, all cores). Compiled: ``compiled_{mode}``
-  for every mode of `compile_modes`, on torch's default thread count (Inductor's C++ kernels are generated for
-  the thread count they are compiled with); ``info[name]['compile_s']`` is its first step, compilation included.
+  Eager: ``eager_{t}t`` for every `threads` entry (0 = torch's default, all cores). Compiled:
+  ``compiled_{mode}_{t}t`` for every mode of `compile_modes` and every `compile_threads` entry, compiled and run
+  on that thread count (Inductor generates its C++ kernels for the thread count they are compiled with);
+  ``info[name]['compile_s']`` is its first step, compilation included.
   A mode that fails to compile or run is left out, with ``info[name]['error']`` (one line). Every peer is warmed
   up by `warmup` steps. All start from the JAX model's initial parameters (seed ``config.seed``).
   """
@@ -69,12 +70,13 @@ def peers(config, images: np.ndarray, labels: np.ndarray, *, threads: tuple[int,
       run()
     timers[f"eager_{t}t"] = run
     info[f"eager_{t}t"] = {"kind": "eager", "threads": t}
-  for mode in compile_modes:
-    name = f"compiled_{mode}"
-    info[name] = {"kind": "compiled", "mode": mode, "threads": default_threads}
+  for mode, t in [(mode, t) for mode in compile_modes for t in dict.fromkeys(t or default_threads
+                                                                            for t in compile_threads)]:
+    name = f"compiled_{mode}_{t}t"
+    info[name] = {"kind": "compiled", "mode": mode, "threads": t}
     peer = torch_peer.TorchPeer(cfg, params, images, labels, seed=config.seed, compile_mode=mode)
-    run = make_run(peer, default_threads)
-    log(f"  torch.compile(mode={mode!r}, dynamic=False): compiling ...")
+    run = make_run(peer, t)
+    log(f"  torch.compile(mode={mode!r}, dynamic=False), {t} threads: compiling ...")
     t0 = time.perf_counter()
     try:
       for _ in range(warmup):

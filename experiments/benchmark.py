@@ -2,8 +2,8 @@ r"""Benchmarks the train step of the default model against PyTorch, eager and co
 throughput, memory, FLOP utilisation.
 
     python -m experiments.benchmark [--batch_sizes=32,128] [--steps=60] [--rounds=6] [--out=benchmarks/results/X]
-        [--torch_compile_modes=default,max-autotune-no-cudagraphs] [--torch_threads=1,0] [--compile_repeats=1]
-        [--notorch] [--variant=wsram_q_cv]
+        [--torch_compile_modes=default,max-autotune-no-cudagraphs] [--torch_compile_threads=0]
+        [--torch_threads=1,0] [--compile_repeats=1] [--notorch] [--variant=wsram_q_cv]
 
 The PyTorch peers (`benchmarks/torch_peer.py`: the same model and step, eager at each thread count and under
 ``torch.compile``) run in the same process, interleaved with the JAX step, when torch is installed (``make
@@ -36,6 +36,8 @@ _COMPILE_MODES = flags.DEFINE_list(
     "torch_compile_modes", ["default", "max-autotune-no-cudagraphs"],
     "torch.compile modes of the compiled peers (empty: none); on a CPU reduce-overhead is default's and max-autotune "
     "max-autotune-no-cudagraphs' (CUDA graphs need a GPU).")
+_COMPILE_THREADS = flags.DEFINE_list("torch_compile_threads", ["0"],
+                                    "Compiled PyTorch's intra-op threads, each compiled apart (0 = all cores).")
 _COMPILE_REPEATS = flags.DEFINE_integer("compile_repeats", 1, "Cold-compile processes per batch size (0: none).")
 _DATA_PARALLEL = flags.DEFINE_integer(
     "data_parallel", 0, "Devices for the data-parallel step: 0 = one per CPU core, 1 = no data-parallel step.")
@@ -47,15 +49,20 @@ def main(argv):
   try:
     batch_sizes = tuple(int(b) for b in _BATCH_SIZES.value)
     threads = tuple(int(t) for t in _TORCH_THREADS.value)
+    compile_threads = tuple(int(t) for t in _COMPILE_THREADS.value)
   except ValueError as e:
-    raise errors.ConfigError(f"--batch_sizes and --torch_threads take integers: {e}.") from None
-  if not batch_sizes or min(batch_sizes) < 1 or _STEPS.value < 1 or _ROUNDS.value < 1 or min(threads, default=0) < 0:
-    raise errors.ConfigError("--batch_sizes, --steps and --rounds must be positive and --torch_threads >= 0.")
+    raise errors.ConfigError(
+        f"--batch_sizes, --torch_threads and --torch_compile_threads take integers: {e}.") from None
+  if (not batch_sizes or min(batch_sizes) < 1 or _STEPS.value < 1 or _ROUNDS.value < 1
+      or min(threads + compile_threads, default=0) < 0):
+    raise errors.ConfigError("--batch_sizes, --steps and --rounds must be positive and --torch_threads and "
+                             "--torch_compile_threads >= 0.")
   if _DATA_PARALLEL.value < 0 or _COMPILE_REPEATS.value < 0:
     raise errors.ConfigError("--data_parallel (0 = one device per core, 1 = off) and --compile_repeats must be >= 0.")
   options = bench.BenchmarkOptions(batch_sizes=batch_sizes, steps=_STEPS.value, rounds=_ROUNDS.value,
                                    variant=_VARIANT.value, torch=_TORCH.value, torch_threads=threads,
                                    torch_compile_modes=tuple(m for m in _COMPILE_MODES.value if m),
+                                   torch_compile_threads=compile_threads,
                                    data_parallel=_DATA_PARALLEL.value, compile_repeats=_COMPILE_REPEATS.value)
   bench.check_options(options)  # a bad variant or one the peer lacks: one line, before anything compiles
   with tempfile.TemporaryDirectory(prefix="wsram_jax_bench_") as tmp:

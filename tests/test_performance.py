@@ -315,6 +315,7 @@ def test_benchmark_runs_on_a_tiny_config(tmp_path):
     (["--variant=wsram"], "--config.proposal=prior"),
     (["--variant=nosuch"], "Unknown variant"),
     (["--torch_compile_modes=fastest"], "Unknown --torch_compile_modes fastest"),
+    (["--torch_compile_threads=-1"], "--torch_compile_threads >= 0"),
 ])
 def test_benchmark_refuses_in_one_line_what_it_cannot_run(args, match):
   # Before anything compiles, with or without torch installed: the peer lacks what the variant turns on.
