@@ -9,10 +9,11 @@ from typing import Any, Optional
 __all__ = ["markdown", "write_files", "write"]
 
 
-def _peer_label(name: str, peer: dict[str, Any]) -> str:
-  if peer.get("kind") == "compiled":
-    return f"PyTorch compiled (torch.compile mode={peer['mode']}, {peer['threads']} threads) ms/step"
-  return f"PyTorch eager ({peer.get('threads', name)} thread{'s' if peer.get('threads') != 1 else ''}) ms/step"
+def _peer_label(peer: dict[str, Any]) -> str:
+  threads = f"{peer['threads']} thread{'s' if peer['threads'] != 1 else ''}"
+  if peer["kind"] == "compiled":
+    return f"PyTorch compiled (torch.compile mode={peer['mode']}, {threads}) ms/step"
+  return f"PyTorch eager ({threads}) ms/step"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -32,7 +33,8 @@ def markdown(results: dict[str, Any]) -> str:
         cells.append(fn(e))
       except (KeyError, TypeError):
         cells.append("-")
-    rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    if any(c != "-" for c in cells):  # a row that no batch size has (no data parallel, no torch) is left out
+      rows.append(f"| {name} | " + " | ".join(cells) + " |")
 
   ms = lambda s: f"{s['median_ms']:.1f} ({s['p20_ms']:.1f}-{s['p80_ms']:.1f})"
   row("JAX ms/step, median (p20-p80)", lambda e: f"**{e['jax']['step']['median_ms']:.1f}** "
@@ -42,10 +44,11 @@ def markdown(results: dict[str, Any]) -> str:
     for k, v in e["torch"].items():
       peers.setdefault(k, v)
   for name in sorted(peers, key=lambda k: (peers[k].get("kind") != "eager", k)):
-    row(_peer_label(name, peers[name]), lambda e, k=name: ms(e["torch"][k]["step"]))
+    row(_peer_label(peers[name]), lambda e, k=name: ms(e["torch"][k]["step"]))
   if peers:
     row("PyTorch compile: first compiled step, s (cold Inductor cache)",
-        lambda e: ", ".join(f"{e['torch'][k]['mode']} {e['torch'][k]['compile_s']:.0f}" for k in e["torch"]
+        lambda e: ", ".join(f"{e['torch'][k]['mode']} ({e['torch'][k]['threads']}t) {e['torch'][k]['compile_s']:.0f}"
+                            for k in e["torch"]
                             if e["torch"][k].get("kind") == "compiled") or "-")
     row("**JAX speed-up over the fastest PyTorch** (which)",
         lambda e: f"**{e['speedup_of_jax_over_best_torch']:.2f}x** ({e['torch_best']})")
