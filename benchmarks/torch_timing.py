@@ -6,6 +6,7 @@ installed (``make bench`` installs it).
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from typing import Any, Callable
 
@@ -17,11 +18,11 @@ INSTALL_HINT = "make bench installs it into .venv"
 
 
 def torch_installed() -> bool:
+  """Whether torch can be imported (without importing it)."""
   try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+    return importlib.util.find_spec("torch") is not None
+  except ValueError:  # a stub module without a spec
     return False
-  return True
 
 
 def _one_line(e: BaseException) -> str:
