@@ -46,7 +46,8 @@ def markdown(results: dict[str, Any]) -> str:
   for name in sorted(peers, key=lambda k: (peers[k].get("kind") != "eager", k)):
     row(_peer_label(peers[name]), lambda e, k=name: ms(e["torch"][k]["step"]))
   if peers:
-    row("PyTorch compile: first compiled step, s (cold Inductor cache)",
+    row("PyTorch compile: first compiled step, s (the run's first in a fresh Inductor cache; later ones reuse its "
+        "kernels)",
         lambda e: ", ".join(f"{e['torch'][k]['mode']} ({e['torch'][k]['threads']}t) {e['torch'][k]['compile_s']:.0f}"
                             for k in e["torch"]
                             if e["torch"][k].get("kind") == "compiled") or "-")

@@ -10,7 +10,8 @@ The PyTorch peers (`benchmarks/torch_peer.py`: the same model and step, eager at
 bench`` installs it and runs this). A ``--variant`` whose features the peer lacks is refused (``--notorch`` times
 the JAX step alone). The data-parallel step (one XLA:CPU device per core) is timed in a child process, and cold
 compile time in fresh processes by the one definition of `benchmarks.coldcompile`. Inductor compiles into a fresh
-temporary cache (``TORCHINDUCTOR_CACHE_DIR``), so its compile time is cold too.
+temporary cache (``TORCHINDUCTOR_CACHE_DIR``): the first compiled peer's compile time is cold, later ones reuse
+the kernels it built.
 
 Writes OUT.json and OUT.md (a markdown table, also printed). A thin binary over `benchmarks.step` (which does not
 import this package); BENCHMARKS.md has the numbers and how to read them.
