@@ -10,19 +10,11 @@ for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitte
   if _flag.split("=")[0].lstrip("-") not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
-import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
-
-def synthetic_digits(n: int, seed: int = 0):
-  """`n` 28x28 uint8 'digits' whose class is readable from the image (a bar and a class-length stroke)."""
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, 10, n).astype(np.uint8)
-  images = np.zeros((n, 28, 28), np.uint8)
-  for i, label in enumerate(labels):
-    images[i, 6:22, 12:16] = 255
-    images[i, 6, 4:4 + 2 * int(label)] = 200
-  return images, labels
+# The library's helpers, imported here by the test modules too (`from conftest import synthetic_digits`).
+from wsram_jax.data.synthetic import synthetic_digits  # pylint: disable=g-import-not-at-top
+from wsram_jax.training.config import apply_overrides  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture(scope="session")
@@ -44,16 +36,6 @@ def tiny_overrides(data_dir) -> dict:
       "num_samples": 3, "num_glimpses": 2, "num_steps": 6, "log_every": 2, "eval_every": 3,
       "checkpoint_every": 3, "diag_every": 3, "diag_num_estimates": 4,
   }
-
-
-def apply_overrides(config, overrides: dict):
-  for dotted, value in overrides.items():
-    *path, last = dotted.split(".")
-    node = config
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config
 
 
 @pytest.fixture

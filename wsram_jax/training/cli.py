@@ -17,7 +17,7 @@ import sys
 import traceback
 from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
-from wsram_jax.errors import ConfigError, UserError
+from wsram_jax.errors import ConfigError, UserError, exit_with_message
 from wsram_jax.training import signals
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,8 +38,7 @@ def report_user_errors(fn: F) -> F:
       with signals.StopOnSignals():
         return fn(*args, **kwargs)
     except UserError as e:
-      print(f"{e.label}: {e}", file=sys.stderr)
-      sys.exit(e.exit_code)
+      exit_with_message(e)
     except (signals.StopRequested, KeyboardInterrupt) as e:
       signum = getattr(e, "signum", signal.SIGINT)
       print(f"stopped: Stopped by {signals.signal_name(signum)} outside the training loop; the checkpoints "
