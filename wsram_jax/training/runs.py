@@ -149,7 +149,9 @@ def bind(step: Callable[..., Any], runs: Runs) -> Callable[..., Any]:
   numbers = runs.hyper()
 
   def step_of_runs(state, *data):
-    return jax.vmap(lambda s, h: step(s, h, *data))(state, numbers)
+    # Behind a barrier the numbers are values, not constants XLA could fold into the arithmetic (a division by a
+    # constant becomes a multiplication): the program computes what it computed when they were arguments.
+    return jax.vmap(lambda s, h: step(s, h, *data))(state, jax.lax.optimization_barrier(numbers))
 
   return _named_step(step_of_runs)
 
