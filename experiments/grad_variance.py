@@ -21,11 +21,11 @@ from typing import Sequence
 import numpy as np
 from absl import flags
 
+from experiments import report
 from wsram_jax import errors
 from wsram_jax.classifier import train
 from wsram_jax.training import cli
 from wsram_jax.training import config as config_lib
-from wsram_jax.training import report
 from wsram_jax.training import runs as runs_lib
 from wsram_jax.training import step as step_lib
 

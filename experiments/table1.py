@@ -36,11 +36,11 @@ import time
 from absl import flags
 
 from experiments.configs import mnist as mnist_configs
+from experiments import report
 from wsram_jax import errors
 from wsram_jax.classifier import train
 from wsram_jax.training import cli
 from wsram_jax.training import config as config_lib
-from wsram_jax.training import report
 from wsram_jax.training import runs as runs_lib
 
 _ROOT = flags.DEFINE_string("root", "runs/table1", "Directory holding one workdir per variant.")
