@@ -8,9 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import apply_overrides
-from experiments.configs import captions as caption_configs
-from test_captioning_data import write_flickr_fixture
+from conftest import message_lines, run_all, stop_running_binary, tiny_caption_overrides, write_flickr_fixture
 from wsram_jax import errors
 from wsram_jax.training import memory
 from wsram_jax.training import step as step_lib
@@ -20,28 +18,6 @@ from wsram_jax.captioning import plots
 from wsram_jax.captioning import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_caption_overrides(data_dir) -> dict:
-  """A 32 px canvas, a 3-block encoder with 2 levels, D = 8: small enough to compile in seconds."""
-  return {
-      "data.source": "idx", "data.data_dir": str(data_dir), "data.canvas_size": 32, "data.small_min": 8,
-      "data.small_max": 10, "data.large_min": 14, "data.large_max": 16, "data.num_test": 6,
-      "data.eval_batch_size": 4, "model.encoder_channels": (4, 4, 4), "model.num_scales": 2,
-      "model.feature_dim": 4, "model.embed_dim": 4, "model.hidden_size": 8, "model.glimpse_hidden": 4,
-      "model.attention_hidden": 8, "model.context_dim": 4, "model.lowres_size": 4, "batch_size": 4,
-      "num_samples": 2, "num_steps": 4, "log_every": 2, "eval_every": 4, "checkpoint_every": 2,
-  }
-
-
-@pytest.fixture
-def tiny_caption_config(tiny_mnist_dir):
-  def make(variant="wsram_q_cv", **overrides):
-    config = caption_configs.get_config(variant)
-    apply_overrides(config, tiny_caption_overrides(tiny_mnist_dir))
-    return apply_overrides(config, overrides)
-
-  return make
 
 
 def test_train_resume_and_plots(tiny_caption_config, tmp_path):
@@ -138,7 +114,6 @@ def test_invalid_config_is_one_clear_error(tiny_caption_config, overrides, match
 
 
 def test_binary_sigint_saves_the_step_reached(tiny_mnist_dir, tiny_caption_config, tmp_path):
-  from test_train import message_lines, stop_running_binary  # pylint: disable=g-import-not-at-top
   overrides = {**tiny_caption_overrides(tiny_mnist_dir), "num_steps": 100000, "checkpoint_every": 50000,
                "eval_every": 100000, "log_every": 2}
   cmd = [sys.executable, "-m", "experiments.train_captions", "--config=experiments/configs/captions.py:wsram_q_cv",
@@ -155,7 +130,6 @@ def test_binary_sigint_saves_the_step_reached(tiny_mnist_dir, tiny_caption_confi
 
 
 def test_binary_bad_config_files_are_one_line_and_exit_2(tmp_path):
-  from test_train import message_lines, run_all  # pylint: disable=g-import-not-at-top
   (tmp_path / "notes.txt").write_text("hello\n")
   cmd = lambda config: [sys.executable, "-m", "experiments.train_captions", f"--config={config}",
                         f"--workdir={tmp_path / 'w'}"]

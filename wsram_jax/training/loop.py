@@ -38,7 +38,8 @@ from wsram_jax.training import runs as runs_lib
 from wsram_jax.training import signals
 # Some names below are also read from here by users and tests (`loop.TrainState`, `loop.guarded_update`, ...).
 from wsram_jax.training.progress import Progress, SanityCheck, mean_metrics
-from wsram_jax.training.state import TrainState, guarded_update, nonfinite_steps, scalar_step  # pylint: disable=unused-import
+from wsram_jax.training.state import guarded_update  # pylint: disable=unused-import
+from wsram_jax.training.state import TrainState, nonfinite_steps, scalar_step
 from wsram_jax.training.workdir import WorkdirLock, prepare_workdir
 
 __all__ = ["run"]
