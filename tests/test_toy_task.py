@@ -79,7 +79,7 @@ def test_a_sweep_of_the_toy_equals_its_single_run_twins(tmp_path):
       assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= runs.values["learning_rate"][r]
   result = trainer.train_and_evaluate(TASK, config, str(tmp_path))
   assert len(result["runs"]) == 2 and "eval/log_p_y" in result["runs"][1]
-  assert len(TASK.summary(result).splitlines()) == 2
+  assert len(trainer.summary(TASK, result).splitlines()) == 2
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -155,9 +155,7 @@ def make_evaluator(config, model: toy.ToyConfig, data: Data):
 
 
 def summary(last: dict) -> str:
-  """One line (one per run for several): the exact test log-likelihood, q's KL to the posterior, the error."""
-  if "runs" in last:
-    return "\n".join(f"{label}: {summary(run)}" for label, run in zip(last["labels"], last["runs"]))
+  """One run's line: the exact test log-likelihood, q's KL to the posterior, the error."""
   parts = [f"{name} {fmt.format(last[key])}" for name, key, fmt in (
       ("exact test log p(y|I)", "eval/log_p_y", "{:.4f}"), ("KL(posterior || q)", "eval/kl_q", "{:.4f}"),
       ("test error", "eval/error", "{:.1%}")) if key in last]

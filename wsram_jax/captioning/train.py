@@ -349,7 +349,12 @@ def restore(config, workdir: str, task: Optional[TaskData] = None) -> Restored:
 
 
 def summary(last: dict[str, Any]) -> str:
-  """One line: test BLEU-1..4 (x100, as in Table 2), test NLL and the training NLL the run ends on."""
+  """One line with the numbers a run ends on (one per run, labelled, for several runs; `run_summary`)."""
+  return trainer.summary(TASK, last)
+
+
+def run_summary(last: dict[str, Any]) -> str:
+  """One run's line: test BLEU-1..4 (x100, as in Table 2), test NLL and the training NLL the run ends on."""
   parts = []
   if all(f"eval/bleu{n}" in last for n in (1, 2, 3, 4)):
     parts.append("test BLEU-1..4 " + " / ".join(f"{100 * last[f'eval/bleu{n}']:.1f}" for n in (1, 2, 3, 4)))
@@ -363,5 +368,5 @@ def summary(last: dict[str, Any]) -> str:
 TASK = task_lib.Task(
     name="captioner", validate=validate, load_data=load_task, train_arrays=train_arrays, make_sampler=make_sampler,
     build_model=lambda config, task: build_model(config, len(task.vocab)), init_params=init_params,
-    make_loss=make_loss_fn, make_evaluator=make_task_evaluator, summary=summary,
+    make_loss=make_loss_fn, make_evaluator=make_task_evaluator, summary=run_summary,
     progress_keys=("train/nll", "train/bound", "train/ess"))

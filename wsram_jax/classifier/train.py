@@ -344,11 +344,13 @@ def glimpse_figure(config, params, canvases, labels, path: str, *, boxes=None, n
 
 
 def summary(last: dict[str, Any]) -> str:
-  """One line with the numbers a run ends on: test errors, where the later glimpses go, log-likelihood bound, ESS
-  (the diagnostics', else the last logged training batches'), gradient variance (one line per run, labelled, for
-  several runs)."""
-  if "runs" in last:
-    return "\n".join(f"{label}: {summary(run)}" for label, run in zip(last["labels"], last["runs"]))
+  """One line with the numbers a run ends on (one per run, labelled, for several runs; `run_summary`)."""
+  return trainer.summary(TASK, last)
+
+
+def run_summary(last: dict[str, Any]) -> str:
+  """One run's line: test errors, where the later glimpses go, log-likelihood bound, ESS (the diagnostics', else
+  the last logged training batches'), gradient variance."""
   parts = []
   ess = ("ESS", "diag/ess/mean") if "diag/ess/mean" in last else ("ESS of the last training batches", "train/ess")
   for name, key, fmt in (("test error (greedy)", "eval/error_greedy", "{:.2%}"),
@@ -366,5 +368,5 @@ def summary(last: dict[str, Any]) -> str:
 TASK = task_lib.Task(
     name="classifier", validate=validate, load_data=load_data, train_arrays=train_arrays,
     make_sampler=make_sampler, build_model=build_model, init_params=init_params, make_loss=make_loss_fn,
-    make_evaluator=make_task_evaluator, summary=summary, baseline_init=baseline_init,
+    make_evaluator=make_task_evaluator, summary=run_summary, baseline_init=baseline_init,
     progress_keys=("train/loss", "train/error", "train/ess"))

@@ -24,7 +24,8 @@ gradient-variance diagnostics and the cache of compiled functions.
                                                  a moving-average baseline tracks) and ``ess``
     make_evaluator(config, model, data)          ``evaluate(params, hyper) -> {'eval/...': float}`` on the fixed
                                                  test set (deterministic)
-    summary(last) -> str                         one line from the last value of every metric
+    summary(last) -> str                         one run's line from the last value of every metric
+                                                 (`trainer.summary`: one per run of a sweep)
     baseline_init(config) -> float               a moving-average baseline's value before any batch
     progress_keys                                the metrics the progress line shows
 

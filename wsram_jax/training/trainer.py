@@ -1,6 +1,7 @@
 """Any task (`training.task.Task`) trained and evaluated by the core: the pieces a run is made of, and the run.
 
     last = train_and_evaluate(task, config, workdir)      trains (resuming), returns the last value of every metric
+    print(summary(task, last))                            one line, or one labelled line per run of a sweep
 
 What it assembles, each also usable alone (the tasks' modules and the tests call them):
 
@@ -39,7 +40,8 @@ from wsram_jax.training import step as step_lib
 from wsram_jax.training.task import Task
 
 __all__ = ["validate_config", "baseline_transform", "create_train_state", "make_loss_and_grads", "make_train_step",
-           "make_evaluate", "diagnostic_batch", "make_diagnose", "train_and_evaluate", "restore_latest", "cached"]
+           "make_evaluate", "diagnostic_batch", "make_diagnose", "train_and_evaluate", "restore_latest", "summary",
+           "cached"]
 
 require, require_int = config_lib.require, config_lib.require_int
 
@@ -195,3 +197,11 @@ def restore_latest(task: Task, config, workdir: str, data=None) -> tuple[Any, st
   target = create_train_state(task, config, model, step_lib.make_optimizer(config))
   state, step = step_lib.restore_latest(target, workdir)
   return model, state, step
+
+
+def summary(task: Task, last: dict[str, Any]) -> str:
+  """`task.summary` of what `train_and_evaluate` returned: one line, or for several runs one line per run, each
+  after the run's label."""
+  if "runs" in last:
+    return "\n".join(f"{label}: {task.summary(run)}" for label, run in zip(last["labels"], last["runs"]))
+  return task.summary(last)
