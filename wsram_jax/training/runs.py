@@ -24,6 +24,7 @@ binaries; `make_mesh`, `run_sharding`), so the runs share the cores instead of t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Optional
 
@@ -37,7 +38,7 @@ from wsram_jax.errors import ConfigError
 from wsram_jax.training import config as config_lib
 
 __all__ = ["SWEEPABLE", "RUN_AXIS", "Runs", "from_config", "create_states", "bind", "state_sharding",
-           "apply_learning_rate", "per_run", "stack", "unstack", "make_mesh", "run_sharding", "cpu_devices"]
+           "apply_learning_rate", "per_run", "stack", "unstack", "make_mesh", "run_sharding", "cpu_devices", "use_cpu_cores"]
 
 RUN_AXIS = "runs"
 
@@ -232,3 +233,18 @@ def cpu_devices(num_runs: int) -> int:
     return 1
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
   return max(1, min(num_runs, cores))
+
+
+def use_cpu_cores(config) -> int:
+  """For several runs (``config.num_runs`` > 1), one XLA CPU device per core (at most one per run, `cpu_devices`),
+  so that the runs share the cores; call it before JAX starts (nothing changes on a GPU or TPU, nor once JAX has
+  started). Returns the number of CPU devices asked for."""
+  num_runs = config.get("num_runs", 1)
+  devices = cpu_devices(num_runs if isinstance(num_runs, int) else 1)
+  if devices > 1:
+    try:
+      jax.config.update("jax_num_cpu_devices", devices)
+    except RuntimeError as e:  # JAX has started already: the runs then share one device
+      logging.getLogger(__name__).warning("Cannot split the runs over %d CPU devices (%s).", devices, e)
+      return 1
+  return devices
