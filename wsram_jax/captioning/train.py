@@ -81,8 +81,6 @@ def validate(config) -> None:
   of its model, data and evaluation keys."""
   _require(float(config.sleep_weight) == 0,
            "The sleep phase is implemented for the classifier only; set --config.sleep_weight=0.")
-  if config.diag_every > 0:
-    _require_int("diag_num_estimates", config.diag_num_estimates, 2)
   _require(config.bleu_smoothing in bleu.SMOOTHING_METHODS,
            f"Unknown --config.bleu_smoothing {config.bleu_smoothing!r}; choose one of "
            f"{', '.join(bleu.SMOOTHING_METHODS)}.")

@@ -69,8 +69,6 @@ def validate(config) -> None:
   """The classifier's own checks (`Task.validate`): the model block, the canvas, the evaluation; one
   `errors.ConfigError` sentence for the first invalid value."""
   require_int("num_glimpses", config.num_glimpses)
-  if config.diag_every > 0:
-    require_int("diag_num_estimates", config.diag_num_estimates, 2)
   m = config.model
   config_lib.check_model_block(m, model_lib.AttentionModel)
   require_int("model.glimpse_size", m.glimpse_size)

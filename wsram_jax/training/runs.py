@@ -38,7 +38,8 @@ from wsram_jax.errors import ConfigError
 from wsram_jax.training import config as config_lib
 
 __all__ = ["SWEEPABLE", "RUN_AXIS", "Runs", "from_config", "create_states", "bind", "state_sharding",
-           "apply_learning_rate", "per_run", "stack", "unstack", "make_mesh", "run_sharding", "cpu_devices", "use_cpu_cores"]
+           "apply_learning_rate", "per_run", "stack", "unstack", "make_mesh", "run_sharding", "cpu_devices",
+           "use_cpu_cores"]
 
 RUN_AXIS = "runs"
 

@@ -53,6 +53,8 @@ def validate_config(task: Task, config) -> None:
   config_lib.validate_common(config)
   runs = runs_lib.from_config(config)
   task.validate(config)
+  if config.diag_every > 0:
+    require_int("diag_num_estimates", config.diag_num_estimates, 2)
   require_int("mesh_devices", config.mesh_devices)
   if runs.several:
     require(config.mesh_devices == 1, "--config.num_runs > 1 and --config.mesh_devices > 1 do not combine; split "
