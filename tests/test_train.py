@@ -1,10 +1,8 @@
 """The MNIST trainer: a whole run on a tiny config, exact resume after SIGKILL, and bad input."""
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest

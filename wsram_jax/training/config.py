@@ -21,9 +21,9 @@ import numpy as np
 from wsram_jax import errors
 from wsram_jax import objectives
 
-__all__ = ["MIN_LOC_STD", "NO_WARMUP", "NO_DECAY", "require", "require_int", "require_loc_std", "model_fields",
-           "check_model_block", "validate_common", "capped", "load_config", "get_value", "set_value",
-           "apply_overrides"]
+__all__ = ["MIN_LOC_STD", "NO_WARMUP", "NO_DECAY", "ADDED_KEYS", "require", "require_int", "require_loc_std",
+           "model_fields", "check_model_block", "validate_common", "capped", "with_added_keys", "load_config",
+           "get_value", "set_value", "apply_overrides"]
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,17 @@ def require_int(name: str, value, minimum: int = 1) -> None:
 
 # The learning-rate schedules' blocks when off (`config.warmup`, `config.decay`; `training.step.make_optimizer`):
 # every multiplier 1. The configs start from them, and a recorded run from before the blocks existed reads as
-# holding them (`training.resume.ADDED_KEYS`).
+# holding them (`ADDED_KEYS`).
 NO_WARMUP = {"start": 1.0, "hold_steps": 0, "ramp_steps": 0}
 NO_DECAY = {"begin": 0, "steps": 0, "end": 1.0}
+
+# Keys added to the configurations after runs had been recorded, with the value under which a run computes what it
+# computed before the key existed: a recorded config.json that lacks one reads as holding that value, so that such
+# a run resumes under today's defaults and is refused under any other value.
+ADDED_KEYS = {f"{block}.{k}": v for block, neutral in (("warmup", NO_WARMUP), ("decay", NO_DECAY))
+              for k, v in neutral.items()}
+# One device (no data-parallel mesh): what a captioner run recorded before the captioner had the key.
+ADDED_KEYS["mesh_devices"] = 1
 
 # The smallest Gaussian location std a run accepts, in the [-1, 1] units of glimpse locations.
 MIN_LOC_STD = 1e-4
@@ -126,13 +134,26 @@ def capped(name: str, requested: int, available: int, what: str) -> int:
   return min(int(requested), int(available))
 
 
+def with_added_keys(recorded: dict) -> dict:
+  """A recorded configuration (config.json's dict) with every key of `ADDED_KEYS` it lacks set to its neutral
+  value, in place; returns it."""
+  for dotted, value in ADDED_KEYS.items():
+    *path, last = dotted.split(".")
+    node = recorded
+    for part in path:
+      node = node.setdefault(part, {})
+    node.setdefault(last, value)
+  return recorded
+
+
 def load_config(workdir: str):
-  """The configuration a run in `workdir` was started with (its config.json), as a ConfigDict."""
+  """The configuration a run in `workdir` was started with (its config.json, `with_added_keys`), as a
+  ConfigDict."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   path = f"{workdir}/config.json"
   try:
     with open(path, encoding="utf-8") as f:
-      return ml_collections.ConfigDict(json.load(f))
+      return ml_collections.ConfigDict(with_added_keys(json.load(f)))
   except (OSError, ValueError) as e:
     raise errors.UserError(f"Cannot read the run's configuration {path} ({e}); is {workdir} a run directory?")
 

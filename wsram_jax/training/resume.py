@@ -24,13 +24,7 @@ SCHEDULE_KEYS = frozenset({
     "num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "diag_every", "jit",
     "progress"})
 
-# Keys added to the configurations after runs had been recorded, with the value under which a run computes what it
-# computed before the key existed: a recorded config.json that lacks one reads as holding that value, so that such
-# a run resumes under today's defaults and is refused under any other value.
-ADDED_KEYS = {f"{block}.{k}": v for block, neutral in (("warmup", config_lib.NO_WARMUP), ("decay", config_lib.NO_DECAY))
-              for k, v in neutral.items()}
-# One device (no data-parallel mesh): what a captioner run recorded before the captioner had the key.
-ADDED_KEYS["mesh_devices"] = 1
+ADDED_KEYS = config_lib.ADDED_KEYS  # (keys added after runs had been recorded: `training.config`)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
