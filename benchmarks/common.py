@@ -1,4 +1,5 @@
-"""What every benchmark here shares: the config it measures, synthetic digits, and timing a call.
+"""What every benchmark here shares: the config it measures and timing a call (the synthetic digits the steps train
+on are the library's, `wsram_jax.data.synthetic_digits`: a step's cost does not depend on the pixels).
 
 The benchmarks read the experiment config the way the training binary's ``--config=FILE:VARIANT`` does, from the
 file (`CONFIG_FILE`, ``experiments/configs/mnist.py``), so that nothing in `benchmarks` imports the `experiments`
@@ -13,8 +14,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["REPO_ROOT", "CONFIG_FILE", "load_config", "set_dotted", "make_config", "synthetic_digits",
-           "time_calls", "summary"]
+from wsram_jax.data.synthetic import synthetic_digits  # pylint: disable=unused-import (common.synthetic_digits)
+from wsram_jax.training import config as config_lib
+
+__all__ = ["REPO_ROOT", "CONFIG_FILE", "load_config", "make_config", "synthetic_digits", "time_calls", "summary"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join(REPO_ROOT, "experiments", "configs", "mnist.py")
@@ -33,35 +36,15 @@ def load_config(variant: str, config_file: str = CONFIG_FILE):
     raise errors.ConfigError(str(e).strip().splitlines()[0]) from None
 
 
-# TODO(i26): use the library helper
-def set_dotted(config, dotted: str, value) -> None:
-  """``config.a.b = value`` for ``dotted = 'a.b'``."""
-  *path, last = dotted.split(".")
-  node = config
-  for p in path:
-    node = node[p]
-  node[last] = value
-
-
 def make_config(variant: str, batch_size: int, overrides=(), config_file: str = CONFIG_FILE):
   """The `variant` config at `batch_size` with ``(dotted key, value)`` `overrides`, validated
   (`wsram_jax.classifier.train.validate_config`)."""
   from wsram_jax.classifier import train  # pylint: disable=g-import-not-at-top
   config = load_config(variant, config_file)
   config.batch_size = batch_size
-  for dotted, value in overrides:
-    set_dotted(config, dotted, value)
+  config_lib.apply_overrides(config, overrides)
   train.validate_config(config)
   return config
-
-
-# TODO(i26): use the library helper
-def synthetic_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """``n`` random 28 x 28 uint8 'digits' (sparse strokes) and labels: the cost of a step does not depend on the
-  pixels, so the benchmarks need no data."""
-  rng = np.random.default_rng(seed)
-  images = (rng.uniform(size=(n, 28, 28)) < 0.2) * rng.integers(0, 256, size=(n, 28, 28))
-  return images.astype(np.uint8), rng.integers(0, 10, n).astype(np.int32)
 
 
 def time_calls(fn: Callable[[], Any], n: int) -> list[float]:

@@ -24,19 +24,15 @@ import shlex
 import sys
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+from absl import flags
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-from absl import flags  # pylint: disable=g-import-not-at-top
-
-from experiments import search  # pylint: disable=g-import-not-at-top
-from experiments import sweep  # pylint: disable=g-import-not-at-top
-from wsram_jax import errors  # pylint: disable=g-import-not-at-top
-from wsram_jax.training import cli  # pylint: disable=g-import-not-at-top
-from wsram_jax.training import metric_writers  # pylint: disable=g-import-not-at-top
-from wsram_jax.training import report  # pylint: disable=g-import-not-at-top
+from experiments import report
+from experiments import search
+from experiments import sweep
+from wsram_jax import errors
+from wsram_jax.training import cli
+from wsram_jax.training import metric_writers
 
 FLAGS = flags.FLAGS
 KEY = "eval/error_sampled"
@@ -90,7 +86,7 @@ def points(root: str, variant: str, candidate: str, budgets: Sequence[int],
     for b in budgets:
       for seed, run_dir in search.pair_runs(search_root, variant, candidate):
         v = search.run_verdict(run_dir, b)
-        final = report.final_metrics(run_dir)
+        final = metric_writers.final_metrics(run_dir)
         if v["finished"] and final.get("step", 0) == b and not any(
             p["budget"] == b and p["seed"] == seed for p in out):
           out.append({"budget": b, "seed": seed, "error": v["error"], "run": run_dir})
@@ -115,7 +111,7 @@ def fit(pts: Sequence[dict], target: float) -> dict | None:
 def figure(pts: Sequence[dict], trend: dict | None, label: str, path: str, curves: Sequence[str] = ()) -> str:
   """Test error against updates on log axes: each run's evaluations along its training (thin), the error each
   budget ended at (dots), the fitted power law extended to where it meets the paper's error (dashed)."""
-  fig, ax = plt.subplots(figsize=(7, 4.8))
+  fig, ax = report.subplots(1, 1, figsize=(7, 4.8))
   for i, run_dir in enumerate(curves):
     steps, values = metric_writers.series(metric_writers.read_metrics(run_dir), KEY)
     if steps.size:
@@ -138,11 +134,7 @@ def figure(pts: Sequence[dict], trend: dict | None, label: str, path: str, curve
   ax.set_ylabel("test error, M samples (%)")
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return report.save(fig, path, dpi=110)
 
 
 def markdown(pts, trend, variant: str, candidate: str, cmd: str) -> str:

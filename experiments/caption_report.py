@@ -22,6 +22,7 @@ from absl import flags
 import ml_collections
 
 from wsram_jax.training import cli
+from wsram_jax.training import config as config_lib
 from wsram_jax import errors
 from wsram_jax.training import metric_writers
 from wsram_jax.captioning import plots
@@ -43,7 +44,7 @@ def _recorded_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise errors.DataError(f"{workdir} holds no run (no config.json).")
   with open(path, encoding="utf-8") as f:
-    values = json.load(f)
+    values = config_lib.with_added_keys(json.load(f))  # a run recorded before a key existed: its neutral value
   # JSON turned tuples into lists; the encoder channels are a tuple in the config.
   values["model"]["encoder_channels"] = tuple(values["model"]["encoder_channels"])
   return ml_collections.ConfigDict(values)

@@ -21,11 +21,11 @@ from typing import Sequence
 import numpy as np
 from absl import flags
 
+from experiments import report
 from wsram_jax import errors
 from wsram_jax.classifier import train
 from wsram_jax.training import cli
 from wsram_jax.training import config as config_lib
-from wsram_jax.training import report
 from wsram_jax.training import runs as runs_lib
 from wsram_jax.training import step as step_lib
 
@@ -56,7 +56,7 @@ def measure(workdir: str, baselines: Sequence[str], batches: int, estimates: int
   images, labels = data.images, data.labels
   results = {"workdir": workdir, "trained_baseline": config.baseline, "baselines": list(baselines),
              "batches": batches, "estimates": estimates, "runs": []}
-  states = [runs_lib.unstack(state, r) if runs.num_runs > 1 else state for r in range(runs.num_runs)]
+  states = [runs_lib.unstack(state, r) if runs.several else state for r in range(runs.num_runs)]
   results["runs"] = [{"seed": int(seed), "step": int(st.step)} for seed, st in zip(runs.seeds, states)]
   # The same minibatches for every baseline and run (they depend on the batch size and the canvas only).
   inputs = [train.diagnostic_batch(config, images, labels, BATCH_SEED + i) for i in range(batches)]
@@ -67,13 +67,12 @@ def measure(workdir: str, baselines: Sequence[str], batches: int, estimates: int
       cfg.baseline = b
     train.validate_config(cfg)
     btx = train.baseline_transform(cfg)
-    # One compiled function per baseline for every run, each run with its own swept numbers (`hyper`).
+    # One compiled function per baseline for every run, each run with its own swept numbers (`hyper`; {} for one).
     diagnose = step_lib.make_diagnose(train.make_loss_fn(cfg, model), btx, num_estimates=estimates,
                                       uses_inference_network=False)
     for r, (st, row) in enumerate(zip(states, results["runs"])):
       st = st if b == config.baseline else st.replace(extra=btx.init())
-      hyper = runs.hyper_of(r) if runs.num_runs > 1 else None
-      measured = [diagnose(st, batch, key, hyper) for batch, key in inputs]
+      measured = [diagnose(st, batch, key, runs.hyper_of(r)) for batch, key in inputs]
       row[b] = {g: float(np.mean([m[f"diag/grad_var/{g}"] for m in measured])) for g in GROUPS
                 if f"diag/grad_var/{g}" in measured[0]}
       log(f"run {r} (seed {row['seed']}, update {row['step']}), baseline {b}: "

@@ -29,10 +29,10 @@ import numpy as np
 from absl import flags
 
 from experiments import sweep
+from experiments import report
 from wsram_jax import errors
 from wsram_jax.training import cli
 from wsram_jax.training import metric_writers
-from wsram_jax.training import report
 
 FLAGS = flags.FLAGS
 
@@ -110,7 +110,7 @@ def pair_runs(root: str, variant: str, candidate: str) -> list[tuple[int, str]]:
 def run_verdict(run_dir: str, steps: int) -> dict[str, Any]:
   """One run at the budget: its errors, attention, scale use and lowest bound, and which tests of a good
   default it passes (`passes` is None until it has an evaluation at `steps`)."""
-  final = report.final_metrics(run_dir)
+  final = metric_writers.final_metrics(run_dir)
   if "eval/error_sampled" not in final or final["step_of"].get("eval/error_sampled", 0) < steps:
     return {"finished": False, "step": int(final.get("step", 0))}
   records = metric_writers.read_metrics(run_dir)

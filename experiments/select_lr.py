@@ -22,9 +22,9 @@ import sys
 
 from absl import flags
 
+from experiments import report
 from wsram_jax import errors
 from wsram_jax.training import cli
-from wsram_jax.training import report
 
 FLAGS = flags.FLAGS
 

@@ -9,8 +9,9 @@ import subprocess
 import sys
 import time
 
+from experiments import report
 from wsram_jax import errors
-from wsram_jax.training import report
+from wsram_jax.training import metric_writers
 
 
 def select(runs: dict[str, list[str]], only) -> dict[str, list[str]]:
@@ -28,7 +29,7 @@ def run_dirs(root: str, name: str, seeds) -> list[str]:
 
 
 def done(root: str, name: str, seeds, steps: int) -> bool:
-  finals = [report.final_metrics(d) for d in run_dirs(root, name, seeds)]
+  finals = [metric_writers.final_metrics(d) for d in run_dirs(root, name, seeds)]
   return all(f.get("step", 0) >= steps and "eval/error_sampled" in f for f in finals)
 
 

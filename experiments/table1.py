@@ -36,12 +36,12 @@ import time
 from absl import flags
 
 from experiments.configs import mnist as mnist_configs
+from experiments import report
 from experiments.sweep import run_all, run_dirs, select
 from wsram_jax import errors
 from wsram_jax.classifier import train
 from wsram_jax.training import cli
 from wsram_jax.training import config as config_lib
-from wsram_jax.training import report
 from wsram_jax.training import runs as runs_lib
 
 

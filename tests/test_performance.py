@@ -23,12 +23,14 @@ from wsram_jax.classifier import train
 from wsram_jax.training import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TINY_ARG = json.dumps(tiny_overrides("unused"))  # the last argument of the scripts below
 
 _MESH_SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-sys.path.insert(0, "tests")
-from conftest import apply_overrides, synthetic_digits, tiny_overrides
+from wsram_jax.data.synthetic import synthetic_digits
+from wsram_jax.training.config import apply_overrides
+TINY = json.loads(sys.argv[-1])  # the tests' tiny overrides (conftest.tiny_overrides), passed in by the test
 from experiments.configs import mnist
 from wsram_jax.classifier import train
 from wsram_jax.training import step as step_lib
@@ -37,7 +39,7 @@ assert jax.device_count() == 4, jax.devices()
 images, labels = synthetic_digits(64)
 out = {}
 for n in (1, 4):
-  config = apply_overrides(mnist.get_config("wsram_q_cv"), tiny_overrides("unused"))
+  config = apply_overrides(mnist.get_config("wsram_q_cv"), TINY)
   config.mesh_devices = n
   train.validate_config(config)
   model, optimizer = train.build_model(config), step_lib.make_optimizer(config)
@@ -64,8 +66,8 @@ def test_data_parallel_step_equals_single_device():
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
   env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, _TINY_ARG], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   one, four = out["1"], out["4"]
@@ -356,8 +358,9 @@ def test_dot_shapes_reads_dimension_numbers():
 _CACHE_SCRIPT = r"""
 import json, os, sys
 import jax, jax.numpy as jnp
-sys.path.insert(0, "tests")
-from conftest import apply_overrides, synthetic_digits, tiny_overrides
+from wsram_jax.data.synthetic import synthetic_digits
+from wsram_jax.training.config import apply_overrides
+TINY = json.loads(sys.argv[-1])  # the tests' tiny overrides (conftest.tiny_overrides), passed in by the test
 from experiments.configs import mnist
 from wsram_jax.classifier import train
 from wsram_jax.training import cli
@@ -365,7 +368,7 @@ from wsram_jax.training import step as step_lib
 
 path = cli.enable_compilation_cache()
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # the tiny step may compile in under 1 s
-config = apply_overrides(mnist.get_config("wsram_q_cv"), tiny_overrides("unused"))
+config = apply_overrides(mnist.get_config("wsram_q_cv"), TINY)
 model, optimizer = train.build_model(config), step_lib.make_optimizer(config)
 state = train.create_train_state(config, model, optimizer)
 images, labels = synthetic_digits(64)
@@ -379,8 +382,8 @@ def test_compilation_cache_stores_the_step_and_a_second_run_reuses_it(tmp_path):
   env["WSRAM_JAX_COMPILATION_CACHE"] = str(tmp_path / "xla")
   runs = []
   for _ in range(2):
-    proc = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, _TINY_ARG], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
   first, second = runs
@@ -413,13 +416,14 @@ if num_processes > 1:
   jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=num_processes,
                              process_id=process_id)
 import jax.numpy as jnp
-sys.path.insert(0, "tests")
-from conftest import apply_overrides, synthetic_digits, tiny_overrides
+from wsram_jax.data.synthetic import synthetic_digits
+from wsram_jax.training.config import apply_overrides
+TINY = json.loads(sys.argv[-1])  # the tests' tiny overrides (conftest.tiny_overrides), passed in by the test
 from experiments.configs import mnist
 from wsram_jax.classifier import train
 from wsram_jax.training import step as step_lib
 
-config = apply_overrides(mnist.get_config("wsram_q_cv"), tiny_overrides("unused"))
+config = apply_overrides(mnist.get_config("wsram_q_cv"), TINY)
 config.mesh_devices = jax.device_count()  # every device of every process
 train.validate_config(config)
 model, optimizer = train.build_model(config), step_lib.make_optimizer(config)
@@ -440,7 +444,7 @@ def test_two_processes_joined_by_jax_distributed_train_like_one():
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  cmd = lambda pid, n: [sys.executable, "-c", _DISTRIBUTED_SCRIPT, str(pid), str(n), str(port)]
+  cmd = lambda pid, n: [sys.executable, "-c", _DISTRIBUTED_SCRIPT, str(pid), str(n), str(port), _TINY_ARG]
   procs = [subprocess.Popen(cmd(pid, 2), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for pid in range(2)]
   outs = []

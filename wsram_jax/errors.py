@@ -8,7 +8,11 @@ print ``error: <sentence>`` (no traceback) and exit with `exit_code`:
 * 1: a failure: missing or corrupt data, a NaN during training, no readable checkpoint, running out of memory;
 * 130 and 143 (`Interrupted`): stopped by SIGINT (Ctrl-C) or SIGTERM after saving the step reached (128 + the
   signal's number, as a shell reports it).
+
+`exit_with_message(error)` is what a binary does with a `UserError` (`training.cli`, `data.fetch`).
 """
+import sys
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -51,3 +55,9 @@ class Interrupted(UserError):
     super().__init__(message)
     self.signum = signum
     self.exit_code = 128 + int(signum)
+
+
+def exit_with_message(error: UserError) -> NoReturn:
+  """Prints ``<label>: <sentence>`` on stderr (no traceback) and exits with the error's `exit_code`."""
+  print(f"{error.label}: {error}", file=sys.stderr)
+  sys.exit(error.exit_code)

@@ -77,6 +77,7 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   c.diag_every = 0  # Gradient variance and ESS every this many updates; 0 turns them off.
   c.diag_num_estimates = 16  # K independent gradient estimates of one minibatch.
   c.jit = True
+  c.mesh_devices = 1  # >1: data-parallel over a `data` mesh axis of that many devices.
   c.num_runs = 1  # >1: that many independent runs (seeds, swept values: c.runs) as one program.
   c.runs = mnist.runs_config()
 

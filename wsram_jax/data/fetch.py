@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from typing import Optional, Union
 
-from wsram_jax.errors import DataError
+from wsram_jax.errors import DataError, UserError, exit_with_message
 
 DATA_DIR_ENV = "WSRAM_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/wsram_jax"
@@ -174,10 +174,15 @@ def fetch_mnist(data_dir: Optional[PathLike] = None) -> pathlib.Path:
 
 
 def main() -> None:
-  """`python -m wsram_jax.data.fetch`: silent no-op when the data is there; one sentence and exit 1 on failure."""
-  from wsram_jax.training.cli import report_user_errors  # pylint: disable=g-import-not-at-top
-
-  report_user_errors(fetch_mnist)()
+  """`python -m wsram_jax.data.fetch`: silent no-op when the data is there; one sentence and exit 1 on failure
+  (`errors.exit_with_message`), one line and exit 130 on Ctrl-C."""
+  try:
+    fetch_mnist()
+  except UserError as e:
+    exit_with_message(e)
+  except KeyboardInterrupt:
+    print("stopped: Stopped by SIGINT; run it again to finish.", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import traceback
 from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
-from wsram_jax.errors import ConfigError, UserError
+from wsram_jax.errors import ConfigError, UserError, exit_with_message
 from wsram_jax.training import signals
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,8 +38,7 @@ def report_user_errors(fn: F) -> F:
       with signals.StopOnSignals():
         return fn(*args, **kwargs)
     except UserError as e:
-      print(f"{e.label}: {e}", file=sys.stderr)
-      sys.exit(e.exit_code)
+      exit_with_message(e)
     except (signals.StopRequested, KeyboardInterrupt) as e:
       signum = getattr(e, "signum", signal.SIGINT)
       print(f"stopped: Stopped by {signals.signal_name(signum)} outside the training loop; the checkpoints "
@@ -256,24 +255,6 @@ def run_main(main: Callable[[Sequence[str]], Any]) -> None:
   app.run(report_user_errors(main_with_cache), flags_parser=parse_flags)
 
 
-def use_cpu_cores(config) -> int:
-  """For several runs (``config.num_runs`` > 1, `training.runs`), one XLA CPU device per core (at most one per
-  run), so that the runs share the cores; call it before JAX starts (nothing changes on a GPU or TPU, nor once JAX
-  has started). Returns the number of CPU devices asked for."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from wsram_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top
-
-  num_runs = config.get("num_runs", 1)
-  devices = runs_lib.cpu_devices(num_runs if isinstance(num_runs, int) else 1)
-  if devices > 1:
-    try:
-      jax.config.update("jax_num_cpu_devices", devices)
-    except RuntimeError as e:  # JAX has started already: the runs then share one device
-      logging.getLogger(__name__).warning("Cannot split the runs over %d CPU devices (%s).", devices, e)
-      return 1
-  return devices
-
-
 def training_binary(default_config: str, train_and_evaluate: Callable[[Any, str], Any],
                     summary: Callable[[Any], str]) -> Callable[[], None]:
   """Defines the flags of a training binary (--config, --workdir, --jit) and returns its `run()`.
@@ -298,7 +279,8 @@ def training_binary(default_config: str, train_and_evaluate: Callable[[Any, str]
     with config.unlocked():
       config.jit = config.jit and jit_flag.value
     absl_logging.info("Configuration:\n%s", config)
-    use_cpu_cores(config)
+    from wsram_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top  (JAX not started yet)
+    runs_lib.use_cpu_cores(config)
     print(summary(train_and_evaluate(config, workdir_flag.value)))
 
   return lambda: run_main(main)

@@ -2,7 +2,7 @@
 
 Names are prefixed by their stream (`train/loss`, `eval/error_greedy`, `diag/grad_var/theta`), as in
 CommonLoopUtils. `write_scalars(step, {...})` appends one line per call; `read_metrics(workdir)` reads them
-back for plots and tables.
+back for plots and tables, `series` one metric's curve, `final_metrics` the last value of each.
 
 A resumed run (`MetricWriter(workdir, start_step=s)`, s the restored checkpoint's step) repeats the steps after s
 that an interrupted process may have logged already. It appends a marker line ``{"step": s, "resumed": true}``:
@@ -123,3 +123,14 @@ def series(records: list[dict[str, Any]], name: str) -> tuple[np.ndarray, np.nda
         continue
   steps = np.array(sorted(by_step), dtype=np.int64)
   return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+
+
+def final_metrics(workdir: str) -> dict:
+  """The last value written of every metric of one run, plus 'step' (the last step logged) and, under
+  'step_of', the step at which each metric was last written."""
+  last, step_of = {}, {}
+  for record in read_metrics(workdir):
+    last.update(record)
+    step_of.update({k: record["step"] for k in record if k != "step"})
+  last["step_of"] = step_of
+  return last
