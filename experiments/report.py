@@ -11,7 +11,6 @@ final test error; curves averaged step by step over the seeds that reached the s
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from typing import Iterable, Mapping, Optional, Sequence
@@ -440,13 +439,6 @@ def section(content: str, name: str) -> Optional[str]:
   if begin not in content or end not in content.split(begin, 1)[1]:
     return None
   return content.split(begin, 1)[1].split(end, 1)[0]
-
-
-def write_between_markers(path: str, name: str, text: str) -> None:
-  """Replaces the text between `<!-- name:begin -->` and `<!-- name:end -->` in `path` (appends if absent),
-  atomically."""
-  content = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-  report_files.write_text(path, between_markers(content, name, text))
 
 
 def write_json(path: str, obj) -> None:

@@ -37,9 +37,7 @@ import logging
 import os
 import re
 import shlex
-import subprocess
 import sys
-import time
 
 from absl import flags
 

@@ -15,7 +15,6 @@ from benchmarks import runs as bench_runs
 from experiments import budget
 from experiments import caption_report
 from experiments import grad_variance
-from experiments import report
 from experiments import search
 from experiments import select_lr
 from experiments import table1
