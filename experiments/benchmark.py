@@ -14,8 +14,9 @@ temporary cache (``TORCHINDUCTOR_CACHE_DIR``): the first compiled peer's compile
 the kernels it built.
 
 Writes OUT.json and OUT.md (a markdown table, also printed), atomically; inside this checkout never over a
-benchmark that timed more batch sizes or PyTorch peers, unless --force (`benchmarks.report.write_files`). A thin binary over `benchmarks.step` (which does not
-import this package); BENCHMARKS.md has the numbers and how to read them.
+benchmark that timed more batch sizes or PyTorch peers, unless --force (`benchmarks.report.write_files`). A thin
+binary over `benchmarks.step` (which does not import this package); BENCHMARKS.md has the numbers and how to read
+them.
 """
 import os
 import tempfile

@@ -145,7 +145,8 @@ def _not_a_config_file(e: BaseException, argv: Sequence[str]) -> Optional[str]:
   name = found.group(1)
   path = _config_path(name, argv)
   hint = "" if path.endswith(".py") else f" ({os.path.basename(path)} is not a .py file)"
-  return f"--{name}={_config_arg(name, argv)}: {path} defines no get_config(){hint}; a config file is {CONFIG_FILE_CONTRACT}."
+  return (f"--{name}={_config_arg(name, argv)}: {path} defines no get_config(){hint}; a config file is "
+          f"{CONFIG_FILE_CONTRACT}.")
 
 
 def _report_flag_error(e: BaseException, argv: Sequence[str]) -> NoReturn:
