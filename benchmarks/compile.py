@@ -15,7 +15,8 @@ process CPU time. The price: one more process compiles both programs side by sid
 steps interleaved in rounds (``--steps`` steps of each per round after one untimed call), reporting the median
 ms per step of each and their ratio. ``--num_runs`` > 1 measures the R-run step (`training.runs`; the run axis
 split over one XLA device per core, as the training binary does). Synthetic digits stand in for MNIST.
-Writes OUT.json and OUT.md when --out is given; BENCHMARKS.md ("Compile time") has the numbers.
+Writes OUT.json and OUT.md when --out is given (atomically; inside this checkout never over results with more
+measurements unless --force: `benchmarks.report.write_files`); BENCHMARKS.md ("Compile time") has the numbers.
 """
 import json
 import os
@@ -43,6 +44,7 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "Write OUT.json and OUT.md (directories are created).")
   flags.DEFINE_string("child", None, "Internal: 'steps', with the spec as JSON in --spec.")
   flags.DEFINE_string("spec", None, "Internal: the child's spec.")
+  flags.DEFINE_bool("force", False, "Write --out even over a benchmark with more measurements inside this checkout.")
 
 
 SETTINGS = {"ours": {}, "xla": {"xla_cpu_use_fusion_emitters": True}}  # compiler options over `compiler_options`
@@ -116,6 +118,13 @@ def measure(repeats: int, batch_size: int, num_runs: int, steps: int, rounds: in
   return results
 
 
+def compile_counts(results: dict) -> dict[str, int]:
+  """What these results are measured by (`benchmarks.report.write_files`): the cold compiles timed, and the
+  settings whose steps were timed."""
+  return {"cold compiles": sum(len(rows) for rows in results["compile"].values()),
+          "settings with timed steps": len(results.get("steps", {}))}
+
+
 def markdown(results: dict) -> str:
   env, spec = results["environment"], results["spec"]
   fmt = lambda d: f"{d['median']} ({d['min']}-{d['max']})"
@@ -152,7 +161,7 @@ def main(argv):
                     FLAGS.variant)
   from benchmarks import report  # pylint: disable=g-import-not-at-top
   text = markdown(results)
-  report.write_files(results, text + "\n", FLAGS.out)
+  report.write_files(results, text + "\n", FLAGS.out, counts=compile_counts, force=FLAGS.force)
   print(text)
 
 

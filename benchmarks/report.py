@@ -1,12 +1,17 @@
 """The benchmarks' results as markdown (`markdown`, for `benchmarks.step`'s results) and the one writer of their
-files (`write_files`: OUT.json and OUT.md)."""
+files (`write_files`: OUT.json and OUT.md).
+
+The files are written atomically and together, and never replace a more complete benchmark inside this checkout
+(where benchmarks/results/ lives) unless told to (`wsram_jax.report_files`): each benchmark measures its results by
+what it timed (`step_counts` here, `benchmarks.compile.compile_counts`, `benchmarks.runs.runs_counts`); results
+that timed nothing are not written (exit 2)."""
 from __future__ import annotations
 
-import json
-import os
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
-__all__ = ["markdown", "write_files", "write"]
+from wsram_jax import report_files
+
+__all__ = ["markdown", "step_counts", "write_files", "write"]
 
 
 def _peer_label(peer: dict[str, Any]) -> str:
@@ -96,19 +101,31 @@ def markdown(results: dict[str, Any]) -> str:
   return "\n".join(lines + rows) + "\n"
 
 
-def write_files(results: dict[str, Any], text: str, out: Optional[str]) -> None:
-  """Writes `results` to ``out.json`` and `text` to ``out.md`` (directories created) when ``out`` is given; the
-  benchmarks' one writer."""
-  if out:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".json", "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1, default=str)
-    with open(out + ".md", "w", encoding="utf-8") as f:
-      f.write(text)
+def step_counts(results: dict[str, Any]) -> dict[str, int]:
+  """What `benchmarks.step`'s results are measured by: the batch sizes whose JAX step was timed, and the PyTorch
+  peers timed over them."""
+  sizes = results["batch_sizes"].values()
+  return {"batch sizes timed": sum("step" in e.get("jax", {}) for e in sizes),
+          "PyTorch peers timed": sum(len(e.get("torch", {})) for e in sizes)}
 
 
-def write(results: dict[str, Any], out: Optional[str]) -> str:
-  """Writes ``out.json`` and ``out.md`` (when ``out`` is given); returns the markdown."""
+def write_files(results: dict[str, Any], text: str, out: Optional[str], *,
+                counts: Callable[[dict[str, Any]], Mapping[str, int]] = step_counts, force: bool = False) -> None:
+  """Writes `results` to ``out.json`` and `text` to ``out.md`` (directories created), atomically and together, when
+  ``out`` is given; the benchmarks' one writer. Refused (`errors.ReportRefused`, nothing written) when `counts` of
+  the results are all 0, or fall short of an ``out.json`` inside this checkout (unless `force`)."""
+  if not out:
+    return
+  measured = dict(counts(results))
+  with report_files.Report(force=force, elsewhere="--out") as files:
+    files.refuse_empty(sum(measured.values()), "The benchmark timed nothing")
+    files.guard(out + ".json", measured, lambda p: counts(report_files.read_json(p)), default_destination=False)
+    files.write_json(out + ".json", results, indent=1, default=str)
+    files.write_text(out + ".md", text)
+
+
+def write(results: dict[str, Any], out: Optional[str], *, force: bool = False) -> str:
+  """Writes ``out.json`` and ``out.md`` (when ``out`` is given; `write_files`); returns the markdown."""
   text = markdown(results)
-  write_files(results, text, out)
+  write_files(results, text, out, force=force)
   return text

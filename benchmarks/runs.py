@@ -7,7 +7,8 @@ For each R: the R-run step (`--config.num_runs=R`, seeds 0..R-1; on a CPU its ru
 per core, as the training binary does) and R separate single-run steps (the standard one-device step, the same
 seeds), interleaved in rounds. Reported: updates per second summed over the runs for both and their ratio,
 compile time (lower + compile) and XLA's memory analysis of the R-run step, and the process's peak RSS.
-Writes OUT.json and OUT.md when --out is given. BENCHMARKS.md has the numbers and how to read them.
+Writes OUT.json and OUT.md when --out is given (atomically; inside this checkout never over results with more
+run counts unless --force: `benchmarks.report.write_files`). BENCHMARKS.md has the numbers and how to read them.
 """
 import json
 import os
@@ -27,6 +28,7 @@ def define_flags() -> None:
   flags.DEFINE_string("variant", "wsram_q_cv", "Config variant of experiments/configs/mnist.py.")
   flags.DEFINE_multi_string("override", [], "KEY=VALUE config overrides (e.g. for a test).")
   flags.DEFINE_string("out", None, "Write OUT.json and OUT.md (directories are created).")
+  flags.DEFINE_bool("force", False, "Write --out even over a benchmark with more measurements inside this checkout.")
 
 
 def measure(run_counts, batch_size, steps, rounds, variant="wsram_q_cv", overrides=(), log=print) -> dict:
@@ -103,6 +105,11 @@ def measure(run_counts, batch_size, steps, rounds, variant="wsram_q_cv", overrid
   return results
 
 
+def runs_counts(results: dict) -> dict[str, int]:
+  """What these results are measured by (`benchmarks.report.write_files`): the numbers of runs R timed."""
+  return {"run counts timed": len(results["rows"])}
+
+
 def markdown(results: dict) -> str:
   env = results["environment"]
   lines = [f"{env['cpu']}, {env['cores']} cores, {results['devices']} XLA device(s) for the runs; jax {env['jax']} "
@@ -131,7 +138,7 @@ def main(argv):
   results = measure(run_counts, FLAGS.batch_size, FLAGS.steps, FLAGS.rounds, FLAGS.variant, overrides)
   from benchmarks import report  # pylint: disable=g-import-not-at-top
   text = markdown(results)
-  report.write_files(results, text + "\n", FLAGS.out)
+  report.write_files(results, text + "\n", FLAGS.out, counts=runs_counts, force=FLAGS.force)
   print(text)
 
 

@@ -13,8 +13,10 @@ compile time in fresh processes by the one definition of `benchmarks.coldcompile
 temporary cache (``TORCHINDUCTOR_CACHE_DIR``): the first compiled peer's compile time is cold, later ones reuse
 the kernels it built.
 
-Writes OUT.json and OUT.md (a markdown table, also printed). A thin binary over `benchmarks.step` (which does not
-import this package); BENCHMARKS.md has the numbers and how to read them.
+Writes OUT.json and OUT.md (a markdown table, also printed), atomically; inside this checkout never over a
+benchmark that timed more batch sizes or PyTorch peers, unless --force (`benchmarks.report.write_files`). A thin
+binary over `benchmarks.step` (which does not import this package); BENCHMARKS.md has the numbers and how to read
+them.
 """
 import os
 import tempfile
@@ -30,6 +32,8 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32", "128"], "Batch sizes B to
 _STEPS = flags.DEFINE_integer("steps", 60, "Timed steps per framework and batch size, after warm-up.")
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "The timed steps are split into this many interleaved rounds.")
 _OUT = flags.DEFINE_string("out", None, "Write OUT.json and OUT.md (directories are created).")
+_FORCE = flags.DEFINE_bool("force", False,
+                           "Write --out even over a benchmark with more measurements inside this checkout.")
 _VARIANT = flags.DEFINE_string("variant", "wsram_q_cv", "Config variant of experiments/configs/mnist.py.")
 _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch peers (if torch is installed).")
 _TORCH_THREADS = flags.DEFINE_list("torch_threads", ["1", "0"], "Eager PyTorch's intra-op threads (0 = all cores).")
@@ -70,7 +74,7 @@ def main(argv):
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")  # cold torch.compile
     cli.enable_compilation_cache(os.path.join(tmp, "xla"))  # nothing read from or left in the user's cache
     results = bench.run(options, log=lambda s: print(s, flush=True))
-  print(report.write(results, _OUT.value))
+  print(report.write(results, _OUT.value, force=_FORCE.value))
 
 
 if __name__ == "__main__":

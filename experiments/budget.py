@@ -13,8 +13,13 @@ that run's evaluations. Runs of `experiments.search` at a budget (``--search_roo
 
 The report fits ``log error = a + b log budget`` by least squares to every (budget, seed) point and solves it for
 the paper's error of the variant (Table 1: 10 million updates); it draws the points, each run's error along its
-own training, and the fitted line on log axes. With --report_only it only reads what is there; it refuses (exit 2)
-when no run has finished a budget. Started again with the same flags it resumes every run.
+own training, and the fitted line on log axes. With --report_only it only reads what is there. Started again with
+the same flags it resumes every run.
+
+The report never destroys a result (`wsram_jax.report_files`): when no run has finished a budget it writes nothing
+and exits with 2, in one line; nor does it replace a RESULTS.json with fewer (budget, seed) points
+(`budget_counts`) at the default --results or anywhere in this checkout, unless --force. RESULTS.json, .md and
+.png are written atomically, together.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from experiments import report
 from experiments import search
 from experiments import sweep
 from wsram_jax import errors
+from wsram_jax import report_files
 from wsram_jax.training import cli
 from wsram_jax.training import metric_writers
 
@@ -91,6 +97,12 @@ def points(root: str, variant: str, candidate: str, budgets: Sequence[int],
             p["budget"] == b and p["seed"] == seed for p in out):
           out.append({"budget": b, "seed": seed, "error": v["error"], "run": run_dir})
   return sorted(out, key=lambda p: (p["budget"], p["seed"]))
+
+
+def budget_counts(obj) -> dict[str, int]:
+  """What a budget report is measured by (`wsram_jax.report_files`): its (budget, seed) points; from RESULTS.json's
+  content."""
+  return {"points": len(obj["points"])}
 
 
 def fit(pts: Sequence[dict], target: float) -> dict | None:
@@ -166,6 +178,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("report_only", False, "Only write the report from the runs' metrics so far.")
   flags.DEFINE_string("results", "results/budget", "Write RESULTS.json, RESULTS.md and RESULTS.png.")
   flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for every run (e.g. a test's).")
+  flags.DEFINE_bool("force", False, report_files.FORCE_HELP)
 
 
 def main(argv):
@@ -185,15 +198,18 @@ def main(argv):
     sweep.run_all({n: planned[n][1] for n in order}, FLAGS.root, seeds, {n: planned[n][0] for n in order},
                   FLAGS.jobs)
   pts = points(FLAGS.root, FLAGS.variant, FLAGS.candidate, budgets, FLAGS.search_root)
-  if not pts:
-    raise errors.UserError(f"No run under {FLAGS.root} has finished a budget; nothing written.")
-  target = report.PAPER_TABLE1[FLAGS.variant] / 100
-  trend = fit(pts, target)
-  curves = sorted({p["run"] for p in pts})
-  figure(pts, trend, report.LABELS.get(FLAGS.variant, FLAGS.variant), FLAGS.results + ".png", curves)
-  text = markdown(pts, trend, FLAGS.variant, FLAGS.candidate, cmd)
-  report.write_results(FLAGS.results, {"command": cmd, "variant": FLAGS.variant, "candidate": FLAGS.candidate,
-                                       "points": pts, "fit": trend}, text)
+  with report_files.Report(force=FLAGS.force, elsewhere="--results") as out:
+    out.refuse_empty(len(pts), f"No run under {FLAGS.root} has finished a budget")
+    out.guard(FLAGS.results + ".json", budget_counts({"points": pts}),
+              lambda p: budget_counts(report_files.read_json(p)),
+              default_destination=report_files.is_default(FLAGS.results, FLAGS["results"].default))
+    target = report.PAPER_TABLE1[FLAGS.variant] / 100
+    trend = fit(pts, target)
+    curves = sorted({p["run"] for p in pts})
+    figure(pts, trend, report.LABELS.get(FLAGS.variant, FLAGS.variant), out.path(FLAGS.results + ".png"), curves)
+    text = markdown(pts, trend, FLAGS.variant, FLAGS.candidate, cmd)
+    report.write_results(FLAGS.results, {"command": cmd, "variant": FLAGS.variant, "candidate": FLAGS.candidate,
+                                         "points": pts, "fit": trend}, text, out)
   print(text)
 
 

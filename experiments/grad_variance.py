@@ -13,6 +13,10 @@ averaged over the minibatches. The baseline the run trained with keeps its train
 value); another stateful one starts from its initial state; a learned baseline's head is in the parameters.
 The minibatches are the same for every baseline and run (seeds 1,000,000 + i of `classifier.train.
 diagnostic_batch`). Writes OUT.json and OUT.md when --out is given.
+
+A WORKDIR without a trained run (no config.json or no checkpoint) is refused in one line with exit 2, before
+anything is measured or written; OUT.json is never replaced by one with fewer measurements (`gv_counts`) inside
+this checkout unless --force, and OUT.json and OUT.md are written atomically, together (`wsram_jax.report_files`).
 """
 import shlex
 import sys
@@ -23,6 +27,7 @@ from absl import flags
 
 from experiments import report
 from wsram_jax import errors
+from wsram_jax import report_files
 from wsram_jax.classifier import train
 from wsram_jax.training import cli
 from wsram_jax.training import config as config_lib
@@ -41,6 +46,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("batches", 4, "Fixed minibatches per run.")
   flags.DEFINE_integer("estimates", 16, "Gradient estimates per minibatch.")
   flags.DEFINE_string("out", None, "Write OUT.json and OUT.md (directories are created).")
+  flags.DEFINE_bool("force", False, report_files.FORCE_HELP)
 
 
 def measure(workdir: str, baselines: Sequence[str], batches: int, estimates: int, log=print) -> dict:
@@ -80,6 +86,12 @@ def measure(workdir: str, baselines: Sequence[str], batches: int, estimates: int
   return results
 
 
+def gv_counts(results: dict) -> dict[str, int]:
+  """What a grad_variance report is measured by (`wsram_jax.report_files`): its (run, baseline) measurements; from
+  OUT.json's content."""
+  return {"measurements": sum(b in row for row in results["runs"] for b in results["baselines"])}
+
+
 def markdown(results: dict) -> str:
   bs = results["baselines"]
   lines = [f"`{results['workdir']}` (trained with baseline {results['trained_baseline']}): the variance of the "
@@ -102,11 +114,17 @@ def main(argv: Sequence[str]) -> None:
     raise errors.UserError("--workdir is required: the workdir of a trained VAR run.")
   if FLAGS.batches < 1 or FLAGS.estimates < 2 or not FLAGS.baselines:
     raise errors.ConfigError("--batches must be at least 1, --estimates at least 2, --baselines not empty.")
+  missing = report.no_run(FLAGS.workdir)
+  if missing:
+    raise errors.ReportRefused(f"{missing}: --workdir must be a trained VAR run; nothing measured or written.")
   results = measure(FLAGS.workdir, FLAGS.baselines, FLAGS.batches, FLAGS.estimates)
   results["command"] = "python -m experiments.grad_variance " + shlex.join(sys.argv[1:])
   text = f"Command: `{results['command']}`\n\n" + markdown(results)
   if FLAGS.out:
-    report.write_results(FLAGS.out, results, text)
+    with report_files.Report(force=FLAGS.force, elsewhere="--out") as out:
+      out.guard(FLAGS.out + ".json", gv_counts(results), lambda p: gv_counts(report_files.read_json(p)),
+                default_destination=False)
+      report.write_results(FLAGS.out, results, text, out)
   print(text)
 
 

@@ -11,7 +11,6 @@ final test error; curves averaged step by step over the seeds that reached the s
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from typing import Iterable, Mapping, Optional, Sequence
@@ -20,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 
+from wsram_jax import report_files
 from wsram_jax.training import metric_writers
 from wsram_jax.training.metric_writers import final_metrics  # pylint: disable=unused-import  (read from here too)
 
@@ -209,9 +209,10 @@ def subplots(nrows: int, ncols: int, *, figsize: tuple[float, float], **kwargs):
 
 
 def save(fig, path: str, *, dpi: int) -> str:
+  """Writes `fig` to `path` atomically (`report_files.replacing`; its directory is created); returns `path`."""
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=dpi)
+  with report_files.replacing(path) as tmp:
+    fig.savefig(tmp, dpi=dpi)
   return path
 
 
@@ -407,33 +408,50 @@ def training_curves(workdir: str, path: str, *, smooth: int = 5) -> str:
   return save(fig, path, dpi=100)
 
 
-def write_between_markers(path: str, name: str, text: str) -> None:
-  """Replaces the text between `<!-- name:begin -->` and `<!-- name:end -->` in `path` (appends if absent)."""
+def no_run(workdir: str) -> Optional[str]:
+  """Why `workdir` holds no trained run a report can restore (it does not exist, has no config.json, or no
+  checkpoint), as a phrase; None when it holds one."""
+  if not os.path.isdir(workdir):
+    return f"{workdir} does not exist"
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return f"{workdir} holds no run (no config.json)"
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not (os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))):
+    return f"{workdir} holds no checkpoint (no {checkpoints}/<step>)"
+  return None
+
+
+def between_markers(content: str, name: str, text: str) -> str:
+  """`content` with the text between `<!-- name:begin -->` and `<!-- name:end -->` replaced by `text` (the block
+  appended if absent)."""
   begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-  content = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
   block = f"{begin}\n{text.rstrip()}\n{end}"
   if begin in content and end in content:
     head, rest = content.split(begin, 1)
     _, tail = rest.split(end, 1)
-    content = head + block + tail
-  else:
-    content = content.rstrip() + ("\n\n" if content else "") + block + "\n"
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(content)
-  os.replace(tmp, path)
+    return head + block + tail
+  return content.rstrip() + ("\n\n" if content else "") + block + "\n"
+
+
+def section(content: str, name: str) -> Optional[str]:
+  """The text between `<!-- name:begin -->` and `<!-- name:end -->` in `content`, or None."""
+  begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+  if begin not in content or end not in content.split(begin, 1)[1]:
+    return None
+  return content.split(begin, 1)[1].split(end, 1)[0]
 
 
 def write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """`obj` as JSON (indented, keys sorted), written atomically."""
+  report_files.write_json(path, obj, sort_keys=True)
 
 
-def write_results(prefix: str, obj, text: str) -> None:
-  """An experiment's results: `obj` as ``PREFIX.json`` (`write_json`) and the markdown `text` as ``PREFIX.md``."""
-  write_json(prefix + ".json", obj)
-  with open(prefix + ".md", "w", encoding="utf-8") as f:
-    f.write(text + "\n")
+def write_results(prefix: str, obj, text: str, out: Optional[report_files.Report] = None) -> None:
+  """An experiment's results: `obj` as ``PREFIX.json`` (keys sorted) and the markdown `text` as ``PREFIX.md``,
+  staged in `out` (a `report_files.Report`: written with its other files) or each written atomically now."""
+  if out is None:
+    write_json(prefix + ".json", obj)
+    report_files.write_text(prefix + ".md", text + "\n")
+  else:
+    out.write_json(prefix + ".json", obj, sort_keys=True)
+    out.write_text(prefix + ".md", text + "\n")

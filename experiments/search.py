@@ -16,6 +16,11 @@ candidate with ``default`` per variant (exact one-sided permutation test of "the
 names each variant's best candidate (the lowest mean error among those with every seed finished), and tests the
 paper's two central comparisons at equal tuning: WS-RAM+q+c against VAR+c and against WS-RAM+c, each at its best
 candidate, over every seed found. Writes RESULTS.json and RESULTS.md.
+
+The report never destroys a result (`wsram_jax.report_files`): with no run finished at the budget it writes
+nothing and exits with 2, in one line; nor does it replace a RESULTS.json with more finished runs
+(`search_counts`) at the default --results or anywhere in this checkout, unless --force. Both files are written
+atomically, together.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from absl import flags
 from experiments import sweep
 from experiments import report
 from wsram_jax import errors
+from wsram_jax import report_files
 from wsram_jax.training import cli
 from wsram_jax.training import metric_writers
 
@@ -153,6 +159,12 @@ def evaluate(root: str, variants, candidates, steps: int) -> dict[str, Any]:
   return out
 
 
+def search_counts(obj: Mapping[str, Any]) -> dict[str, int]:
+  """What a search report is measured by (`wsram_jax.report_files`): its (variant, candidate, seed) runs finished at
+  the budget; from RESULTS.json's content."""
+  return {"finished runs": sum(len(s["errors"]) for per in obj["results"].values() for s in per.values())}
+
+
 def best(per_candidate: Mapping[str, dict], num_seeds: int) -> str | None:
   """The candidate with the lowest mean error among those with at least `num_seeds` seeds finished."""
   ready = {c: s for c, s in per_candidate.items() if len(s["errors"]) >= num_seeds}
@@ -244,6 +256,7 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for every run (e.g. a test's).")
   flags.DEFINE_list("only", [], "Train only these pairs (VARIANT.CANDIDATE), in this order; the report still "
                     "covers every pair of --variants and `CANDIDATES`.")
+  flags.DEFINE_bool("force", False, report_files.FORCE_HELP)
 
 
 def main(argv):
@@ -265,15 +278,19 @@ def main(argv):
     only = [workdir_name(*pair.split("."), seeds) for pair in FLAGS.only]
     sweep.run_all(sweep.select(runs, only), FLAGS.root, seeds, FLAGS.steps, FLAGS.jobs)
   results = evaluate(FLAGS.root, FLAGS.variants, list(CANDIDATES), FLAGS.steps)
-  if not any(s["errors"] for per in results.values() for s in per.values()):
-    raise errors.UserError(f"No run under {FLAGS.root} has finished {FLAGS.steps} updates; nothing written.")
+  counts = search_counts({"results": results})
+  out = report_files.Report(force=FLAGS.force, elsewhere="--results")
+  out.refuse_empty(counts["finished runs"], f"No run under {FLAGS.root} has finished {FLAGS.steps} updates")
+  out.guard(FLAGS.results + ".json", counts, lambda p: search_counts(report_files.read_json(p)),
+            default_destination=report_files.is_default(FLAGS.results, FLAGS["results"].default))
   chosen = {v: best({c: dict(s, errors=[r["error"] for seed, r in s["runs"].items()
                                         if r["finished"] and seed in search_seeds])
                      for c, s in per.items()}, len(search_seeds)) for v, per in results.items()}
   rows = central(results, chosen)
   text = markdown(results, chosen, rows, FLAGS.steps, search_seeds, cmd)
-  report.write_results(FLAGS.results, {"command": cmd, "steps": FLAGS.steps, "search_seeds": search_seeds,
-                                       "chosen": chosen, "central": rows, "results": results}, text)
+  with out:
+    report.write_results(FLAGS.results, {"command": cmd, "steps": FLAGS.steps, "search_seeds": search_seeds,
+                                         "chosen": chosen, "central": rows, "results": results}, text, out)
   print(text)
 
 

@@ -14,16 +14,17 @@ PACKAGE = ROOT / "wsram_jax"
 
 # Every top-level module or package of wsram_jax, by layer, bottom first: name -> (members, what it may import
 # besides its own members).
-_BELOW_TASKS = {"errors", "math", "data", "plots", "attention", "objectives", "training"}
+_BELOW_TASKS = {"errors", "report_files", "math", "data", "plots", "attention", "objectives", "training"}
 LAYERS = {
     "errors": ({"errors"}, set()),
+    "report_files": ({"report_files"}, {"errors"}),
     "math": ({"actions", "baselines", "diagnostics", "estimators", "exploration", "glimpse", "proposals", "toy"},
              {"errors"}),
     "data": ({"data"}, {"errors"}),
-    "plots": ({"plots"}, {"errors"}),
+    "plots": ({"plots"}, {"errors", "report_files"}),
     "attention": ({"attention"}, {"errors", "math"}),
     "objectives": ({"objectives"}, {"errors", "math", "attention"}),
-    "training": ({"training"}, {"errors", "math", "data", "plots", "attention", "objectives"}),
+    "training": ({"training"}, {"errors", "report_files", "math", "data", "plots", "attention", "objectives"}),
     "classifier": ({"classifier"}, _BELOW_TASKS),
     "captioning": ({"captioning"}, _BELOW_TASKS),
     "toy_task": ({"toy_task"}, _BELOW_TASKS),

@@ -4,7 +4,8 @@ A `UserError` carries one sentence that says what is wrong and what to do. The e
 print ``error: <sentence>`` (no traceback) and exit with `exit_code`:
 
 * 2 (`ConfigError`): bad input that the person can fix before anything runs: flags, config values and files,
-  a --workdir that is a file or that another process is using, a step too large for the memory there is;
+  a --workdir that is a file or that another process is using, a step too large for the memory there is; and
+  (`ReportRefused`) a report whose inputs hold no finished run, or that would replace a more complete one;
 * 1: a failure: missing or corrupt data, a NaN during training, no readable checkpoint, running out of memory;
 * 130 and 143 (`Interrupted`): stopped by SIGINT (Ctrl-C) or SIGTERM after saving the step reached (128 + the
   signal's number, as a shell reports it).
@@ -43,6 +44,13 @@ class NonFiniteError(UserError):
 
 class ResourceError(UserError):
   """The machine ran out of memory during training."""
+
+
+class ReportRefused(UserError):
+  """A report not written: its inputs hold no finished run, or it would replace a more complete one
+  (`report_files`). Nothing was written; exit code 2, as for any input refused before work starts."""
+
+  exit_code = 2
 
 
 class Interrupted(UserError):

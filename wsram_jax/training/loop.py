@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from wsram_jax import errors
+from wsram_jax import objectives
 from wsram_jax.training import checkpoints
 from wsram_jax.training import memory
 from wsram_jax.training import metric_writers
@@ -96,10 +97,15 @@ def run(*, config, workdir: str, init_state: Callable[[], TrainState],
       log.info("Resuming from the checkpoint of step %d in %s.", restored_step, ckpt.directory)
     if step_memory is not None and config.jit and scalar_step(state) < config.num_steps:
       memory.check_fits(step_memory(state))
-    resume.record_config(workdir, config)
     labels = [runs.label(r) for r in range(runs.num_runs)] if several else [None]
     dirs = [os.path.join(workdir, f"run_{r}") for r in range(len(labels))] if several else [workdir]
-    records = _Records(config, dirs, labels, restored_step or 0, ckpt)
+    try:
+      resume.record_config(workdir, config)
+      records = _Records(config, dirs, labels, restored_step or 0, ckpt)
+    except OSError as e:
+      if checkpoints.os_error(e) is None:
+        raise
+      raise _write_failure(e, scalar_step(state), ckpt, f"{workdir}'s config.json or metrics") from None
     cleanup.callback(records.close)
     state = _train(config, state, ckpt, records, train_step, evaluate, diagnose, progress_keys)
     return state, ({"runs": records.last, "labels": labels} if several else records.last[0])
@@ -112,6 +118,7 @@ class _Records:
   def __init__(self, config, dirs: list[str], labels: list[Optional[str]], start_step: int,
                ckpt: checkpoints.Checkpointer):
     self.several, self.labels, self.ckpt = len(dirs) > 1, labels, ckpt
+    self.proposal = config.get("proposal") if hasattr(config, "get") else None
     self.writers = [metric_writers.MetricWriter(d, start_step=start_step) for d in dirs]
     hparams = resume.flatten(resume.config_dict(config))
     # What each run logged up to the restored step, so that a finished run started again reports its results.
@@ -140,7 +147,7 @@ class _Records:
       if bad[0] >= 0:
         raise errors.NonFiniteError(
             f"The loss or gradients became NaN or inf at step {bad[0] + 1}; training stopped, and "
-            f"{self.ckpt.last_good()} (try a lower learning rate).")
+            f"{self.ckpt.last_good()} ({self._suspect(int(bad[0]) + 1)}).")
       return
     for r in np.flatnonzero(bad >= 0):
       if int(r) not in self.frozen:
@@ -151,7 +158,18 @@ class _Records:
     if len(self.frozen) == len(self.writers):
       raise errors.NonFiniteError(
           f"The loss or gradients of every run became NaN or inf (the last at step {max(self.frozen.values())}); "
-          f"training stopped, and {self.ckpt.last_good()} (try a lower learning rate).")
+          f"training stopped, and {self.ckpt.last_good()} ({self._suspect(min(self.frozen.values()))}).")
+
+  def _suspect(self, step: int) -> str:
+    """What to try, for a first non-finite step `step`. At step 1 nothing has been updated yet, so the learning rate
+    is not the cause: a user's proposal is the first suspect (`objectives.is_user_proposal`), else the
+    configuration's values."""
+    if step > 1:
+      return "try a lower learning rate"
+    if objectives.is_user_proposal(self.proposal):
+      return (f"at step 1, before any update, so not the learning rate: the proposal {self.proposal} is the first "
+              "suspect; check that it returns finite values")
+    return "at step 1, before any update, so not the learning rate: check the configuration's values"
 
   def log_means(self, step: int, means: Mapping[str, np.ndarray], averaged_steps: Optional[int]) -> dict:
     """Records each live run's means; returns what the progress line shows (their mean over the live runs)."""
@@ -213,6 +231,9 @@ def _train(config, state: TrainState, ckpt: checkpoints.Checkpointer, records: _
     except (signals.StopRequested, KeyboardInterrupt) as e:
       raise _stop(getattr(e, "signum", signal.SIGINT), state, ckpt, stop) from None
     except Exception as e:  # pylint: disable=broad-except
+      if not isinstance(e, errors.UserError) and checkpoints.os_error(e) is not None:
+        # a metrics line or an event file could not be written (a full disk, ...)
+        raise _write_failure(e, step, ckpt, "the run's metrics or TensorBoard events") from None
       if not memory.is_out_of_memory(e):
         raise
       raise errors.ResourceError(
@@ -220,6 +241,16 @@ def _train(config, state: TrainState, ckpt: checkpoints.Checkpointer, records: _
           f"{ckpt.last_good()}; lower --config.batch_size, --config.num_samples or "
           "--config.data.eval_batch_size.") from None
   return state
+
+
+def _write_failure(e: BaseException, step: int, ckpt: checkpoints.Checkpointer, what: str) -> errors.ResourceError:
+  """The one line for a write the file system refused (`checkpoints.os_error`) at `step`."""
+  happened, remedy = checkpoints.write_failure(checkpoints.os_error(e))
+  where = getattr(e, "filename", None) or what
+  return errors.ResourceError(
+      f"Cannot write {where} at step {step}: {happened}; the metric lines written so far are kept, and "
+      f"{ckpt.last_good()}; {remedy} and run the same command again to resume (it repeats the steps since that "
+      "checkpoint).")
 
 
 def _stop(signum: int, state: TrainState, ckpt: checkpoints.Checkpointer,
