@@ -14,7 +14,8 @@ On top of it:
 
 A failed read in orbax leaves asyncio tasks and TensorStore callbacks behind that print hundreds of lines of
 tracebacks ("Task exception was never retrieved", "Event loop is closed") when they are collected, after the
-failure has been reported in one line; `quiet_failed_reads` filters exactly those two messages.
+failure has been reported in one line; `quiet_failed_reads` filters exactly those two messages (from a failed
+save too: it is installed before the first).
 
 A save that the file system refuses (a full disk, a quota, a directory made read-only) is one line,
 `errors.ResourceError` (exit 1): the step, the directory, the OS's reason and the last good checkpoint; the
@@ -174,6 +175,9 @@ class Checkpointer:
     if not all_finite(state):
       raise errors.NonFiniteError(
           f"Refusing to checkpoint step {step}: the state holds a NaN or inf; {self.last_good()}.")
+    # Installed before the save: TensorStore's callbacks of a refused write can raise "Event loop is closed" while
+    # the failure is still on its way up, before the except clause below runs.
+    quiet_failed_reads()
     with _holding_orbax_errors() as held:
       try:
         self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
@@ -184,7 +188,6 @@ class Checkpointer:
           for record in held.held:
             logging.getLogger("absl").handle(record)
           raise
-        quiet_failed_reads()  # the abandoned writes' tasks report "exception was never retrieved" when collected
         self._remove_partial(step)
         happened, remedy = write_failure(code)
         raise errors.ResourceError(
