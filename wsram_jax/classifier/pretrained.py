@@ -1,8 +1,8 @@
 """A trained attention classifier as one file: its parameters, its config and the metrics it reached.
 
-    model = pretrained.load("models/wsram_q_cv.npz")   # or pretrained.load() for the shipped model
-    model.params, model.model, model.config, model.metrics, model.num_glimpses, model.num_samples
-    canvases, labels, boxes = model.test_set(64)        # the fixed test canvases it was evaluated on
+    trained = pretrained.load("models/wsram_q_cv.npz")   # or pretrained.load() for the shipped model
+    trained.params, trained.model, trained.config, trained.metrics, trained.num_glimpses, trained.num_samples
+    canvases, labels, boxes = trained.test_set(64)        # the fixed test canvases it was evaluated on
 
 The repository ships one model, `DEFAULT_PATH` (``models/wsram_q_cv.npz``): the default WS-RAM+q+c
 (`experiments/configs/mnist.py:wsram_q_cv`, Eqns 16-19) after its training run. It is written from a training
@@ -12,7 +12,7 @@ workdir by
 
 (run R of a several-run job; `experiments/export_model.py`), which restores the newest checkpoint, keeps the
 parameters only (no optimiser state), records the metrics the run logged at that step and measures the test
-error on the first `NUM_CHECK_CANVASES` fixed test canvases (`evaluate`).
+error and the Eqn 9 bound on the first `NUM_CHECK_CANVASES` fixed test canvases (`evaluate`).
 
 File format (``FORMAT``): a compressed NumPy archive (``np.savez_compressed``, read with ``allow_pickle=False``)
 holding one float32 array ``params/<path>`` per parameter of `AttentionModel` (``params/core1/kernel``, ...) and
@@ -28,8 +28,8 @@ holding one float32 array ``params/<path>`` per parameter of `AttentionModel` (`
 
 `load` checks the file before handing anything out: the archive (a truncated or corrupt file), the format, the
 metadata's hash, the config keys it needs (the ``model`` block must be exactly `AttentionModel`'s fields), the
-parameter names and shapes against those the config's model initialises, and the parameters' hash. Anything
-else is refused with `errors.ModelFileError`, one sentence naming the file and what is wrong.
+parameter names and shapes against those the config's model initialises, and the parameters' hash. A file that
+fails any of these is refused with `errors.ModelFileError`, one sentence naming the file and what is wrong.
 """
 from __future__ import annotations
 
