@@ -10,9 +10,9 @@ from the parameters with the sampled actions held fixed. By the chain rule the e
 the vector-Jacobian product of the rollout's three log-probabilities with the cotangents ``jax.grad(L)`` at their
 values (`surrogate_gradients`): the same number as ``jax.grad`` of ``L`` composed with the rollout (a test checks
 it). The cotangents are cheap (pure math on ``[B, M]`` arrays) while the VJP is the whole network's backward
-pass; so `gradient_estimates` compiles the VJP once for the largest M and gives the cotangents of any estimator
-at any ``M <= M_max``, zero on the samples it does not use. Every estimator compared on one group of samples
-thus sees the same samples, as in ``notebooks/estimator_math.ipynb``.
+pass; so `gradient_estimates` compiles the VJP once per M, and every estimator at that M runs the same compiled
+program on the first M samples of each group: the estimators compared on one group see the same samples, as in
+``notebooks/estimator_math.ipynb``.
 
 Shapes: B canvases, K independent groups of samples (estimates), M samples per estimate (M_max drawn), N
 glimpses. `group_samples` turns one rollout of ``K * M_max`` samples per canvas (fields ``[B, K M_max, ...]``)
@@ -119,21 +119,14 @@ def gradient_estimates(loss_fn: EstimatorLoss, params, canvases: jax.Array, labe
   if not 1 <= num_samples <= m_max:
     raise ValueError(f"gradient_estimates: num_samples must be in 1..{m_max} (the samples drawn), got "
                      f"{num_samples}.")
-  cotangents = _cotangents(loss_fn, num_samples)(groups.log_p_a, groups.log_p_y, groups.log_q_a)
-  grads = _batched_surrogate_gradients(model, proposal, num_glimpses)
-  return grads(params, canvases, labels, jax.lax.stop_gradient(groups.actions), cotangents)
+  first = lambda x: x[:, :, :num_samples]
+  cotangents = _cotangents(loss_fn)(*(first(x) for x in (groups.log_p_a, groups.log_p_y, groups.log_q_a)))
+  actions = jax.tree_util.tree_map(first, jax.lax.stop_gradient(groups.actions))
+  return _batched_surrogate_gradients(model, proposal, num_glimpses)(params, canvases, labels, actions, cotangents)
 
 
 @functools.lru_cache(maxsize=64)
-def _cotangents(loss_fn: EstimatorLoss, num_samples: int):
-  """``(log_p_a, log_p_y, log_q_a) [K, B, M_max] -> d loss_fn / d each`` on the first `num_samples` of every
-  group, zero on the others; jitted (one compilation per estimator and M)."""
-
-  @jax.jit
-  def cotangents(*log_probs):
-    m_max = log_probs[0].shape[-1]
-    used = tuple(x[..., :num_samples] for x in log_probs)
-    grads = jax.vmap(jax.grad(loss_fn, argnums=(0, 1, 2)))(*used)  # [K, B, M] each
-    return tuple(jnp.pad(g, [(0, 0), (0, 0), (0, m_max - num_samples)]) for g in grads)
-
-  return cotangents
+def _cotangents(loss_fn: EstimatorLoss):
+  """``(log_p_a, log_p_y, log_q_a) [K, B, M] -> d loss_fn / d each``, jitted (one compilation per estimator and
+  M)."""
+  return jax.jit(jax.vmap(jax.grad(loss_fn, argnums=(0, 1, 2))))
