@@ -8,13 +8,15 @@ Two settings of the jitted step (`wsram_jax.training.step.compiler_options`):
 * ``ours``: the default, XLA's older loop-fusion emitters (``xla_cpu_use_fusion_emitters=False``);
 * ``xla``: XLA's default MLIR fusion emitters (what ``WSRAM_JAX_FUSION_EMITTERS=1`` gives).
 
-Both at LLVM -O1. Cold compile: every measurement is a fresh process with the persistent compilation cache off,
-the two settings alternating, timing ``lower`` (tracing and lowering to StableHLO, Python) and ``compile`` (XLA),
-wall clock and process CPU time. The price: one more process compiles both programs side by side and times their
+Both at LLVM -O1. Cold compile by the one definition (`benchmarks.coldcompile`, which `experiments.benchmark`
+uses too): every measurement is a fresh process with an empty persistent compilation cache, the two settings
+alternating, timing ``lower`` (tracing and lowering to StableHLO, Python) and ``compile`` (XLA), wall clock and
+process CPU time. The price: one more process compiles both programs side by side and times their
 steps interleaved in rounds (``--steps`` steps of each per round after one untimed call), reporting the median
 ms per step of each and their ratio. ``--num_runs`` > 1 measures the R-run step (`training.runs`; the run axis
 split over one XLA device per core, as the training binary does). Synthetic digits stand in for MNIST.
-Writes OUT.json and OUT.md when --out is given; BENCHMARKS.md ("Compile time") has the numbers.
+Writes OUT.json and OUT.md when --out is given (atomically; inside this checkout never over results with more
+measurements unless --force: `benchmarks.report.write_files`); BENCHMARKS.md ("Compile time") has the numbers.
 """
 import json
 import os
@@ -24,6 +26,8 @@ import sys
 import time
 
 from absl import flags
+
+from benchmarks import common
 
 FLAGS = flags.FLAGS
 
@@ -38,61 +42,23 @@ def define_flags() -> None:
   flags.DEFINE_integer("rounds", 8, "Interleaved rounds of step timing.")
   flags.DEFINE_string("variant", "wsram_q_cv", "Config variant of experiments/configs/mnist.py.")
   flags.DEFINE_string("out", None, "Write OUT.json and OUT.md (directories are created).")
-  flags.DEFINE_string("child", None, "Internal: 'compile' or 'steps', with the spec as JSON in --spec.")
+  flags.DEFINE_string("child", None, "Internal: 'steps', with the spec as JSON in --spec.")
   flags.DEFINE_string("spec", None, "Internal: the child's spec.")
+  flags.DEFINE_bool("force", False, "Write --out even over a benchmark with more measurements inside this checkout.")
 
 
 SETTINGS = {"ours": {}, "xla": {"xla_cpu_use_fusion_emitters": True}}  # compiler options over `compiler_options`
-
-
-def _cpu_s() -> float:
-  t = os.times()
-  return t.user + t.system
-
-
-def _build(spec: dict, setting: str):
-  """(jitted step, state, images, labels) for `spec`, with the compiler options of `setting`."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
-  from wsram_jax.classifier import train  # pylint: disable=g-import-not-at-top
-  from wsram_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-
-  overrides = tuple(tuple(o) for o in spec.get("overrides", ())) + (("num_runs", spec["num_runs"]),)
-  config = bench.make_config(spec["variant"], spec["batch_size"], overrides)
-  model = train.build_model(config)
-  optimizer = step_lib.make_optimizer(config)
-  state = train.create_train_state(config, model, optimizer)
-  images, labels = bench.synthetic_digits(10000)
-  defaults = step_lib.compiler_options
-  step_lib.compiler_options = lambda: {**defaults(), **SETTINGS[setting]}
-  try:
-    step = train.make_train_step(config, model, optimizer)
-  finally:
-    step_lib.compiler_options = defaults
-  return step, state, jnp.asarray(images), jnp.asarray(labels)
-
-
-def child_compile(spec: dict) -> dict:
-  """Lowers and compiles one setting's step in this (fresh) process; the times, wall and CPU."""
-  step, state, images, labels = _build(spec, spec["setting"])
-  t0, c0 = time.perf_counter(), _cpu_s()
-  lowered = step.lower(state, images, labels)
-  t1, c1 = time.perf_counter(), _cpu_s()
-  compiled = lowered.compile()
-  t2, c2 = time.perf_counter(), _cpu_s()
-  return {"setting": spec["setting"], "lower_s": round(t1 - t0, 3), "lower_cpu_s": round(c1 - c0, 3),
-          "compile_s": round(t2 - t1, 3), "compile_cpu_s": round(c2 - c1, 3), "total_s": round(t2 - t0, 3),
-          "fusions": compiled.as_text().count(" fusion(")}
 
 
 def child_steps(spec: dict) -> dict:
   """Both settings' steps compiled in this process and timed interleaved: ms per step, per round."""
   import jax  # pylint: disable=g-import-not-at-top
 
+  from benchmarks import coldcompile  # pylint: disable=g-import-not-at-top
+
   compiled, states = {}, {}
   for setting in SETTINGS:
-    step, state, images, labels = _build(spec, setting)
+    step, state, images, labels = coldcompile.build({**spec, "compiler_options": SETTINGS[setting]})
     compiled[setting] = step.lower(state, images, labels).compile()
     states[setting] = state
   ms = {s: [] for s in SETTINGS}
@@ -110,14 +76,13 @@ def child_steps(spec: dict) -> dict:
   return {"ms_per_step": ms}
 
 
-def _run_child(kind: str, spec: dict) -> dict:
+def _run_child(spec: dict) -> dict:
   env = dict(os.environ, WSRAM_JAX_COMPILATION_CACHE="off", JAX_PLATFORMS="cpu")
   env.pop("WSRAM_JAX_FUSION_EMITTERS", None)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.compile", f"--child={kind}", f"--spec={json.dumps(spec)}"],
-                        cwd=root, env=env, capture_output=True, text=True, check=False)
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.compile", "--child=steps", f"--spec={json.dumps(spec)}"],
+                        cwd=common.REPO_ROOT, env=env, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
-    raise RuntimeError(f"The {kind} benchmark process failed:\n{proc.stderr[-3000:]}")
+    raise RuntimeError(f"The steps benchmark process failed:\n{proc.stderr[-3000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -128,13 +93,16 @@ def _median_range(values) -> dict:
 def measure(repeats: int, batch_size: int, num_runs: int, steps: int, rounds: int, variant: str = "wsram_q_cv",
             overrides=(), log=print) -> dict:
   """The measurements of the module docstring, as a dict (`overrides`: (dotted config key, value) pairs)."""
-  from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import coldcompile  # pylint: disable=g-import-not-at-top
+  from benchmarks import procfs  # pylint: disable=g-import-not-at-top
 
   spec = {"variant": variant, "batch_size": batch_size, "num_runs": num_runs, "overrides": list(overrides)}
-  results = {"environment": bench.environment(), "spec": spec, "compile": {s: [] for s in SETTINGS}}
+  results = {"environment": procfs.environment(), "spec": spec, "compile": {s: [] for s in SETTINGS}}
+  env = {"JAX_PLATFORMS": "cpu", "WSRAM_JAX_FUSION_EMITTERS": ""}  # the settings' options decide the emitters
   for i in range(repeats):
     for setting in (list(SETTINGS) if i % 2 == 0 else list(SETTINGS)[::-1]):
-      row = _run_child("compile", {**spec, "setting": setting})
+      row = coldcompile.measure({**spec, "compiler_options": SETTINGS[setting]}, env=env)
+      row["setting"] = setting
       results["compile"][setting].append(row)
       log(f"  cold compile {i + 1}/{repeats}, {setting}: lower {row['lower_s']} s + compile {row['compile_s']} s "
           f"(CPU {row['compile_cpu_s']} s), {row['fusions']} fusions")
@@ -142,12 +110,19 @@ def measure(repeats: int, batch_size: int, num_runs: int, steps: int, rounds: in
                         for s, rows in results["compile"].items()}
   if steps > 0:
     log(f"  timing both steps interleaved: {rounds} rounds of {steps} steps each ...")
-    ms = _run_child("steps", {**spec, "steps": steps, "rounds": rounds})["ms_per_step"]
+    ms = _run_child({**spec, "steps": steps, "rounds": rounds})["ms_per_step"]
     results["steps"] = {s: _median_range(v) | {"all": v} for s, v in ms.items()}
     results["step_ratio_ours_over_xla"] = round(results["steps"]["ours"]["median"] /
                                                 results["steps"]["xla"]["median"], 3)
   results["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
   return results
+
+
+def compile_counts(results: dict) -> dict[str, int]:
+  """What these results are measured by (`benchmarks.report.write_files`): the cold compiles timed, and the
+  settings whose steps were timed."""
+  return {"cold compiles": sum(len(rows) for rows in results["compile"].values()),
+          "settings with timed steps": len(results.get("steps", {}))}
 
 
 def markdown(results: dict) -> str:
@@ -178,16 +153,15 @@ def main(argv):
     spec = json.loads(FLAGS.spec)
     # As the training binary: R > 1 runs split over one XLA CPU device per core (set before JAX starts).
     jax.config.update("jax_num_cpu_devices", runs_lib.cpu_devices(spec["num_runs"]))
-    fn = {"compile": child_compile, "steps": child_steps}[FLAGS.child]
-    print(json.dumps(fn(spec)))
+    print(json.dumps(child_steps(spec)))
     return
   if FLAGS.repeats < 1 or FLAGS.batch_size < 1 or FLAGS.num_runs < 1 or FLAGS.steps < 0 or FLAGS.rounds < 1:
     raise errors.ConfigError("--repeats, --batch_size, --num_runs and --rounds must be positive, --steps >= 0.")
   results = measure(FLAGS.repeats, FLAGS.batch_size, FLAGS.num_runs, FLAGS.steps, FLAGS.rounds,
                     FLAGS.variant)
-  from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import report  # pylint: disable=g-import-not-at-top
   text = markdown(results)
-  bench.write_files(results, text + "\n", FLAGS.out)
+  report.write_files(results, text + "\n", FLAGS.out, counts=compile_counts, force=FLAGS.force)
   print(text)
 
 

@@ -4,7 +4,8 @@
 #     bash benchmarks/gpu.sh OUT_DIR
 #
 # 1. `benchmarks.runs` up to R = 64 runs in one program (B = 32), against R single-run steps in the same process;
-# 2. `experiments.benchmark` for B = 32, 256 and 2048 (the JAX step alone: the PyTorch peer is CPU-only).
+# 2. `experiments.benchmark` for B = 32, 256 and 2048 (the JAX step alone: the PyTorch peer is CPU-only); its cold
+#    compile is two fresh processes per batch size (`benchmarks.coldcompile`), hence its longer time limit.
 # Each stage has its own time limit and a failure in one does not stop the other. Writes OUT_DIR/runs_gpu.{json,md},
 # OUT_DIR/step_gpu.{json,md} and OUT_DIR/log.txt. Run it from the repository root (PYTHONPATH is set to it); wheels
 # of missing pure-Python dependencies in .whl/ are installed to a temporary directory first.
@@ -24,6 +25,6 @@ optax.__version__, jax.devices())"
   timeout 300 python3 -m benchmarks.runs --run_counts=1,2,4,8,16,32,64 --steps=40 --rounds=4 \
     --out="$out/runs_gpu" || echo "benchmarks.runs exited with $?"
   echo "== experiments.benchmark"
-  timeout 170 python3 -m experiments.benchmark --batch_sizes=32,256,2048 --steps=30 --rounds=3 --notorch \
+  timeout 420 python3 -m experiments.benchmark --batch_sizes=32,256,2048 --steps=30 --rounds=3 --notorch \
     --data_parallel=1 --out="$out/step_gpu" || echo "experiments.benchmark exited with $?"
 } 2>&1 | tee "$out/log.txt"

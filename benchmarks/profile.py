@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from benchmarks import common
 from benchmarks import step as bench
 from wsram_jax.training import cli
 from wsram_jax import errors
@@ -83,8 +84,8 @@ def kernel_times(trace_dir: str, steps: int) -> dict[str, float]:
 
 def profile(batch_size: int, steps: int, trace_dir: str, variant: str = "wsram_q_cv") -> dict[str, Any]:
   """Traces `steps` steps of the compiled train step; returns the wall time per step and the kernel times."""
-  config = bench.make_config(variant, batch_size)
-  images, labels = bench.synthetic_digits(10000)
+  config = common.make_config(variant, batch_size)
+  images, labels = common.synthetic_digits(10000)
   step = bench.build_jax_step(config, images, labels)
   for _ in range(10):
     step.run()

@@ -7,7 +7,8 @@ For each R: the R-run step (`--config.num_runs=R`, seeds 0..R-1; on a CPU its ru
 per core, as the training binary does) and R separate single-run steps (the standard one-device step, the same
 seeds), interleaved in rounds. Reported: updates per second summed over the runs for both and their ratio,
 compile time (lower + compile) and XLA's memory analysis of the R-run step, and the process's peak RSS.
-Writes OUT.json and OUT.md when --out is given. BENCHMARKS.md has the numbers and how to read them.
+Writes OUT.json and OUT.md when --out is given (atomically; inside this checkout never over results with more
+run counts unless --force: `benchmarks.report.write_files`). BENCHMARKS.md has the numbers and how to read them.
 """
 import json
 import os
@@ -27,6 +28,7 @@ def define_flags() -> None:
   flags.DEFINE_string("variant", "wsram_q_cv", "Config variant of experiments/configs/mnist.py.")
   flags.DEFINE_multi_string("override", [], "KEY=VALUE config overrides (e.g. for a test).")
   flags.DEFINE_string("out", None, "Write OUT.json and OUT.md (directories are created).")
+  flags.DEFINE_bool("force", False, "Write --out even over a benchmark with more measurements inside this checkout.")
 
 
 def measure(run_counts, batch_size, steps, rounds, variant="wsram_q_cv", overrides=(), log=print) -> dict:
@@ -34,20 +36,21 @@ def measure(run_counts, batch_size, steps, rounds, variant="wsram_q_cv", overrid
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  from benchmarks import procfs  # pylint: disable=g-import-not-at-top
   from wsram_jax.classifier import train  # pylint: disable=g-import-not-at-top
   from wsram_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  images, labels = bench.synthetic_digits(10000)
+  images, labels = common.synthetic_digits(10000)
   images, labels = jnp.asarray(images), jnp.asarray(labels)
-  results = {"environment": bench.environment(), "devices": len(jax.local_devices()), "batch_size": batch_size,
+  results = {"environment": procfs.environment(), "devices": len(jax.local_devices()), "batch_size": batch_size,
              "variant": variant, "rows": []}
-  single_config = bench.make_config(variant, batch_size, overrides)
+  single_config = common.make_config(variant, batch_size, overrides)
   model = train.build_model(single_config)
   optimizer = step_lib.make_optimizer(single_config)
   single = train.make_train_step(single_config, model, optimizer)
   for r in run_counts:
-    config = bench.make_config(variant, batch_size, tuple(overrides) + (("num_runs", r),))
+    config = common.make_config(variant, batch_size, tuple(overrides) + (("num_runs", r),))
     multi_state = train.create_train_state(config, model, step_lib.make_optimizer(config))
     multi = train.make_train_step(config, model, step_lib.make_optimizer(config))
     t0 = time.perf_counter()
@@ -93,13 +96,18 @@ def measure(run_counts, batch_size, steps, rounds, variant="wsram_q_cv", overrid
            "ratio": round(t_single / t_multi, 2),
            "temp_mb": round(mem.temp_size_in_bytes / 2**20, 1) if mem else None,
            "argument_mb": round(mem.argument_size_in_bytes / 2**20, 1) if mem else None,
-           "peak_rss_mb": round(bench._peak_rss_mb(), 1)}  # pylint: disable=protected-access
+           "peak_rss_mb": round(procfs.peak_rss_mb(), 1)}
     results["rows"].append(row)
     log(f"R={r}: {row['updates_per_s']} updates/s in one program against {row['single_updates_per_s']} for "
         f"{r} single-run steps ({row['ratio']}x); compile {row['lower_s']} + {row['compile_s']} s; "
         f"temporaries {row['temp_mb']} MB")
   results["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
   return results
+
+
+def runs_counts(results: dict) -> dict[str, int]:
+  """What these results are measured by (`benchmarks.report.write_files`): the numbers of runs R timed."""
+  return {"run counts timed": len(results["rows"])}
 
 
 def markdown(results: dict) -> str:
@@ -128,9 +136,9 @@ def main(argv):
   if not run_counts or min(run_counts) < 1 or FLAGS.steps < 1 or FLAGS.rounds < 1:
     raise errors.ConfigError("--run_counts, --steps and --rounds must be positive.")
   results = measure(run_counts, FLAGS.batch_size, FLAGS.steps, FLAGS.rounds, FLAGS.variant, overrides)
-  from benchmarks import step as bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import report  # pylint: disable=g-import-not-at-top
   text = markdown(results)
-  bench.write_files(results, text + "\n", FLAGS.out)
+  report.write_files(results, text + "\n", FLAGS.out, counts=runs_counts, force=FLAGS.force)
   print(text)
 
 

@@ -1,18 +1,24 @@
-"""The WS-RAM + q + c.v. train step in PyTorch eager: the side-by-side peer of wsram_jax's jitted train step.
+"""The WS-RAM + q train step in PyTorch, eager or under `torch.compile`: the side-by-side peer of wsram_jax's step.
 
-Same work per step as `wsram_jax.classifier.train.make_train_step` for `experiments/configs/mnist.py:wsram_q_cv`:
+Same work per step as `wsram_jax.classifier.train.make_train_step` for `experiments/configs/mnist.py:wsram_q_cv`
+(the default model), with everything that config turns on and the rest `benchmarks.peer_config` lists:
 
     B digits drawn from the training set, each resized (bilinear, as two matmuls) and pasted on the canvas
-    rollout: low-res context -> h2_0; M samples x N glimpses from the inference network q(a | y, I), scored
-             under the prior p(a | I); glimpse = the window of side size * 2**s centred at the clipped location,
-             zero outside the canvas, average-pooled to size x size; two-layer ReLU core; classifier on layer 1
-    wsram_losses with control variates (Eqns 8, 14, 16-19): loss_p + loss_q, the same surrogates and so the
-             same gradients as `wsram_jax.estimators.wsram_losses`
-    metrics (ESS, bound, error, entropy, scale usage, gradient norm), global-norm clipping, Adam
+    rollout: low-res context -> h2_0; M samples x N glimpses from the inference network q(a | y, I) tempered at
+             T (heuristic (1): location std * sqrt(T), scale logits / T), scored under the prior p(a | I), under
+             the tempered proposal r and under q itself; glimpse = the window of side size * 2**s centred at the
+             clipped location, zero outside the canvas, average-pooled to size x size; two-layer ReLU core;
+             classifier on layer 1
+    wsram_losses (Eqns 8, 14, 16-19; wake-q on q's own density with the (q/r) control variate when r != q), the
+             same surrogates and so the same gradients as `wsram_jax.estimators.wsram_losses`
+    the entropy bonus (heuristic (3)) and the coverage bonus (heuristic (2)) when their weights are > 0
+    metrics (ESS, bound, error, entropy, scale usage, gradient norm), global-norm clipping, Adam with the
+             policies' learning-rate scale and the warmup / decay factor of the update
 
 Same parameter tree as the JAX model (`params_from_flax` copies one), same layer sizes, the same math; only the
 random streams differ (torch's generator instead of JAX's keys). `loss_and_metrics` takes canvases, labels and
-the rollout's noise explicitly, so a test can feed it exactly what the JAX loss saw and compare gradients.
+the rollout's noise explicitly, so a test can feed it exactly what the JAX loss saw and compare the loss, the
+gradients and the sampled glimpses.
 
 Written as fast as eager PyTorch allows: no Python loop over the batch or the samples (one over the N glimpses);
 the glimpse is one gather of the largest window per sample from an `unfold` view of the canvas padded once per
@@ -22,59 +28,31 @@ prior head and core2's recurrent block, ``h1`` feeds core2's input block and cor
 for every Dense; the label's rows of the inference net's first layer are gathered, not multiplied by a one-hot;
 fused Adam (``torch.optim.Adam(fused=True)``, CPU support since torch 2.4) after foreach global-norm clipping.
 
+``TorchPeer(..., compile_mode=MODE)`` runs the same `loss_and_metrics` under ``torch.compile(mode=MODE,
+dynamic=False)`` (Inductor; MODE ``default`` is torch's default mode): the forward pass and the losses as one
+graph, its backward compiled by AOTAutograd. Sampling the batch, clipping and Adam stay eager (the latter two are
+already fused foreach kernels, and the learning rate changes every update under a schedule). The first step
+compiles (`TorchPeer.compile_s`).
+
 `crop_loop_glimpse` is the per-example loop that popular RAM code uses (a Python loop over the batch cropping each
 patch), kept only to time the glimpse against it.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Mapping
+import time
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PeerConfig", "params_from_flax", "glimpse", "crop_loop_glimpse", "wsram_losses", "TorchPeer"]
+from benchmarks.peer_config import COMPILE_MODES, PeerConfig, learning_rate_factor
+
+__all__ = ["PeerConfig", "COMPILE_MODES", "params_from_flax", "glimpse", "crop_loop_glimpse", "wsram_losses",
+           "coverage_regularizer", "TorchPeer"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
-
-
-@dataclasses.dataclass(frozen=True)
-class PeerConfig:
-  """The sizes of the model and the step (the fields of the JAX config that the peer reads)."""
-  batch_size: int = 32
-  num_samples: int = 5
-  num_glimpses: int = 4
-  num_classes: int = 10
-  glimpse_size: int = 12
-  num_scales: int = 3
-  lowres_size: int = 10
-  hidden_size: int = 256
-  loc_std: float = 0.15
-  canvas_size: int = 100
-  min_size: int = 21
-  max_size: int = 56
-  learning_rate: float = 1e-3
-  grad_clip_norm: float = 10.0
-
-  @classmethod
-  def from_config(cls, config, canvas_sizes: Mapping[str, int]) -> "PeerConfig":
-    """From an MNIST ConfigDict and `wsram_jax.classifier.train.canvas_kwargs(config)`. Only WS-RAM + q + c.v.
-    with a fixed location std is implemented."""
-    if not (config.method == "wsram" and config.proposal == "inference_network" and config.control_variates
-            and not config.model.learn_loc_std and float(config.heuristics.temperature) == 1.0
-            and float(config.heuristics.coverage_weight) == 0 and float(config.heuristics.entropy_weight) == 0):
-      raise ValueError("The PyTorch peer implements WS-RAM + q + c.v. without heuristics (wsram_q_cv) only.")
-    if config.model.glimpse_size % 2:
-      raise ValueError("The PyTorch peer needs an even glimpse size (concentric windows).")
-    m = config.model
-    return cls(batch_size=int(config.batch_size), num_samples=int(config.num_samples),
-               num_glimpses=int(config.num_glimpses), num_classes=int(m.num_classes),
-               glimpse_size=int(m.glimpse_size), num_scales=int(m.num_scales), lowres_size=int(m.lowres_size),
-               hidden_size=int(m.hidden_size), loc_std=float(m.loc_std), canvas_size=int(canvas_sizes["canvas_size"]),
-               min_size=int(canvas_sizes["min_size"]), max_size=int(canvas_sizes["max_size"]),
-               learning_rate=float(config.learning_rate), grad_clip_norm=float(config.grad_clip_norm))
 
 
 def params_from_flax(params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -153,25 +131,54 @@ def crop_loop_glimpse(padded: torch.Tensor, loc: torch.Tensor, scale: torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The estimator (the same surrogate losses as wsram_jax.estimators.wsram_losses with control variates).
+# The estimator and the heuristics (the same losses as wsram_jax.estimators.wsram_losses and
+# wsram_jax.exploration).
 
 
-def wsram_losses(log_p_a: torch.Tensor, log_p_y: torch.Tensor, log_q_a: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-  """``(loss_p, loss_q)`` from ``[B, M]`` log-probabilities, with the control variates of Eqns 16-19.
+def wsram_losses(log_p_a: torch.Tensor, log_p_y: torch.Tensor, log_q_a: torch.Tensor, *,
+                 control_variates: bool = True, p_baseline: str = "self_normalized",
+                 log_q_own: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+  """``(loss_p, loss_q)`` from ``[B, M]`` log-probabilities: `wsram_jax.estimators.wsram_losses`.
 
-  d loss_p / d log_p_y[m] = -w_m / B, d loss_p / d log_p_a[m] = -(w_m - r_m) / B, d loss_q / d log_q_a[m] =
-  -(w_m - 1/M) / B, with w = softmax(log_p_a + log_p_y - log_q_a), r = softmax(log_p_a - log_q_a).
+  With w = softmax(log_p_a + log_p_y - log_q_a) and r = (p/q)_m (self-normalised, or / M): d loss_p / d
+  log_p_y[m] = -w_m / B, d loss_p / d log_p_a[m] = -(w_m - r_m) / B (-w_m / B without control variates),
+  d loss_q / d log_q[m] = -(w_m - b_m) / B with log_q = `log_q_own` when given (the samples came from another
+  proposal: b_m = (q/r)_m, self-normalised or / M), else `log_q_a` (b_m = 1/M); no control variate: b_m = 0.
   """
   m = log_p_a.shape[-1]
   log_w = log_p_a + log_p_y - log_q_a.detach()
   bound = torch.logsumexp(log_w, -1) - math.log(m)
-  r = torch.softmax(log_p_a - log_q_a, -1).detach()
-  bound = bound - (r * (log_p_a - log_p_a.detach())).sum(-1)
+  if control_variates:
+    log_ratio = (log_p_a - log_q_a).detach()
+    r = torch.softmax(log_ratio, -1) if p_baseline == "self_normalized" else \
+        torch.exp(log_ratio - math.log(m)) if p_baseline == "unbiased" else torch.exp(log_ratio)
+    bound = bound - (r * (log_p_a - log_p_a.detach())).sum(-1)
   loss_p = -bound.mean()
   w = torch.softmax(log_w, -1).detach()
-  cross_entropy = -(w * log_q_a).sum(-1) + (log_q_a - log_q_a.detach()).sum(-1) / m
+  log_q = log_q_a if log_q_own is None else log_q_own
+  cross_entropy = -(w * log_q).sum(-1)
+  if control_variates:
+    if log_q_own is None:
+      cross_entropy = cross_entropy + (log_q - log_q.detach()).sum(-1) / m
+    else:
+      log_ratio_q = (log_q_own - log_q_a).detach()
+      b = torch.softmax(log_ratio_q, -1) if p_baseline == "self_normalized" else \
+          torch.exp(log_ratio_q - math.log(m))
+      cross_entropy = cross_entropy + (b * (log_q - log_q.detach())).sum(-1)
   return loss_p, cross_entropy.mean()
+
+
+def coverage_regularizer(scale_probs: torch.Tensor, loc_mean: torch.Tensor, *, location_weight: float = 1.0,
+                         max_location_variance: float = 1.0 / 3.0) -> torch.Tensor:
+  """Heuristic (2), `wsram_jax.exploration.coverage_regularizer`: ``scale_probs [L, S]``, ``loc_mean [L, 2]`` (the
+  prior's, every glimpse of every sample) -> ``log S - H[mean scale probs] + location_weight * mean_c (1 -
+  min(var_c, v_max) / v_max)``."""
+  marginal = scale_probs.mean(0)
+  tiny = torch.finfo(marginal.dtype).tiny
+  scale_term = math.log(scale_probs.shape[-1]) + (marginal * torch.log(marginal.clamp(min=tiny))).sum()
+  variance = ((loc_mean - loc_mean.mean(0)) ** 2).mean(0)
+  location_term = (1.0 - variance.clamp(max=max_location_variance) / max_location_variance).mean()
+  return scale_term + location_weight * location_term
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,11 +203,18 @@ def _log_prob(mean, log_softmax_logits, loc, scale, std):
   return loc_lp + log_softmax_logits.gather(-1, scale.unsqueeze(-1)).squeeze(-1)
 
 
+# The attention policies' parameters (`wsram_jax.attention.policy_mask`): their step is `policy_lr_scale` times.
+_POLICY_KEYS = ("prior", "inference")
+
+
 class TorchPeer:
-  """The train step, ``step() -> metrics``, on the training set given to the constructor."""
+  """The train step, ``step() -> metrics``, on the training set given to the constructor; eager, or under
+  ``torch.compile(mode=compile_mode)`` (`COMPILE_MODES`)."""
 
   def __init__(self, cfg: PeerConfig, params: Mapping[str, Any], images: np.ndarray, labels: np.ndarray, *,
-               seed: int = 0):
+               seed: int = 0, compile_mode: Optional[str] = None):
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+      raise ValueError(f"Unknown torch.compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}.")
     self.cfg = cfg
     self.params = params_from_flax(params) if not isinstance(next(iter(params.values())), torch.Tensor) \
         else params
@@ -208,8 +222,15 @@ class TorchPeer:
     self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     self.generator = torch.Generator().manual_seed(seed)
     self._trainable = list(self.params.values())
-    self.optimizer = torch.optim.Adam(self._trainable, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                                      fused=True)
+    groups = [{"params": [t for k, t in self.params.items() if (k.split("/")[0] in _POLICY_KEYS) == policy],
+               "lr_scale": cfg.policy_lr_scale if policy else 1.0} for policy in (False, True)]
+    self.optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(0.9, 0.999),
+                                      eps=1e-8, fused=True)
+    self.updates = 0  # the update count of the learning-rate schedule
+    self.compile_mode = compile_mode
+    self.compile_s = None  # wall seconds of the first step under torch.compile (the compilation and one step)
+    self.loss_fn = self.loss_and_metrics if compile_mode is None else torch.compile(
+        self.loss_and_metrics, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
 
   # -- data ---------------------------------------------------------------------------------------------------
   def sample_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,12 +257,15 @@ class TorchPeer:
   # -- the loss -----------------------------------------------------------------------------------------------
   def loss_and_metrics(self, canvases: torch.Tensor, labels: torch.Tensor, normal: torch.Tensor,
                        uniform: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The WS-RAM + q + c.v. loss of one batch (``canvases [B, H, W]``, ``labels [B]``) with the given noise."""
+    """The loss of one batch (``canvases [B, H, W]``, ``labels [B]``) with the given noise, and its metrics
+    (with the sampled actions: ``loc [B, M, N, 2]`` unclipped, ``scale [B, M, N]``)."""
     c, p = self.cfg, self.params
     b, m, n_glimpses, s_ = canvases.shape[0], c.num_samples, c.num_glimpses, c.num_scales
     d, g_ = c.hidden_size, c.glimpse_size
     bm = b * m
     std = c.loc_std
+    tempered = c.temperature != 1.0
+    r_std = std * math.sqrt(c.temperature)  # heuristic (1): the proposal r is q tempered at T
     hw = (canvases.shape[1], canvases.shape[2])
     gh = p["glimpse_what/kernel"].shape[1]
     labels = labels.long()
@@ -251,7 +275,6 @@ class TorchPeer:
     k2_in, k2_rec = torch.split(p["core2/kernel"], [d, d])
     k1_in, k1_rec = torch.split(p["core1/kernel"], [2 * gh, d])
     k_inf_h, k_inf_y = torch.split(p["inference/hidden/kernel"], [d, c.num_classes])
-    heads = 2 + s_
     w_heads = torch.cat([p["prior/loc/kernel"], p["prior/scale/kernel"]], 1)
     b_heads = torch.cat([p["prior/loc/bias"], p["prior/scale/bias"]])
     w_top, b_top = torch.cat([w_heads, k2_rec], 1), torch.cat([b_heads, p["core2/bias"]])
@@ -268,10 +291,10 @@ class TorchPeer:
         loc, logits, rec = torch.split(torch.addmm(b_top, h2, w_top), [2, s_, d], 1)
       return torch.tanh(loc), torch.log_softmax(logits, -1), rec
 
-    def inference(h2, label_rows):  # q's distribution from stop_gradient(h2)
+    def inference(h2, label_rows):  # q's distribution from stop_gradient(h2), and the scale logits
       hid = torch.relu(torch.addmm(label_rows, h2.detach(), k_inf_h))
       loc, logits = torch.split(torch.addmm(b_q, hid, w_q), [2, s_], 1)
-      return torch.tanh(loc), torch.log_softmax(logits, -1)
+      return torch.tanh(loc), logits
 
     def glimpse_features(patch, loc, scale):
       what = torch.relu(torch.addmm(p["glimpse_what/bias"], patch.reshape(bm, -1), p["glimpse_what/kernel"]))
@@ -285,14 +308,14 @@ class TorchPeer:
     h2 = torch.relu(torch.addmm(p["context/bias"], lowres, p["context/kernel"]))  # [B, D], shared by the M
     prior_mean, prior_lsm, rec2 = prior(h2, n_glimpses == 1)
     prior_mean, prior_lsm = prior_mean[:, None], prior_lsm[:, None]  # [B, 1, ...]: broadcast over the M
-    q_mean, q_lsm = inference(h2, inf_label_rows)
-    q_mean, q_lsm = q_mean[:, None], q_lsm[:, None]
+    q_mean, q_logits = inference(h2, inf_label_rows)
+    q_mean, q_logits = q_mean[:, None], q_logits[:, None]
     if rec2 is not None:
       rec2 = rec2.repeat_interleave(m, 0)
     label_rows = inf_label_rows.repeat_interleave(m, 0)
 
-    log_p_a = log_q_a = entropy = 0.0
-    scale_counts = []
+    log_p_a = log_q_a = log_r_a = scale_entropy = 0.0
+    locs, scales, prior_means, prior_probs = [], [], [], []
     h1 = rec1 = None
     for n in range(n_glimpses):
       if n > 0:
@@ -300,17 +323,24 @@ class TorchPeer:
         h2 = torch.relu(h2_in + rec2)
         prior_mean, prior_lsm, rec2 = prior(h2, n == n_glimpses - 1)
         prior_mean, prior_lsm = prior_mean.reshape(b, m, 2), prior_lsm.reshape(b, m, s_)
-        q_mean, q_lsm = inference(h2, label_rows)
-        q_mean, q_lsm = q_mean.reshape(b, m, 2), q_lsm.reshape(b, m, s_)
-      # a_n ~ q: location mean + std * noise, scale by inverse CDF.
-      loc = (q_mean + std * normal[:, :, n]).detach()
-      cdf = torch.cumsum(q_lsm.detach().exp(), -1)[..., :-1]
+        q_mean, q_logits = inference(h2, label_rows)
+        q_mean, q_logits = q_mean.reshape(b, m, 2), q_logits.reshape(b, m, s_)
+      q_lsm = torch.log_softmax(q_logits, -1)
+      r_lsm = torch.log_softmax(q_logits.detach() / c.temperature, -1) if tempered else q_lsm.detach()
+      # a_n ~ r: location mean + std * noise, scale by inverse CDF.
+      loc = (q_mean.detach() + r_std * normal[:, :, n])
+      cdf = torch.cumsum(r_lsm.exp(), -1)[..., :-1]
       scale = (uniform[:, :, n, None] >= cdf).sum(-1)
       log_p_a = log_p_a + _log_prob(prior_mean, prior_lsm.expand(b, m, s_), loc, scale, std)
-      log_q_a = log_q_a + _log_prob(q_mean, q_lsm.expand(b, m, s_), loc, scale, std)
-      prior_lsm_sg = prior_lsm.detach()
-      entropy = entropy - (prior_lsm_sg.exp() * prior_lsm_sg).sum(-1).mean()
-      scale_counts.append(scale)
+      log_q_a = log_q_a + _log_prob(q_mean, q_lsm.expand(b, m, s_), loc, scale, std)  # q's own density
+      if tempered:  # the proposal's density: only its value enters the losses
+        log_r_a = log_r_a + _log_prob(q_mean.detach(), r_lsm.expand(b, m, s_), loc, scale, r_std)
+      scale_entropy = scale_entropy - (prior_lsm.exp() * prior_lsm).sum(-1).mean()  # the prior's, differentiable
+      if c.coverage_weight > 0:
+        prior_means.append(prior_mean.expand(b, m, 2))
+        prior_probs.append(prior_lsm.exp().expand(b, m, s_))
+      locs.append(loc)
+      scales.append(scale)
       loc = loc.clamp(-1.0, 1.0)
       patch = glimpse(padded, loc, scale, size=g_, num_scales=s_, canvas_hw=hw)
       x = torch.addmm(p["core1/bias"], glimpse_features(patch, loc, scale), k1_in)
@@ -318,35 +348,55 @@ class TorchPeer:
 
     logits = torch.addmm(p["classifier/bias"], h1, p["classifier/kernel"]).reshape(b, m, -1)
     log_p_y = torch.log_softmax(logits, -1).gather(-1, labels[:, None, None].expand(b, m, 1)).squeeze(-1)
-    loss_p, loss_q = wsram_losses(log_p_a, log_p_y, log_q_a)
+    proposal_lp = log_r_a if tempered else log_q_a
+    loss_p, loss_q = wsram_losses(log_p_a, log_p_y, proposal_lp, control_variates=c.control_variates,
+                                  p_baseline=c.p_baseline, log_q_own=log_q_a if tempered else None)
     loss = loss_p + loss_q
+    # The prior's mean entropy over [B, M, N] (`actions.entropy`: the location's, fixed, plus the scale's).
+    entropy = scale_entropy / n_glimpses + 2 * (0.5 * (_LOG_2PI + 1.0) + math.log(std))
+    if c.coverage_weight > 0:
+      loss = loss + c.coverage_weight * coverage_regularizer(
+          torch.stack(prior_probs, 2).reshape(-1, s_), torch.stack(prior_means, 2).reshape(-1, 2),
+          location_weight=c.coverage_location_weight)
+    if c.entropy_weight > 0:
+      loss = loss - c.entropy_weight * entropy
 
     with torch.no_grad():
-      log_w = log_p_a + log_p_y - log_q_a
+      log_w = log_p_a + log_p_y - proposal_lp
       lse = torch.logsumexp(log_w, -1)
-      usage = F.one_hot(torch.stack(scale_counts, -1), s_).float().mean((0, 1, 2))
+      scale = torch.stack(scales, -1)
+      usage = F.one_hot(scale, s_).float().mean((0, 1, 2))
       metrics = {
           "ess": torch.exp(2.0 * lse - torch.logsumexp(2.0 * log_w, -1)).mean(),
           "bound": (lse - math.log(m)).mean(),
           "log_p_y": log_p_y.mean(),
           "error": (logits.argmax(-1) != labels[:, None]).float().mean(),
-          "entropy": entropy / n_glimpses + 2 * (0.5 * (_LOG_2PI + 1.0) + math.log(std)),
+          "entropy": entropy.detach(),
           "loss_p": loss_p.detach(), "loss_q": loss_q.detach(), "loss": loss.detach(),
-          "reward": log_p_y.mean(),
+          "reward": log_p_y.mean(), "loc": torch.stack(locs, 2), "scale": scale,
       }
       for s in range(s_):
         metrics[f"scale_usage_{s}"] = usage[s]
     return loss, metrics
 
   # -- the update ---------------------------------------------------------------------------------------------
-  def step(self) -> dict[str, torch.Tensor]:
-    """One update: sample a batch and noise, loss, backward, global-norm clipping, Adam (skipped if not finite)."""
-    canvases, labels = self.sample_batch()
-    normal, uniform = self.draw_noise()
+  def update(self, canvases: torch.Tensor, labels: torch.Tensor, normal: torch.Tensor,
+             uniform: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One update on the given batch and noise: the loss (`loss_fn`), its backward, then `apply_gradients`."""
+    first = self.compile_mode is not None and self.compile_s is None
+    t0 = time.perf_counter()
     for t in self._trainable:
       t.grad = None
-    loss, metrics = self.loss_and_metrics(canvases, labels, normal, uniform)
+    loss, metrics = self.loss_fn(canvases, labels, normal, uniform)
     loss.backward()
+    if first:
+      self.compile_s = round(time.perf_counter() - t0, 3)
+    metrics["grad_norm"] = self.apply_gradients(finite=bool(torch.isfinite(loss)))
+    return metrics
+
+  def apply_gradients(self, finite: bool = True) -> torch.Tensor:
+    """Global-norm clipping of the parameters' ``.grad`` and Adam at the learning rate of this update (policies'
+    scale, warmup and decay factor), skipped unless the gradient norm is finite and `finite`; returns the norm."""
     grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self._trainable]
     for t, g in zip(self._trainable, grads):
       t.grad = g
@@ -354,7 +404,16 @@ class TorchPeer:
     if self.cfg.grad_clip_norm > 0:
       scale = torch.clamp(self.cfg.grad_clip_norm / norm, max=1.0)
       torch._foreach_mul_(grads, scale)  # pylint: disable=protected-access
-    if bool(torch.isfinite(norm)) and bool(torch.isfinite(loss)):
+    if finite and bool(torch.isfinite(norm)):
+      factor = learning_rate_factor(self.cfg, self.updates)
+      for group in self.optimizer.param_groups:
+        group["lr"] = self.cfg.learning_rate * group["lr_scale"] * factor
       self.optimizer.step()
-    metrics["grad_norm"] = norm
-    return metrics
+      self.updates += 1
+    return norm
+
+  def step(self) -> dict[str, torch.Tensor]:
+    """One update on a batch and noise drawn from the peer's generator (`update`)."""
+    canvases, labels = self.sample_batch()
+    normal, uniform = self.draw_noise()
+    return self.update(canvases, labels, normal, uniform)

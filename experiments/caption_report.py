@@ -13,6 +13,12 @@ config.json is what is restored). Writes to ``--out``:
 * with ``--figures`` (default): ``curves.png`` (training NLL and test BLEU against updates) and
   ``examples_<label>.png`` (greedy captions with each word's glimpse: level and location), and the one of
   ``--examples_run`` (default: the last run) again as ``examples.png``.
+
+A ``--run`` whose WORKDIR holds no trained run (no config.json or no checkpoint), or runs none of which has a test
+evaluation, are refused in one line with exit 2 before anything is written; results.json is never replaced by a
+report with fewer evaluated runs or fewer updates at their last evaluation (`caption_counts`) at the default
+--out or anywhere in this checkout, unless --force. Every file is written to a temporary file and renamed into
+place once all are written (`wsram_jax.report_files`), so an interrupted report leaves the old one whole.
 """
 import json
 import os
@@ -21,18 +27,29 @@ import re
 from absl import flags
 import ml_collections
 
+from experiments import report as report_lib
 from wsram_jax.training import cli
+from wsram_jax.training import config as config_lib
 from wsram_jax import errors
+from wsram_jax import report_files
 from wsram_jax.training import metric_writers
 from wsram_jax.captioning import plots
 from wsram_jax.captioning import train
 
-_OUT = flags.DEFINE_string("out", "results/captions", "Output directory.")
-_RUNS = flags.DEFINE_multi_string("run", [], "LABEL:VARIANT:WORKDIR of a finished run.")
-_EXAMPLES = flags.DEFINE_integer("examples", 8, "Test images per examples figure.")
-_FIGURES = flags.DEFINE_bool("figures", True, "Write curves.png and examples_<label>.png.")
-_MAIN = flags.DEFINE_string("examples_run", "", "LABEL of the run whose examples are also written as examples.png "
-                            "('' = the last run).")
+FLAGS = flags.FLAGS
+DEFAULT_OUT = "results/captions"
+
+
+def define_flags() -> None:
+  """This binary's flags; defined only when it runs as a program (tests import it beside other binaries)."""
+  flags.DEFINE_string("out", DEFAULT_OUT, "Output directory.")
+  flags.DEFINE_multi_string("run", [], "LABEL:VARIANT:WORKDIR of a finished run.")
+  flags.DEFINE_integer("examples", 8, "Test images per examples figure.")
+  flags.DEFINE_bool("figures", True, "Write curves.png and examples_<label>.png.")
+  flags.DEFINE_string("examples_run", "", "LABEL of the run whose examples are also written as examples.png "
+                      "('' = the last run).")
+  flags.DEFINE_bool("force", False, report_files.FORCE_HELP)
+
 
 SERIES = ("train/nll", "train/bound", "train/ess", "train/nll_per_word", "eval/bleu1", "eval/bleu2",
           "eval/bleu3", "eval/bleu4", "eval/nll", "eval/log_p_y", "eval/exact_match")
@@ -43,7 +60,7 @@ def _recorded_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise errors.DataError(f"{workdir} holds no run (no config.json).")
   with open(path, encoding="utf-8") as f:
-    values = json.load(f)
+    values = config_lib.with_added_keys(json.load(f))  # a run recorded before a key existed: its neutral value
   # JSON turned tuples into lists; the encoder channels are a tuple in the config.
   values["model"]["encoder_channels"] = tuple(values["model"]["encoder_channels"])
   return ml_collections.ConfigDict(values)
@@ -90,6 +107,13 @@ def layout_only_bleu(task, seed: int = 0) -> dict:
   return bleu.corpus_bleu(task.test_references, hyps)
 
 
+def caption_counts(report: dict) -> dict[str, int]:
+  """What a caption report is measured by (`wsram_jax.report_files`): its runs with a test evaluation, and the
+  updates at their last one, summed; from results.json's content."""
+  evaluated = [e for e in report.values() if "last_step/eval/bleu1" in e]
+  return {"evaluated runs": len(evaluated), "updates": sum(int(e["last_step/eval/bleu1"]) for e in evaluated)}
+
+
 def _slug(label: str) -> str:
   return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_").lower()
 
@@ -97,17 +121,27 @@ def _slug(label: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f"Unexpected arguments: {' '.join(argv[1:])}.")
-  if not _RUNS.value:
+  if not FLAGS.run:
     raise errors.ConfigError("Give at least one --run=LABEL:VARIANT:WORKDIR.")
   runs = []
-  for spec in _RUNS.value:
+  for spec in FLAGS.run:
     parts = spec.split(":", 2)
     if len(parts) != 3:
       raise errors.ConfigError(f"--run={spec!r} is not LABEL:VARIANT:WORKDIR.")
     runs.append(parts)
-  os.makedirs(_OUT.value, exist_ok=True)
+  write_report(runs, FLAGS.out, force=FLAGS.force, default_out=report_files.is_default(FLAGS.out, DEFAULT_OUT),
+               figures=FLAGS.figures, examples=FLAGS.examples, examples_run=FLAGS.examples_run)
+
+
+def write_report(runs, out_dir: str, *, force: bool = False, default_out: bool = False, figures: bool = True,
+                 examples: int = 8, examples_run: str = "") -> None:
+  """The report of the module docstring for `runs` ([(label, variant, workdir)]) in `out_dir`, all files or none;
+  refused (`errors.ReportRefused`) as the module docstring says."""
+  for _, _, workdir in runs:
+    missing = report_lib.no_run(workdir)
+    if missing:
+      raise errors.ReportRefused(f"{missing}: each --run must name a trained caption run; nothing written.")
   report = {}
-  reference_row = None
   for label, variant, workdir in runs:
     records = metric_writers.read_metrics(workdir)
     entry = {"variant": variant, "workdir": workdir, "series": {}}
@@ -118,24 +152,38 @@ def main(argv):
         entry[f"last/{name}"] = float(values[-1])
         entry[f"last_step/{name}"] = int(steps[-1])
     report[label] = entry
-    config = _recorded_config(workdir)
-    restored = train.restore(config, workdir)
-    if config.data.task == "digits":
-      entry["words"] = word_analysis(restored)
-      reference_row = layout_only_bleu(restored.task)
-    if _FIGURES.value:
-      names = [f"examples_{_slug(label)}.png"]
-      if label == (_MAIN.value or runs[-1][0]):
-        names.append("examples.png")
-      for name in names:
-        plots.caption_examples(restored, os.path.join(_OUT.value, name), num=_EXAMPLES.value,
-                               title=f"{label} ({variant}), step {restored.step}")
-  if _FIGURES.value:
-    plots.training_curves({label: wd for label, _, wd in runs}, os.path.join(_OUT.value, "curves.png"),
-                          title="Digit captions: training NLL and test BLEU against updates")
-  with open(os.path.join(_OUT.value, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
+  counts = caption_counts(report)
+  with report_files.Report(force=force, elsewhere="--out") as out:
+    out.refuse_empty(counts["evaluated runs"], "No --run has a test evaluation (eval/bleu1 in its metrics.jsonl)")
+    results_json = os.path.join(out_dir, "results.json")
+    out.guard(results_json, counts, lambda p: caption_counts(report_files.read_json(p)),
+              default_destination=default_out)
+    reference_row = None
+    for label, variant, workdir in runs:
+      entry = report[label]
+      config = _recorded_config(workdir)
+      restored = train.restore(config, workdir)
+      if config.data.task == "digits":
+        entry["words"] = word_analysis(restored)
+        reference_row = layout_only_bleu(restored.task)
+      if figures:
+        names = [f"examples_{_slug(label)}.png"]
+        if label == (examples_run or runs[-1][0]):
+          names.append("examples.png")
+        for name in names:
+          plots.caption_examples(restored, out.path(os.path.join(out_dir, name)), num=examples,
+                                 title=f"{label} ({variant}), step {restored.step}")
+    if figures:
+      plots.training_curves({label: wd for label, _, wd in runs}, out.path(os.path.join(out_dir, "curves.png")),
+                            title="Digit captions: training NLL and test BLEU against updates")
+    out.write_json(results_json, report, indent=1)
+    text = markdown(report, reference_row)
+    out.write_text(os.path.join(out_dir, "results.md"), text + "\n")
+  print(text)
 
+
+def markdown(report: dict, reference_row) -> str:
+  """results.md: the BLEU table, the training NLL at a few updates and, for the digit task, the word analysis."""
   lines = ["| method | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | test NLL | exact match | updates |",
            "|---|---|---|---|---|---|---|---|"]
   for label, e in report.items():
@@ -166,10 +214,9 @@ def main(argv):
       lines.append(f"| {label} | {100 * wa['same_structure']:.1f}% | " + " | ".join(
           f"{100 * wa['accuracy'].get(c, float('nan')):.1f}%" for c in ("size", "digit", "relation")) + " | " +
           " | ".join(str(wa["level_fraction"].get(c)) for c in ("size", "digit", "relation")) + " |")
-  with open(os.path.join(_OUT.value, "results.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run_main(main)

@@ -13,6 +13,10 @@ averaged over the minibatches. The baseline the run trained with keeps its train
 value); another stateful one starts from its initial state; a learned baseline's head is in the parameters.
 The minibatches are the same for every baseline and run (seeds 1,000,000 + i of `classifier.train.
 diagnostic_batch`). Writes OUT.json and OUT.md when --out is given.
+
+A WORKDIR without a trained run (no config.json or no checkpoint) is refused in one line with exit 2, before
+anything is measured or written; OUT.json is never replaced by one with fewer measurements (`gv_counts`) inside
+this checkout unless --force, and OUT.json and OUT.md are written atomically, together (`wsram_jax.report_files`).
 """
 import shlex
 import sys
@@ -21,11 +25,12 @@ from typing import Sequence
 import numpy as np
 from absl import flags
 
+from experiments import report
 from wsram_jax import errors
+from wsram_jax import report_files
 from wsram_jax.classifier import train
 from wsram_jax.training import cli
 from wsram_jax.training import config as config_lib
-from wsram_jax.training import report
 from wsram_jax.training import runs as runs_lib
 from wsram_jax.training import step as step_lib
 
@@ -41,6 +46,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("batches", 4, "Fixed minibatches per run.")
   flags.DEFINE_integer("estimates", 16, "Gradient estimates per minibatch.")
   flags.DEFINE_string("out", None, "Write OUT.json and OUT.md (directories are created).")
+  flags.DEFINE_bool("force", False, report_files.FORCE_HELP)
 
 
 def measure(workdir: str, baselines: Sequence[str], batches: int, estimates: int, log=print) -> dict:
@@ -56,7 +62,7 @@ def measure(workdir: str, baselines: Sequence[str], batches: int, estimates: int
   images, labels = data.images, data.labels
   results = {"workdir": workdir, "trained_baseline": config.baseline, "baselines": list(baselines),
              "batches": batches, "estimates": estimates, "runs": []}
-  states = [runs_lib.unstack(state, r) if runs.num_runs > 1 else state for r in range(runs.num_runs)]
+  states = [runs_lib.unstack(state, r) if runs.several else state for r in range(runs.num_runs)]
   results["runs"] = [{"seed": int(seed), "step": int(st.step)} for seed, st in zip(runs.seeds, states)]
   # The same minibatches for every baseline and run (they depend on the batch size and the canvas only).
   inputs = [train.diagnostic_batch(config, images, labels, BATCH_SEED + i) for i in range(batches)]
@@ -67,18 +73,23 @@ def measure(workdir: str, baselines: Sequence[str], batches: int, estimates: int
       cfg.baseline = b
     train.validate_config(cfg)
     btx = train.baseline_transform(cfg)
-    # One compiled function per baseline for every run, each run with its own swept numbers (`hyper`).
+    # One compiled function per baseline for every run, each run with its own swept numbers (`hyper`; {} for one).
     diagnose = step_lib.make_diagnose(train.make_loss_fn(cfg, model), btx, num_estimates=estimates,
                                       uses_inference_network=False)
     for r, (st, row) in enumerate(zip(states, results["runs"])):
       st = st if b == config.baseline else st.replace(extra=btx.init())
-      hyper = runs.hyper_of(r) if runs.num_runs > 1 else None
-      measured = [diagnose(st, batch, key, hyper) for batch, key in inputs]
+      measured = [diagnose(st, batch, key, runs.hyper_of(r)) for batch, key in inputs]
       row[b] = {g: float(np.mean([m[f"diag/grad_var/{g}"] for m in measured])) for g in GROUPS
                 if f"diag/grad_var/{g}" in measured[0]}
       log(f"run {r} (seed {row['seed']}, update {row['step']}), baseline {b}: "
           + ", ".join(f"{g} {v:.3g}" for g, v in row[b].items()))
   return results
+
+
+def gv_counts(results: dict) -> dict[str, int]:
+  """What a grad_variance report is measured by (`wsram_jax.report_files`): its (run, baseline) measurements; from
+  OUT.json's content."""
+  return {"measurements": sum(b in row for row in results["runs"] for b in results["baselines"])}
 
 
 def markdown(results: dict) -> str:
@@ -103,11 +114,17 @@ def main(argv: Sequence[str]) -> None:
     raise errors.UserError("--workdir is required: the workdir of a trained VAR run.")
   if FLAGS.batches < 1 or FLAGS.estimates < 2 or not FLAGS.baselines:
     raise errors.ConfigError("--batches must be at least 1, --estimates at least 2, --baselines not empty.")
+  missing = report.no_run(FLAGS.workdir)
+  if missing:
+    raise errors.ReportRefused(f"{missing}: --workdir must be a trained VAR run; nothing measured or written.")
   results = measure(FLAGS.workdir, FLAGS.baselines, FLAGS.batches, FLAGS.estimates)
   results["command"] = "python -m experiments.grad_variance " + shlex.join(sys.argv[1:])
   text = f"Command: `{results['command']}`\n\n" + markdown(results)
   if FLAGS.out:
-    report.write_results(FLAGS.out, results, text)
+    with report_files.Report(force=FLAGS.force, elsewhere="--out") as out:
+      out.guard(FLAGS.out + ".json", gv_counts(results), lambda p: gv_counts(report_files.read_json(p)),
+                default_destination=False)
+      report.write_results(FLAGS.out, results, text, out)
   print(text)
 
 

@@ -14,11 +14,11 @@ from typing import Optional, Sequence
 
 from absl import flags
 
+from experiments import report
 from wsram_jax.training import cli
 from wsram_jax import data
 from wsram_jax import errors
 from wsram_jax import plots
-from wsram_jax.training import report
 from wsram_jax.classifier import train
 
 FLAGS = flags.FLAGS

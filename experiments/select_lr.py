@@ -14,6 +14,11 @@ boxes are used to measure, never to train; 0 turns the test off). A learning rat
 which looks once and parks its later glimpses off the digit has not converged by this test. The variant's
 learning rate is the highest one whose runs all converged. Writes RESULTS.json (the choice and every
 run's numbers), which `python -m experiments.table1 --learning_rates=RESULTS.json` reads, and RESULTS.md.
+
+The report never destroys a result (`wsram_jax.report_files`): when no run has been judged (finished --steps
+updates, or stopped by a non-finite step) it writes nothing and exits with 2, in one line; nor does it replace a
+RESULTS.json with fewer judged runs (`lr_counts`) at the default --results or anywhere in this checkout, unless
+--force. Both files are written atomically, together.
 """
 import os
 import shlex
@@ -22,9 +27,10 @@ import sys
 
 from absl import flags
 
+from experiments import report
 from wsram_jax import errors
+from wsram_jax import report_files
 from wsram_jax.training import cli
-from wsram_jax.training import report
 
 FLAGS = flags.FLAGS
 
@@ -44,6 +50,7 @@ def define_flags() -> None:
   flags.DEFINE_string("results", "results/learning_rates", "Write RESULTS.json and RESULTS.md.")
   flags.DEFINE_bool("report_only", False, "Only choose from the runs' metrics so far.")
   flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for every variant (e.g. a test's).")
+  flags.DEFINE_bool("force", False, report_files.FORCE_HELP)
 
 
 def grid(learning_rates, seeds) -> list[tuple[float, int]]:
@@ -60,16 +67,32 @@ def command(variant: str, workdir: str, learning_rates, seeds, steps: int, extra
 
 
 def converged(run_dir: str, steps: int, max_error: float, min_on_digit: float = 0.0) -> dict:
-  """One run's verdict: its last logged training error, whether it reached `steps` finite, where its greedy
-  later glimpses went, and whether it converged."""
+  """One run's verdict: its last logged training error, whether it reached `steps` finite, whether a non-finite
+  step stopped it, where its greedy later glimpses went, whether it converged, and its last logged step."""
   final = report.final_metrics(run_dir)
   error = final.get("train/error")
   on_digit = final.get("eval/on_digit/later")
-  finite = "train/nonfinite_step" not in final and final.get("step", 0) >= steps
+  nonfinite = "train/nonfinite_step" in final
+  finite = not nonfinite and final.get("step", 0) >= steps
   attends = min_on_digit <= 0 or (on_digit is not None and float(on_digit) >= min_on_digit)
   ok = bool(finite and error is not None and float(error) <= max_error and attends)
   return {"train_error": None if error is None else float(error), "finished_finite": finite,
+          "nonfinite": nonfinite, "step": int(final.get("step", 0)),
           "on_digit_later": None if on_digit is None else float(on_digit), "converged": ok}
+
+
+def judged(verdict: dict) -> bool:
+  """Whether a run's verdict is final: it finished finite, or a non-finite step stopped it. (A verdict of a file
+  written before verdicts recorded ``nonfinite`` counts as judged: select_lr wrote such files only after its sweep
+  had finished.)"""
+  return bool(verdict["finished_finite"] or verdict.get("nonfinite", "step" not in verdict))
+
+
+def lr_counts(obj: dict) -> dict[str, int]:
+  """What a select_lr report is measured by (`wsram_jax.report_files`): its judged runs; from RESULTS.json's
+  content."""
+  return {"judged runs": sum(judged(v) for c in obj["details"].values() for per_lr in c["runs"].values()
+                             for v in per_lr.values())}
 
 
 def choose(variant_dir: str, learning_rates, seeds, steps: int, max_error: float,
@@ -97,7 +120,8 @@ def markdown(choices: dict, learning_rates, seeds, steps: int, max_error: float,
     cells = []
     for lr in learning_rates:
       runs = c["runs"][repr(lr)].values()
-      errs = ", ".join("NaN" if not v["finished_finite"] else
+      errs = ", ".join("NaN" if v.get("nonfinite", not v["finished_finite"]) else
+                       f"at update {v['step']:,}" if not v["finished_finite"] else
                        ("-" if v["train_error"] is None else f"{100 * v['train_error']:.1f}%") +
                        ("" if v.get("on_digit_later") is None else f" ({100 * v['on_digit_later']:.0f}%)")
                        for v in runs)
@@ -135,10 +159,15 @@ def main(argv):
   choices = {v: choose(os.path.join(FLAGS.root, v), learning_rates, seeds, FLAGS.steps, FLAGS.max_error,
                        FLAGS.min_on_digit) for v in FLAGS.variants}
   text = markdown(choices, learning_rates, seeds, FLAGS.steps, FLAGS.max_error, cmd, FLAGS.min_on_digit)
-  report.write_results(FLAGS.results, {"command": cmd, "steps": FLAGS.steps, "max_error": FLAGS.max_error,
-                                       "min_on_digit": FLAGS.min_on_digit,
-                                       "learning_rates": {v: c["learning_rate"] for v, c in choices.items()},
-                                       "details": choices}, text)
+  results = {"command": cmd, "steps": FLAGS.steps, "max_error": FLAGS.max_error, "min_on_digit": FLAGS.min_on_digit,
+             "learning_rates": {v: c["learning_rate"] for v, c in choices.items()}, "details": choices}
+  counts = lr_counts(results)
+  with report_files.Report(force=FLAGS.force, elsewhere="--results") as out:
+    out.refuse_empty(counts["judged runs"], f"No run under {FLAGS.root} has finished {FLAGS.steps} updates or "
+                                            f"stopped on a non-finite step (variants {', '.join(FLAGS.variants)})")
+    out.guard(FLAGS.results + ".json", counts, lambda p: lr_counts(report_files.read_json(p)),
+              default_destination=report_files.is_default(FLAGS.results, FLAGS["results"].default))
+    report.write_results(FLAGS.results, results, text, out)
   print(text)
 
 

@@ -22,26 +22,35 @@ Stop it at any time (or lose the session): started again with the same flags it 
 last checkpoint left it. When the runs are done (or with --report_only, from whatever has been written so far)
 it writes results/table1.json, results/figure2.png, results/figure3.png, results/glimpses.png (the greedy
 glimpse paths of the first seed's WS-RAM+q+c model on test canvases, when its checkpoints are there) and the
-Table 1 section of RESULTS.md. The finished workdirs' metrics (without checkpoints) are kept in git as
-results/table1_runs/NAME.tar.xz: `tar xJf results/table1_runs/NAME.tar.xz -C ROOT` restores what the report reads.
+Table 1 section of RESULTS.md (with --results elsewhere: RESULTS/table1.md, unless --results_md names the file).
+The finished workdirs' metrics (without checkpoints) are kept in git as results/table1_runs/NAME.tar.xz:
+`tar xJf results/table1_runs/NAME.tar.xz -C ROOT` restores what the report reads.
+
+The report never destroys a result (`wsram_jax.report_files`): with no run under --root that finished --steps
+updates it writes nothing and exits with 2, in one line; nor does it replace a table1.json or a Table 1 section
+that counts more finished runs or more updates than its own (`table1_counts`) in a protected place (the default
+destinations, or anywhere in this checkout) unless --force. Every file is written to a temporary file and renamed
+into place once all are written, so an interrupted report leaves the old one whole.
 """
 import json
 import logging
 import os
+import re
 import shlex
-import subprocess
 import sys
-import time
 
 from absl import flags
 
 from experiments.configs import mnist as mnist_configs
+from experiments import report
+from experiments.sweep import run_all, run_dirs, select
 from wsram_jax import errors
+from wsram_jax import report_files
 from wsram_jax.classifier import train
 from wsram_jax.training import cli
 from wsram_jax.training import config as config_lib
-from wsram_jax.training import report
 from wsram_jax.training import runs as runs_lib
+
 
 _ROOT = flags.DEFINE_string("root", "runs/table1", "Directory holding one workdir per variant.")
 _STEPS = flags.DEFINE_integer("steps", 15000, "Updates per run.")
@@ -51,6 +60,11 @@ _LEARNING_RATES = flags.DEFINE_string("learning_rates", None,
                                       "A file of experiments.select_lr: each variant at the learning rate chosen.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only write the report from the runs' metrics so far.")
 _RESULTS = flags.DEFINE_string("results", "results", "Directory for the figures and the JSON summary.")
+_RESULTS_MD = flags.DEFINE_string(
+    "results_md", "RESULTS.md", "The markdown file whose Table 1 section (between its markers) the report "
+    "replaces. Used when given, or when --results is its default; with --results elsewhere and no --results_md "
+    "the section is written to RESULTS/table1.md instead.")
+_FORCE = flags.DEFINE_bool("force", False, report_files.FORCE_HELP)
 _EXTRA = flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for every run (e.g. for a test).")
 _ONLY = flags.DEFINE_list("only", [], "Train only these workdirs (variants or Figure 3 runs), in this order; the "
                           "report still covers every workdir's runs so far.")
@@ -109,110 +123,114 @@ def planned_runs(seeds, steps, extra, learning_rates=None) -> dict[str, list[str
   return runs
 
 
-def select(runs: dict[str, list[str]], only) -> dict[str, list[str]]:
-  """The runs named in `only`, in its order (all of them when it is empty)."""
-  unknown = [name for name in only if name not in runs]
-  if unknown:
-    raise errors.UserError(f"--only: no workdir named {', '.join(unknown)}; the names are {', '.join(runs)}.")
-  return {name: runs[name] for name in only} if only else runs
+def table1_counts(summary: dict) -> dict[str, int]:
+  """What a Table 1 report is measured by (`wsram_jax.report_files`): the runs its cells count (those that finished
+  --steps updates) and the updates those runs trained, summed; from ``table1.json``'s content."""
+  cells = summary["error_sampled"].values()
+  return {"finished runs": sum(int(c["runs"]) for c in cells),
+          "updates": sum(int(s) for c in cells for s in c["steps"])}
 
 
-def run_dirs(root: str, name: str, seeds) -> list[str]:
-  """The run directories of one workdir's seeds."""
-  return [os.path.join(root, name, f"run_{i}") for i in range(len(seeds))] if len(seeds) > 1 else \
-      [os.path.join(root, name)]
+def section_counts(content: str) -> dict[str, int]:
+  """The same measure of RESULTS.md's Table 1 section (in `content`): the runs of its first table's cells
+  (``(n=K)``), and those times its "Each run: N updates"; zero when there is no section."""
+  text = report.section(content, "table1") or ""
+  rows = [line for line in text.splitlines() if line.startswith(("| no c.v. |", "| +c.v. |"))][:2]
+  finished = sum(int(n) for line in rows for n in re.findall(r"\(n=(\d+)\)", line))
+  each = re.search(r"Each run: (\d+) updates", text)
+  return {"finished runs": finished, "updates": finished * int(each.group(1)) if each else 0}
 
 
-def _done(root: str, name: str, seeds, steps: int) -> bool:
-  finals = [report.final_metrics(d) for d in run_dirs(root, name, seeds)]
-  return all(f.get("step", 0) >= steps and "eval/error_sampled" in f for f in finals)
+def _section_preview(summaries, steps: int) -> str:
+  """The part of the Table 1 section that `section_counts` reads."""
+  return (report.table1_markdown(summaries, key_name="eval/error_sampled") +
+          f"\n\nEach run: {steps} updates.")
 
 
-def run_all(runs: dict[str, list[str]], root: str, seeds, steps: int, jobs: int) -> None:
-  env = dict(os.environ)
-  if jobs > 1:  # Several single-threaded processes use 2 cores better than one two-threaded one here.
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
-  pending = [name for name in runs if not _done(root, name, seeds, steps)]
-  print(f"{len(runs) - len(pending)} of {len(runs)} runs done; {len(pending)} to go, {jobs} at a time.",
-        flush=True)
-  active: dict[str, subprocess.Popen] = {}
-  failed = []
-  while pending or active:
-    while pending and len(active) < jobs:
-      name = pending.pop(0)
-      workdir = os.path.join(root, name)
-      os.makedirs(workdir, exist_ok=True)
-      cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *runs[name]]
-      with open(os.path.join(workdir, "command.txt"), "w", encoding="utf-8") as f:
-        f.write(shlex.join(cmd[1:]) + "\n")
-      log = open(os.path.join(workdir, "log.txt"), "a", encoding="utf-8")
-      active[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-      print(f"started {name}", flush=True)
-    time.sleep(5)
-    for name, proc in list(active.items()):
-      if proc.poll() is not None:
-        del active[name]
-        status = "finished" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}; see log.txt)"
-        print(f"{name} {status}; {len(pending)} waiting, {len(active)} running", flush=True)
-        if proc.returncode != 0:
-          failed.append(name)
-  if failed:
-    raise errors.UserError(f"Runs {', '.join(failed)} failed; read their log.txt under {root}.")
+def write_report(runs: dict[str, list[str]], root: str, seeds, results: str, command: str, steps: int = 0, *,
+                 results_md: str = "RESULTS.md", force: bool = False, default_results: bool = False,
+                 default_results_md: bool = False) -> None:
+  """Writes the report of the module docstring: RESULTS/table1.json, figure2.png, figure3.png, glimpses.png (when
+  the WS-RAM+q+c checkpoints are there) and the Table 1 section of `results_md`, all or none
+  (`wsram_jax.report_files.Report`).
 
-
-def write_report(runs: dict[str, list[str]], root: str, seeds, results: str, command: str,
-                 steps: int = 0) -> None:
+  Refused in one line (`errors.ReportRefused`, exit 2), with nothing written, when no run under `root` has
+  finished `steps` updates, or when table1.json or the section in `results_md` holds more finished runs or more
+  updates (`table1_counts`, `section_counts`) than this report, unless `force`, where the destination is
+  protected (a flag's default, `default_results` and `default_results_md`, or inside this checkout).
+  """
   groups = {v: run_dirs(root, v, seeds) for v in TABLE_VARIANTS}
   summaries = report.summarize(groups, key="eval/error_sampled", min_step=steps)
   greedy = report.summarize(groups, key="eval/error_greedy", min_step=steps)
-  glimpse_run = os.path.join(root, "wsram_q_cv")
-  state = None
-  if os.path.exists(os.path.join(glimpse_run, "config.json")):
-    config = config_lib.load_config(glimpse_run)
-    try:
-      state = train.restore_state(config, glimpse_run)
-    except errors.CheckpointError:  # an archive of the metrics alone (results/table1_runs): no figure
-      logging.warning("%s holds no checkpoint; %s is left as it is.", glimpse_run,
-                      os.path.join(results, "glimpses.png"))
-  if state is not None:
-    first = runs_lib.from_config(config)
-    if first.num_runs > 1:  # the first seed's model
-      state, config = runs_lib.unstack(state, 0), first.config_for(config, 0)
-    config.data.num_test = 16
-    data = train.load_data(config)
-    train.glimpse_figure(config, state.params, data.test_canvases, data.test_labels,
-                         os.path.join(results, "glimpses.png"), boxes=data.test_boxes)
-  tests = report.orderings(summaries)
-  curve_tests = report.curve_orderings(groups, from_step=steps // 5)
-  report.write_json(os.path.join(results, "table1.json"), {
-      "command": command, "error_sampled": summaries, "error_greedy": greedy, "orderings": tests,
-      "figure2_orderings": curve_tests,
-      "final_metrics": {os.path.relpath(d, root): report.final_metrics(d)
-                        for name in runs for d in run_dirs(root, name, seeds)}})
-  report.figure2(groups, os.path.join(results, "figure2.png"))
-  report.figure3({
-      "VAR+c": {"heuristics on": groups["var_cv"], "heuristics off": run_dirs(root, "var_cv_heuroff", seeds),
-                "coverage bonus off": run_dirs(root, "var_cv_nocoverage", seeds),
-                "coverage of the scales only": run_dirs(root, "var_cv_coverage_scales", seeds)},
-      "WS-RAM+q+c": {"heuristics on": run_dirs(root, "wsram_q_cv_heuron", seeds),
-                     "heuristics off": run_dirs(root, "wsram_q_cv_heuroff", seeds),
-                     "T = 2 + entropy bonus (default)": groups["wsram_q_cv"]},
-  }, os.path.join(results, "figure3.png"))
-  text = "\n\n".join([
-      "Command: `" + command + "`",
-      report.table1_markdown(summaries, key_name="eval/error_sampled"),
-      f"Each run: {steps} updates. A cell counts only the runs that completed them.",
-      "Prediction from the prior's mean glimpses (`eval/error_greedy`):",
-      report.table1_markdown(greedy, key_name="eval/error_greedy"),
-      "The orderings the paper claims, tested on `eval/error_sampled`:",
-      report.orderings_markdown(tests),
-      f"The paper's Figure 2 claims, tested on each run's average of the curve over the last four fifths of "
-      f"training (from update {steps // 5:,}; the gradient variance at its `diag_every` measurements):",
-      report.curve_orderings_markdown(curve_tests),
-  ])
-  report.write_between_markers("RESULTS.md", "table1", text)
-  print(f"wrote {results}/table1.json, figure2.png, figure3.png and the Table 1 section of RESULTS.md")
+  json_path = os.path.join(results, "table1.json")
+  counts = table1_counts({"error_sampled": summaries})
+  with report_files.Report(force=force, elsewhere="--results, --results_md") as out:
+    out.refuse_empty(counts["finished runs"],
+                     f"No run under {root} has finished {steps} updates (ROOT/VARIANT/metrics.jsonl, or "
+                     "ROOT/VARIANT/run_i/ for several seeds, of the variants " + ", ".join(TABLE_VARIANTS) + ")")
+    out.guard(json_path, counts, lambda p: table1_counts(report_files.read_json(p)),
+              default_destination=default_results)
+    out.guard(results_md, section_counts(report.between_markers("", "table1", _section_preview(summaries, steps))),
+              lambda p: section_counts(report_files.read_text(p)), default_destination=default_results_md)
+    glimpse_run = os.path.join(root, "wsram_q_cv")
+    state = None
+    if os.path.exists(os.path.join(glimpse_run, "config.json")):
+      config = config_lib.load_config(glimpse_run)
+      try:
+        state = train.restore_state(config, glimpse_run)
+      except errors.CheckpointError:  # an archive of the metrics alone (results/table1_runs): no figure
+        logging.warning("%s holds no checkpoint; %s is left as it is.", glimpse_run,
+                        os.path.join(results, "glimpses.png"))
+    if state is not None:
+      first = runs_lib.from_config(config)
+      if first.num_runs > 1:  # the first seed's model
+        state, config = runs_lib.unstack(state, 0), first.config_for(config, 0)
+      config.data.num_test = 16
+      data = train.load_data(config)
+      train.glimpse_figure(config, state.params, data.test_canvases, data.test_labels,
+                           out.path(os.path.join(results, "glimpses.png")), boxes=data.test_boxes)
+    tests = report.orderings(summaries)
+    curve_tests = report.curve_orderings(groups, from_step=steps // 5)
+    out.write_json(json_path, {
+        "command": command, "error_sampled": summaries, "error_greedy": greedy, "orderings": tests,
+        "figure2_orderings": curve_tests,
+        "final_metrics": {os.path.relpath(d, root): report.final_metrics(d)
+                          for name in runs for d in run_dirs(root, name, seeds)}}, sort_keys=True)
+    report.figure2(groups, out.path(os.path.join(results, "figure2.png")))
+    report.figure3({
+        "VAR+c": {"heuristics on": groups["var_cv"], "heuristics off": run_dirs(root, "var_cv_heuroff", seeds),
+                  "coverage bonus off": run_dirs(root, "var_cv_nocoverage", seeds),
+                  "coverage of the scales only": run_dirs(root, "var_cv_coverage_scales", seeds)},
+        "WS-RAM+q+c": {"heuristics on": run_dirs(root, "wsram_q_cv_heuron", seeds),
+                       "heuristics off": run_dirs(root, "wsram_q_cv_heuroff", seeds),
+                       "T = 2 + entropy bonus (default)": groups["wsram_q_cv"]},
+    }, out.path(os.path.join(results, "figure3.png")))
+    text = "\n\n".join([
+        "Command: `" + command + "`",
+        report.table1_markdown(summaries, key_name="eval/error_sampled"),
+        f"Each run: {steps} updates. A cell counts only the runs that completed them.",
+        "Prediction from the prior's mean glimpses (`eval/error_greedy`):",
+        report.table1_markdown(greedy, key_name="eval/error_greedy"),
+        "The orderings the paper claims, tested on `eval/error_sampled`:",
+        report.orderings_markdown(tests),
+        f"The paper's Figure 2 claims, tested on each run's average of the curve over the last four fifths of "
+        f"training (from update {steps // 5:,}; the gradient variance at its `diag_every` measurements):",
+        report.curve_orderings_markdown(curve_tests),
+    ])
+    content = report_files.read_text(results_md) if os.path.exists(results_md) else ""
+    out.write_text(results_md, report.between_markers(content, "table1", text))
+  print(f"wrote {results}/table1.json, figure2.png, figure3.png and the Table 1 section of {results_md}")
+
+
+def results_md_path(results: str, results_md_flag) -> tuple[str, bool]:
+  """``(path, default_destination)`` of the Table 1 section: --results_md when given; else RESULTS.md (in the
+  working directory, beside the default ``results/``) when --results is its default, or RESULTS/table1.md when
+  --results points elsewhere (so that a report written elsewhere never edits a RESULTS.md it was not told to)."""
+  if results_md_flag.present:
+    return results_md_flag.value, report_files.is_default(results_md_flag.value, results_md_flag.default)
+  if report_files.is_default(results, _RESULTS.default):
+    return results_md_flag.default, True
+  return os.path.join(results, "table1.md"), False
 
 
 def main(argv):
@@ -225,7 +243,10 @@ def main(argv):
   command = "python -m experiments.table1 " + shlex.join(argv[0:0] + sys.argv[1:])
   if not _REPORT_ONLY.value:
     run_all(select(runs, _ONLY.value), _ROOT.value, seeds, _STEPS.value, _JOBS.value)
-  write_report(runs, _ROOT.value, seeds, _RESULTS.value, command, _STEPS.value)
+  results_md, default_md = results_md_path(_RESULTS.value, flags.FLAGS["results_md"])
+  write_report(runs, _ROOT.value, seeds, _RESULTS.value, command, _STEPS.value, results_md=results_md,
+               force=_FORCE.value, default_results=report_files.is_default(_RESULTS.value, _RESULTS.default),
+               default_results_md=default_md)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from nltk.translate import bleu_score
 
-from conftest import synthetic_digits
+from conftest import synthetic_digits, write_flickr_fixture
 from wsram_jax import errors
 from wsram_jax.captioning import bleu
 from wsram_jax.captioning import data
@@ -134,26 +134,6 @@ def test_task_spec_rejects_bad_sizes():
 
 # --------------------------------------------------------------------------------------------------------------
 # Flickr8k.
-
-
-def write_flickr_fixture(root):
-  """A Karpathy-format split file and 4 tiny images (PNG and JPEG) under `root`; returns (json, image_dir)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  image_dir = root / "images"
-  image_dir.mkdir(parents=True, exist_ok=True)
-  rng = np.random.default_rng(0)
-  entries = []
-  specs = [("a.png", "train", [["A", "dog", "runs"], ["a", "dog"]]),
-           ("b.jpg", "restval", [["a", "cat", "sits", "on", "a", "mat"]]),
-           ("c.png", "test", [["a", "dog", "sits"], ["the", "dog"], ["a", "red", "ball"]]),
-           ("d.png", "val", [["a", "cat"]])]
-  for name, split, sentences in specs:
-    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(image_dir / name)
-    entries.append({"filename": name, "split": split, "imgid": len(entries),
-                    "sentences": [{"tokens": t, "raw": " ".join(t)} for t in sentences]})
-  json_path = root / "dataset_flickr8k.json"
-  json_path.write_text(json.dumps({"dataset": "flickr8k", "images": entries}))
-  return json_path, image_dir
 
 
 def test_flickr8k_loader(tmp_path):

@@ -8,9 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import apply_overrides
-from experiments.configs import captions as caption_configs
-from test_captioning_data import write_flickr_fixture
+from conftest import message_lines, run_all, stop_running_binary, tiny_caption_overrides, write_flickr_fixture
 from wsram_jax import errors
 from wsram_jax.training import memory
 from wsram_jax.training import step as step_lib
@@ -20,28 +18,6 @@ from wsram_jax.captioning import plots
 from wsram_jax.captioning import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_caption_overrides(data_dir) -> dict:
-  """A 32 px canvas, a 3-block encoder with 2 levels, D = 8: small enough to compile in seconds."""
-  return {
-      "data.source": "idx", "data.data_dir": str(data_dir), "data.canvas_size": 32, "data.small_min": 8,
-      "data.small_max": 10, "data.large_min": 14, "data.large_max": 16, "data.num_test": 6,
-      "data.eval_batch_size": 4, "model.encoder_channels": (4, 4, 4), "model.num_scales": 2,
-      "model.feature_dim": 4, "model.embed_dim": 4, "model.hidden_size": 8, "model.glimpse_hidden": 4,
-      "model.attention_hidden": 8, "model.context_dim": 4, "model.lowres_size": 4, "batch_size": 4,
-      "num_samples": 2, "num_steps": 4, "log_every": 2, "eval_every": 4, "checkpoint_every": 2,
-  }
-
-
-@pytest.fixture
-def tiny_caption_config(tiny_mnist_dir):
-  def make(variant="wsram_q_cv", **overrides):
-    config = caption_configs.get_config(variant)
-    apply_overrides(config, tiny_caption_overrides(tiny_mnist_dir))
-    return apply_overrides(config, overrides)
-
-  return make
 
 
 def test_train_resume_and_plots(tiny_caption_config, tmp_path):
@@ -138,7 +114,6 @@ def test_invalid_config_is_one_clear_error(tiny_caption_config, overrides, match
 
 
 def test_binary_sigint_saves_the_step_reached(tiny_mnist_dir, tiny_caption_config, tmp_path):
-  from test_train import message_lines, stop_running_binary  # pylint: disable=g-import-not-at-top
   overrides = {**tiny_caption_overrides(tiny_mnist_dir), "num_steps": 100000, "checkpoint_every": 50000,
                "eval_every": 100000, "log_every": 2}
   cmd = [sys.executable, "-m", "experiments.train_captions", "--config=experiments/configs/captions.py:wsram_q_cv",
@@ -155,7 +130,6 @@ def test_binary_sigint_saves_the_step_reached(tiny_mnist_dir, tiny_caption_confi
 
 
 def test_binary_bad_config_files_are_one_line_and_exit_2(tmp_path):
-  from test_train import message_lines, run_all  # pylint: disable=g-import-not-at-top
   (tmp_path / "notes.txt").write_text("hello\n")
   cmd = lambda config: [sys.executable, "-m", "experiments.train_captions", f"--config={config}",
                         f"--workdir={tmp_path / 'w'}"]
@@ -172,3 +146,105 @@ def test_binary_rejects_bad_config_with_exit_code_2(tmp_path):
   assert proc.returncode == 2, proc.stderr
   assert "q_word" in proc.stderr and "Traceback" not in proc.stderr
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the core gives every task: several runs as one program, the data-parallel mesh.
+
+
+def test_each_captioner_run_equals_its_single_run_twin(tiny_caption_config, tmp_path):
+  from wsram_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top
+  config = tiny_caption_config("wsram_q_cv", **{"num_runs": 2, "runs.seed": (4, 5), "runs.learning_rate": (1e-3, 3e-3),
+                                                "runs.loc_std": (0.1, 0.2), "runs.entropy_weight": (0.0, 0.01)})
+  train.validate_config(config)
+  runs = runs_lib.from_config(config)
+  task = train.load_task(config)
+
+  def train_steps(cfg, steps=3):
+    model = train.build_model(cfg, len(task.vocab))
+    optimizer = step_lib.make_optimizer(cfg)
+    state = train.create_train_state(cfg, model, optimizer)
+    step = train.make_train_step(cfg, model, optimizer, task)
+    for _ in range(steps):
+      state, metrics = step(state, task.train)
+    return state, metrics
+
+  state, metrics = train_steps(config)
+  assert metrics["train/loss"].shape == (2,)
+  for r in range(2):
+    twin = runs.config_for(config, r)
+    assert twin.num_runs == 1 and twin.seed == 4 + r and twin.model.loc_std == (0.1, 0.2)[r]
+    alone, alone_metrics = train_steps(twin)
+    np.testing.assert_allclose(metrics["train/loss"][r], alone_metrics["train/loss"], rtol=1e-5, atol=1e-6)
+    # Adam divides by sqrt(v) + 1e-8: a gradient component near zero moves by up to a step on float noise alone.
+    for a, b in zip(jax.tree_util.tree_leaves(runs_lib.unstack(state, r).params),
+                    jax.tree_util.tree_leaves(alone.params)):
+      diff = np.abs(np.asarray(a) - np.asarray(b))
+      assert diff.max() <= runs.values["learning_rate"][r], diff.max()
+      assert np.mean(diff > 1e-5 + 1e-4 * np.abs(np.asarray(b))) < 0.01
+  # Through the loop: each run its own metrics, evaluation (BLEU, NLL under its own loc_std) and summary line.
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert len(result["runs"]) == 2 and all("eval/bleu1" in run and "eval/nll" in run for run in result["runs"])
+  assert result["runs"][0]["eval/nll"] != result["runs"][1]["eval/nll"]
+  for r in range(2):
+    steps, _ = metric_writers.series(metric_writers.read_metrics(str(tmp_path / f"run_{r}")), "train/nll")
+    np.testing.assert_array_equal(steps, [2, 4])
+  lines = train.summary(result).splitlines()
+  assert len(lines) == 2 and lines[1].startswith("run 1 (seed 5, ") and "test BLEU-1..4" in lines[1]
+  assert np.asarray(train.restore(config, str(tmp_path)).state.step).tolist() == [4, 4]
+
+
+_MESH_SCRIPT = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from experiments.configs import captions
+from wsram_jax.captioning import train
+from wsram_jax.training import config as config_lib
+from wsram_jax.training import step as step_lib
+from wsram_jax.training import trainer
+
+overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[-1]).items()}
+assert jax.device_count() == 2, jax.devices()
+out = {}
+for n in (1, 2):
+  config = config_lib.apply_overrides(captions.get_config("wsram_q_cv"), overrides)
+  config.mesh_devices = n
+  train.validate_config(config)
+  task = train.load_task(config)
+  model, optimizer = train.build_model(config, len(task.vocab)), step_lib.make_optimizer(config)
+  state = train.create_train_state(config, model, optimizer)
+  data = step_lib.replicate(step_lib.make_mesh(n), (task.train,))
+  step = train.make_train_step(config, model, optimizer, task)
+  loss_and_grads = trainer.make_loss_and_grads(train.TASK, config, model, task)
+  both = lambda s, *d: (loss_and_grads(s.params, s.extra, jax.random.fold_in(s.key, s.step), *d), step(s, *d))
+  compiled = jax.jit(both).lower(state, *data).compile()
+  ((loss, _), grads), (new_state, metrics) = compiled(state, *data)
+  out[n] = dict(loss=float(loss), step_loss=float(metrics["train/loss"]),
+                grads=[np.asarray(g).tolist() for g in jax.tree_util.tree_leaves(grads)],
+                params=[np.asarray(p).tolist() for p in jax.tree_util.tree_leaves(new_state.params)],
+                sharding=str(jax.tree_util.tree_leaves(new_state.params)[0].sharding),
+                all_reduce=compiled.as_text().count("all-reduce("))
+print(json.dumps(out))
+"""
+
+
+def test_the_captioner_trains_on_a_two_device_mesh(tiny_mnist_dir):
+  """``mesh_devices=2``: the batch split over two (emulated) devices, the gradients summed across them; the same
+  loss, gradients and update as on one device."""
+  import json  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, json.dumps(tiny_caption_overrides(tiny_mnist_dir))],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  one, two = out["1"], out["2"]
+  assert "'data': 2" in two["sharding"] and "SingleDevice" in one["sharding"]
+  assert two["all_reduce"] >= 1 and one["all_reduce"] == 0
+  np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(two["step_loss"], one["loss"], rtol=1e-6, atol=1e-6)
+  for g2, g1 in zip(two["grads"], one["grads"]):
+    np.testing.assert_allclose(np.asarray(g2), np.asarray(g1), rtol=1e-5, atol=1e-6)
+  for p2, p1 in zip(two["params"], one["params"]):
+    np.testing.assert_allclose(np.asarray(p2), np.asarray(p1), rtol=1e-5, atol=1e-6)

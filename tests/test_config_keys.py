@@ -10,11 +10,9 @@ import textwrap
 import ml_collections
 import pytest
 
-from conftest import apply_overrides, tiny_overrides
+from conftest import apply_overrides, tiny_caption_overrides, tiny_overrides, write_flickr_fixture
 from experiments.configs import captions as caption_configs
 from experiments.configs import mnist as mnist_configs
-from test_captioning_data import write_flickr_fixture
-from test_captioning_train import tiny_caption_overrides
 from wsram_jax import errors
 from wsram_jax import objectives
 from wsram_jax.captioning import model as caption_model

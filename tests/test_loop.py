@@ -21,7 +21,6 @@ from wsram_jax import errors
 from wsram_jax.training import loop
 from wsram_jax.training import memory
 from wsram_jax.training import metric_writers
-from wsram_jax.training import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,7 +104,7 @@ def test_a_resume_supersedes_the_metrics_of_the_lost_steps(tmp_path):
   assert [r["eval/w_norm"] for r in records if "eval/w_norm" in r] == old_eval
   steps, _ = metric_writers.series(records, "train/loss")
   np.testing.assert_array_equal(steps, [4, 8, 12, 16, 20])
-  assert report.final_metrics(str(tmp_path))["step_of"]["train/loss"] == 20
+  assert metric_writers.final_metrics(str(tmp_path))["step_of"]["train/loss"] == 20
 
 
 def _signalling(task, at_step, signum):

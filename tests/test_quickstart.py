@@ -10,8 +10,8 @@ import pytest
 
 from experiments import quickstart
 from wsram_jax.classifier import train as classifier_train
-from wsram_jax.training import report
 from wsram_jax.training import cli
+from wsram_jax.training import metric_writers
 from wsram_jax import plots
 from wsram_jax.errors import ConfigError, DataError
 
@@ -107,6 +107,6 @@ def test_run_quickstart_trains_and_draws(tiny_config, tmp_path):
   assert "test error" in line and "on the digit" in line and "ESS" in line and "grad var" in line
   # Without the diagnostics (the quick config's default) the ESS is the last training batches': the same run's
   # summary from its metrics less the diagnostics' (training it again without them would only repeat the above).
-  logged = {k: v for k, v in report.final_metrics(str(tmp_path)).items() if not k.startswith("diag/")}
+  logged = {k: v for k, v in metric_writers.final_metrics(str(tmp_path)).items() if not k.startswith("diag/")}
   line = classifier_train.summary(logged)
   assert "ESS of the last training batches" in line and "grad var" not in line

@@ -5,10 +5,10 @@ import warnings
 import numpy as np
 import pytest
 
+from experiments import report
 from experiments import table1
 from wsram_jax import errors
 from wsram_jax.training import metric_writers
-from wsram_jax.training import report
 
 
 def _fake_run(workdir, final_error, steps=(100, 200)):

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import synthetic_digits
-from test_train import _train_cmd, kill_after_first_checkpoint
+from conftest import kill_after_first_checkpoint, synthetic_digits, train_cmd
 from wsram_jax import errors
 from wsram_jax.classifier import train
 from wsram_jax.training import metric_writers
@@ -139,13 +138,13 @@ def test_sigkill_and_resume_of_several_runs_is_bit_identical(tiny_config, tiny_m
   extra = ["--config.num_steps=300", "--config.checkpoint_every=20", "--config.eval_every=300",
            "--config.log_every=20", "--config.diag_every=0", "--config.num_runs=2",
            "--config.runs.learning_rate=1e-3,3e-3"]
-  ref = subprocess.run(_train_cmd(tmp_path / "ref", tiny_mnist_dir, *extra), cwd=REPO, capture_output=True,
+  ref = subprocess.run(train_cmd(tmp_path / "ref", tiny_mnist_dir, *extra), cwd=REPO, capture_output=True,
                        text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-2000:]
   assert len(ref.stdout.strip().splitlines()) == 2 and "2 runs" in ref.stderr  # one summary line per run
   killed_dir = tmp_path / "killed"
-  kill_after_first_checkpoint(_train_cmd(killed_dir, tiny_mnist_dir, *extra), killed_dir)
-  resumed = subprocess.run(_train_cmd(killed_dir, tiny_mnist_dir, *extra), cwd=REPO, capture_output=True,
+  kill_after_first_checkpoint(train_cmd(killed_dir, tiny_mnist_dir, *extra), killed_dir)
+  resumed = subprocess.run(train_cmd(killed_dir, tiny_mnist_dir, *extra), cwd=REPO, capture_output=True,
                            text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   config = tiny_config("wsram_q_cv", num_steps=300, num_runs=2, runs__learning_rate=(1e-3, 3e-3))

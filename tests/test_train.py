@@ -1,15 +1,13 @@
 """The MNIST trainer: a whole run on a tiny config, exact resume after SIGKILL, and bad input."""
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import tiny_overrides
+from conftest import kill_after_first_checkpoint, message_lines, run_all, stop_running_binary, train_cmd
 from wsram_jax.training import checkpoints
 from wsram_jax.training import loop
 from wsram_jax.training import memory
@@ -113,34 +111,14 @@ def test_load_data_checks_the_labels_and_says_when_it_caps_num_test(tiny_config,
   assert "--config.data.num_test=1000" in caplog.text and "32" in caplog.text
 
 
-def _train_cmd(workdir, data_dir, *extra):
-  flags = [f"--config.{k}={v}" for k, v in tiny_overrides(data_dir).items()]
-  return [sys.executable, "-m", "experiments.train", "--config=experiments/configs/mnist.py:wsram_q_cv",
-          f"--workdir={workdir}", *flags, *extra]
-
-
 def test_binary_rejects_bad_config_with_exit_code_2(tiny_mnist_dir, tmp_path):
   for extra, match in (("--config.num_samples=0", "num_samples"),
                        ("--config.no_such_key=1", "no_such_key")):
-    proc = subprocess.run(_train_cmd(tmp_path / "w", tiny_mnist_dir, extra), cwd=REPO, capture_output=True,
+    proc = subprocess.run(train_cmd(tmp_path / "w", tiny_mnist_dir, extra), cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert match in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()  # Nothing was started.
-
-
-def run_all(cmds, timeout=300):
-  """Runs the commands side by side; returns their CompletedProcess-like (returncode, stderr) pairs."""
-  procs = [subprocess.Popen(c, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-           for c in cmds]
-  out = []
-  for p in procs:
-    try:
-      _, stderr = p.communicate(timeout=timeout)
-    finally:
-      p.kill()
-    out.append((p.returncode, stderr))
-  return out
 
 
 def test_binary_bad_command_lines_are_one_line_and_exit_2(tmp_path):
@@ -165,69 +143,33 @@ def test_binary_bad_command_lines_are_one_line_and_exit_2(tmp_path):
 
 
 def test_binary_reports_missing_data_in_one_sentence(tmp_path):
-  proc = subprocess.run(_train_cmd(tmp_path / "w", tmp_path / "nowhere"), cwd=REPO, capture_output=True,
+  proc = subprocess.run(train_cmd(tmp_path / "w", tmp_path / "nowhere"), cwd=REPO, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr and "error:" in proc.stderr
-
-
-def message_lines(stderr: str) -> list[str]:
-  """The lines of a binary's stderr other than progress lines and absl's log lines (``I1128 12:00:00...``)."""
-  return [l for l in stderr.splitlines()
-          if l.strip() and not l.startswith("step ") and not re.match(r"[IWE]\d{4} ", l)]
 
 
 def test_binary_refuses_a_busy_or_unusable_workdir_in_one_line(tiny_mnist_dir, tmp_path):
   busy = tmp_path / "busy"
   os.makedirs(busy)
   with loop.WorkdirLock(str(busy)):  # as if another training process held it
-    proc = subprocess.run(_train_cmd(busy, tiny_mnist_dir), cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(train_cmd(busy, tiny_mnist_dir), cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = message_lines(proc.stderr)
   assert len(lines) == 1 and f"in use by process {os.getpid()} on " in lines[0], proc.stderr[-2000:]
   (tmp_path / "file").write_text("")
-  proc = subprocess.run(_train_cmd(tmp_path / "file", tiny_mnist_dir), cwd=REPO, capture_output=True, text=True,
+  proc = subprocess.run(train_cmd(tmp_path / "file", tiny_mnist_dir), cwd=REPO, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   lines = message_lines(proc.stderr)
   assert len(lines) == 1 and "it is a file" in lines[0], proc.stderr[-2000:]
 
 
-def stop_running_binary(cmd, workdir, signum):
-  """Starts `cmd`, sends it `signum` once it has logged a training line; returns (returncode, stderr)."""
-  env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT then prints every thread's stack
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-  try:
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-      if any('"train/' in line for line in _lines(workdir / "metrics.jsonl")):
-        break
-      time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before the signal; make it longer"
-    proc.send_signal(signum)
-    try:
-      _, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-      proc.send_signal(signal.SIGABRT)
-      _, stderr = proc.communicate(timeout=60)
-      raise AssertionError(f"the run did not stop within 120 s of the signal; its stacks:\n{stderr[-6000:]}")
-  finally:
-    proc.kill()
-  return proc.returncode, stderr
-
-
-def _lines(path):
-  try:
-    return path.read_text().splitlines()
-  except FileNotFoundError:
-    return []
-
-
 def test_sigterm_saves_the_step_reached_and_it_resumes(tiny_mnist_dir, tmp_path):
   long_run = ["--config.num_steps=100000", "--config.checkpoint_every=50000", "--config.eval_every=100000",
               "--config.log_every=5", "--config.diag_every=0"]
   workdir = tmp_path / "w"
-  rc, stderr = stop_running_binary(_train_cmd(workdir, tiny_mnist_dir, *long_run), workdir, signal.SIGTERM)
+  rc, stderr = stop_running_binary(train_cmd(workdir, tiny_mnist_dir, *long_run), workdir, signal.SIGTERM)
   assert rc == 143, stderr[-2000:]
   assert "Traceback" not in stderr
   lines = message_lines(stderr)
@@ -236,7 +178,7 @@ def test_sigterm_saves_the_step_reached_and_it_resumes(tiny_mnist_dir, tmp_path)
   assert len(saved) == 1 and saved[0] >= 5  # the step reached: no periodic checkpoint was due
   assert lines[0] == (f"stopped: Stopped by SIGTERM at step {saved[0]}; saved it in {workdir / 'checkpoints'}; "
                       "run the same command again to resume.")
-  resumed = subprocess.run(_train_cmd(workdir, tiny_mnist_dir, *long_run[1:], f"--config.num_steps={saved[0] + 2}"),
+  resumed = subprocess.run(train_cmd(workdir, tiny_mnist_dir, *long_run[1:], f"--config.num_steps={saved[0] + 2}"),
                            cwd=REPO, capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert checkpoints.Checkpointer(str(workdir / "checkpoints")).latest_step() == saved[0] + 2
@@ -249,33 +191,19 @@ def _final_params(config, workdir):
   return state, step
 
 
-def kill_after_first_checkpoint(cmd, workdir, timeout=400):
-  """Starts `cmd` (a training binary on `workdir`) and kills it with SIGKILL once it has written a checkpoint."""
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + timeout
-  ckpt_dir = workdir / "checkpoints"
-  while time.time() < deadline and proc.poll() is None:
-    if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-      break
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
-
-
 def test_sigkill_and_resume_gives_bit_identical_parameters(tiny_config, tiny_mnist_dir, tmp_path):
   extra = ["--config.num_steps=400", "--config.checkpoint_every=20", "--config.eval_every=400",
            "--config.log_every=20", "--config.diag_every=0"]
   # Uninterrupted reference run.
-  ref = subprocess.run(_train_cmd(tmp_path / "ref", tiny_mnist_dir, *extra), cwd=REPO, capture_output=True,
+  ref = subprocess.run(train_cmd(tmp_path / "ref", tiny_mnist_dir, *extra), cwd=REPO, capture_output=True,
                        text=True, timeout=300)
   assert ref.returncode == 0, ref.stderr[-2000:]
   # The same run, killed with SIGKILL once it has written a checkpoint, then started again.
   killed_dir = tmp_path / "killed"
-  kill_after_first_checkpoint(_train_cmd(killed_dir, tiny_mnist_dir, *extra), killed_dir)
+  kill_after_first_checkpoint(train_cmd(killed_dir, tiny_mnist_dir, *extra), killed_dir)
   steps_at_kill = checkpoints.Checkpointer(str(killed_dir / "checkpoints")).steps()
   assert steps_at_kill and steps_at_kill[-1] < 400
-  resumed = subprocess.run(_train_cmd(killed_dir, tiny_mnist_dir, *extra), cwd=REPO, capture_output=True,
+  resumed = subprocess.run(train_cmd(killed_dir, tiny_mnist_dir, *extra), cwd=REPO, capture_output=True,
                            text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
 

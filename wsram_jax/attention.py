@@ -14,7 +14,8 @@ log-probabilities of Eqn 7 (``log_p_a``, ``log_q_a``) that the estimators read, 
 metrics) reads every task's alike.
 
 `ActionHead` is the network layer both tasks put on a hidden state to get an action distribution (a Gaussian
-location with a ``tanh`` mean and a categorical scale; `head_distribution`).
+location with a ``tanh`` mean and a categorical scale; `head_distribution`). Every attention model has a
+``loc_std`` field, which a sweep may vary per run (`model_for_run`).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from wsram_jax import proposals as proposals_lib
 from wsram_jax.actions import Action
 
 __all__ = ["INFERENCE_KEY", "BASELINE_KEY", "PRIOR_KEY", "param_labels", "policy_mask", "Heads", "Linear",
-           "ActionHead", "head_distribution", "GlimpseRecord", "choose_action", "Trajectory", "trajectory_fields"]
+           "ActionHead", "head_distribution", "GlimpseRecord", "choose_action", "Trajectory", "trajectory_fields",
+           "model_for_run"]
 
 
 # Parameter groups: the inference network's parameters (eta) live under this top-level key of a model's
@@ -303,3 +305,9 @@ def policy_mask(params):
   core through its input h2; those shared layers are not in the mask."""
 
   return jax.tree_util.tree_map_with_path(lambda path, _: _top_key(path) in (PRIOR_KEY, INFERENCE_KEY), params)
+
+
+def model_for_run(model, hyper):
+  """`model` with the run's own location std when a sweep varies it (``hyper['loc_std']``, a traced scalar;
+  `training.runs`), else `model` itself."""
+  return model.clone(loc_std=hyper["loc_std"]) if "loc_std" in hyper else model

@@ -31,22 +31,27 @@ drawn from; (2) ``coverage_weight`` times `exploration.coverage_regularizer`; (3
 
 Proposals are named: ``prior``, ``inference_network``, ``defensive_mixture`` (weight ``mixture_alpha`` on q), or
 ``module.path:function`` for a `proposals.Proposal` written anywhere importable (no library change needed).
+Such a proposal is called as the built-ins are, and checked each time it is traced (`checked_user_proposal`):
+one that raises, or returns anything but an `actions.ActionDist` shaped like the prior's, is one sentence naming
+it (`errors.ConfigError`), raised when the train step is first traced, before training.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
+from wsram_jax import actions as actions_lib
 from wsram_jax import attention
 from wsram_jax import baselines
 from wsram_jax import estimators
 from wsram_jax import exploration
 from wsram_jax import proposals as proposals_lib
-from wsram_jax.errors import ConfigError
+from wsram_jax.errors import ConfigError, UserError
 
 METHODS = ("wsram", "var", "vimco")
 PROPOSALS = ("prior", "inference_network", "defensive_mixture")
@@ -83,7 +88,61 @@ def resolve_proposal(name: str, *, mixture_alpha: float = 0.5) -> proposals_lib.
   _require(fn is not None, f"--config.proposal={name}: module {module_name!r} has no attribute {attr!r}.")
   _require(callable(fn), f"--config.proposal={name}: {attr!r} is a {type(fn).__name__}, not a function of a "
                          "proposals.ProposalContext.")
-  return fn
+  return checked_user_proposal(name, fn)
+
+
+def is_user_proposal(name: Any) -> bool:
+  """Whether the proposal `name` is a user's ``module.path:function`` (not a built-in)."""
+  return isinstance(name, str) and name.count(":") == 1
+
+
+_PROPOSAL_CONTRACT = ("a proposal returns an actions.ActionDist of K >= 1 components shaped like ctx.prior: "
+                      "mix_logits [K], loc_mean and loc_log_std [K, 2], scale_logits [K, S], floating point")
+
+
+def _proposal_output_problem(dist: Any, prior: actions_lib.ActionDist) -> Optional[str]:
+  """What is wrong with a proposal's output `dist` for a context whose prior is `prior`, as a phrase; None if
+  nothing."""
+  if not isinstance(dist, actions_lib.ActionDist):
+    return f"returned {'None' if dist is None else 'a ' + type(dist).__name__}, not an actions.ActionDist"
+  if not all(hasattr(x, "shape") and hasattr(x, "dtype") for x in dist):
+    return "returned an ActionDist whose fields are not arrays"
+  lead, num_scales = tuple(prior.mix_logits.shape[:-1]), prior.scale_logits.shape[-1]
+  k = dist.mix_logits.shape[-1] if dist.mix_logits.ndim > len(lead) else None
+  expected = {"mix_logits": (k,), "loc_mean": (k, 2), "loc_log_std": (k, 2), "scale_logits": (k, num_scales)}
+  for field, tail in expected.items():
+    x = getattr(dist, field)
+    if k is None or k < 1 or tuple(x.shape) != lead + tail:
+      shape = "[" + ", ".join(map(str, x.shape)) + "]"
+      want = "[" + ", ".join("K" if d is None else str(d) for d in lead + tail) + "]"
+      return f"returned an ActionDist whose {field} is {shape}, not {want}"
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return f"returned an ActionDist whose {field} is {x.dtype}, not floating point"
+  return None
+
+
+def checked_user_proposal(name: str, fn: proposals_lib.Proposal) -> proposals_lib.Proposal:
+  """`fn` (the user's proposal `name`) with its call and its output checked: an exception it raises, or an output
+  that is not an `actions.ActionDist` shaped like the context's prior (`_PROPOSAL_CONTRACT`), becomes one sentence
+  (`errors.ConfigError`) naming the proposal. The checks are on shapes and dtypes, so they run once, when the step
+  is traced."""
+
+  @functools.wraps(fn)
+  def proposal(ctx: proposals_lib.ProposalContext) -> actions_lib.ActionDist:
+    try:
+      dist = fn(ctx)
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (whatever the user's code raises is theirs to fix)
+      text = str(e).strip().splitlines()
+      raise ConfigError(f"--config.proposal={name} raised {type(e).__name__}"
+                        f"{': ' + text[0] if text else ''} when called on a proposals.ProposalContext.") from None
+    problem = _proposal_output_problem(dist, ctx.prior)
+    if problem:
+      raise ConfigError(f"--config.proposal={name} {problem}; {_PROPOSAL_CONTRACT}.")
+    return dist
+
+  return proposal
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 import numpy as np
 
+from wsram_jax import report_files
 from wsram_jax.errors import ConfigError
 
 PathLike = Union[str, os.PathLike]
@@ -39,11 +40,12 @@ def figure_grid(num: int, ncols: int, panel_size: tuple[float, float], *,
 
 
 def save_figure(fig: Figure, path: PathLike, **savefig_kwargs) -> pathlib.Path:
-  """Writes `fig` to `path` (its directory is created; `savefig_kwargs` go to `Figure.savefig`); returns the
-  path."""
+  """Writes `fig` to `path` atomically (a temporary file renamed into place, `report_files.replacing`: an
+  interrupted write leaves the old figure whole; its directory is created; `savefig_kwargs` go to
+  `Figure.savefig`); returns the path."""
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, **savefig_kwargs)
+  with report_files.replacing(str(path)) as tmp:
+    fig.savefig(tmp, **savefig_kwargs)
   return path
 
 

@@ -3,7 +3,7 @@
 Use: `--config=experiments/configs/captions.py:<variant>` with variant one of
 
     var, var_cv, wsram, wsram_cv, wsram_q, wsram_q_cv      as in Table 1 ("_cv" = control variates)
-    quick                                                    wsram_q_cv, 1,500 steps (a few minutes on 2 CPUs)
+    quick                                                    wsram_q_cv, 1,500 steps (RESULTS.md section 4's budget)
 
 The paper compares VAR with WS-RAM+q (Table 2, Figure 4) on Flickr8k. The default task is the offline
 digit-caption task of `wsram_jax.captioning.data` (no download); `--config.data.task=flickr8k` with
@@ -20,7 +20,7 @@ VARIANTS = mnist.VARIANTS
 
 def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   c = mnist.method_config(variant)  # the same methods as Table 1 (M = 5, as in Sec. 5.1)
-  c.heuristics = ml_collections.ConfigDict(mnist.HEURISTICS_OFF)  # the exploration heuristics of Sec. 4.5 off
+  c.heuristics = ml_collections.ConfigDict(mnist.HEURISTICS_OFF)  # Sec. 4.5's heuristics off (RESULTS.md 4)
 
   c.model = ml_collections.ConfigDict()
   c.model.encoder = "conv_pyramid"
@@ -41,7 +41,7 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   c.model.min_loc_std = 0.01
   c.model.max_loc_std = 1.0
   c.model.head_init_scale = 0.1  # variance scale of the action heads' kernels.
-  c.model.q_word = "target"  # target | previous: the word of the caption the inference network sees.
+  c.model.q_word = "target"  # target | previous: the word of the caption q sees (why target: RESULTS.md 4).
 
   c.data = ml_collections.ConfigDict()
   c.data.task = "digits"  # digits | flickr8k
@@ -77,6 +77,7 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   c.diag_every = 0  # Gradient variance and ESS every this many updates; 0 turns them off.
   c.diag_num_estimates = 16  # K independent gradient estimates of one minibatch.
   c.jit = True
+  c.mesh_devices = 1  # >1: data-parallel over a `data` mesh axis of that many devices.
   c.num_runs = 1  # >1: that many independent runs (seeds, swept values: c.runs) as one program.
   c.runs = mnist.runs_config()
 

@@ -3,7 +3,7 @@
 Use: `--config=experiments/configs/mnist.py:<variant>` with variant one of
 
     var, var_cv, wsram, wsram_cv, wsram_q, wsram_q_cv      Table 1 ("+c.v." = control variates)
-    quick                                                    wsram_q_cv, under 5 minutes on 2 CPU cores (`make run`)
+    quick                                                    wsram_q_cv with a schedule of its own (`make run`)
 
 Values the paper states: a 100x100 canvas, four glimpses, M = 5 samples, Adam, ReLU units in the recurrent
 layers, Gaussian locations and a categorical scale. Values it does not state are our choices, marked (ours).
@@ -16,21 +16,16 @@ VARIANTS = ("var", "var_cv", "wsram", "wsram_cv", "wsram_q", "wsram_q_cv", "quic
 
 # The exploration heuristics of Sec. 4.5 "on" (ours: the paper gives no values) and "off". The paper found them
 # important for VAR and unnecessary for WS-RAM. VAR's variants use all three by default, as the paper's baseline
-# does; Figure 3 runs both methods with all on and all off. Measured (RESULTS.md, Figures 2 and 3; 4 seeds, 50,000
-# updates): VAR+c with them off collapses onto one scale per seed as the paper says, yet attends and errs less
-# (3.61% against 4.81%, p = 0.071), so the default is the paper's protocol, not the best VAR+c we found. It is the
-# coverage bonus (2) that pulls VAR+c's later glimpses off the digit, through its location term: with (1) and (3)
-# alone, 94-99% of them are on the digit (3.99%; table1's var_cv_nocoverage); with (2)'s scale term kept too
-# (coverage_location_weight = 0), every seed uses all three scales coarse to fine, 88-93% of the later glimpses
-# on the digit, 3.57 +- 0.05% (var_cv_coverage_scales), the best VAR+c we found.
+# does: the default is the paper's protocol, not the best VAR+c we found. Figure 3 runs both methods with all on
+# and all off, and VAR+c with the coverage bonus (2) off (table1's var_cv_nocoverage) or with only its location
+# term off (var_cv_coverage_scales); what each does to VAR+c's scales, attention and error: RESULTS.md 3.2.
 # coverage_location_weight: heuristic (2)'s location term against its scale term (1: "view all image locations").
 HEURISTICS_ON = {"temperature": 1.5, "coverage_weight": 0.1, "coverage_location_weight": 1.0, "entropy_weight": 0.01}
 HEURISTICS_OFF = {"temperature": 1.0, "coverage_weight": 0.0, "coverage_location_weight": 1.0, "entropy_weight": 0.0}
-# WS-RAM's variants use heuristics (1) and (3) (ours, against the paper's "not necessary"; RESULTS.md, "Attention"
-# and Figure 3, measured with WS-RAM+q+c): without heuristics its greedy glimpses used one scale in 8 of 9 runs,
-# and in 4 of 4 at 50,000 updates; the entropy bonus alone kept two scales in 2 of 4 seeds (at no cost in error),
-# a proposal tempered at T = 2 on top of it in 4 of 4. Heuristic (2) with its location term pulled the later
-# glimpses off the digit.
+# WS-RAM's variants use heuristics (1) and (3) (ours, against the paper's "not necessary"): without heuristics
+# WS-RAM+q+c's greedy glimpses collapse onto one scale, the entropy bonus alone does not reliably prevent it, and
+# the proposal tempered at T = 2 on top of it does; heuristic (2) with its location term pulls the later glimpses
+# off the digit (RESULTS.md 5.1, 5.2, 5.4 and 3.2).
 HEURISTICS_WSRAM = dict(HEURISTICS_OFF, temperature=2.0, entropy_weight=0.01)
 
 
@@ -73,10 +68,10 @@ def runs_config() -> ml_collections.ConfigDict:
 def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   c = method_config(variant)
   if c.baseline == "learned":
-    # (ours) VAR+c's b(I) centred by a moving average of its residual, as NVIL ([11] in the paper) does. The
-    # plain learned b(I) starts at 0 against rewards near -2.4 and lags them for a few hundred updates; in that
-    # time VAR's later glimpses drift into the canvas corners, where 2 of 4 seeds stay (RESULTS.md 2.2). The
-    # captioner keeps the plain one (`method_config`): this was measured on MNIST only.
+    # (ours) VAR+c's b(I) centred by a moving average of its residual, as NVIL ([11] in the paper) does: the
+    # plain learned b(I) lags behind the reward early in training, when VAR's later glimpses can drift off the
+    # digit for good (RESULTS.md 2.2). The captioner keeps the plain one (`method_config`): this was measured on
+    # MNIST only.
     c.baseline = "nvil"
   c.num_glimpses = 4  # N (paper).
 
@@ -115,9 +110,8 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
 
   c.batch_size = 32  # (ours)
   # (ours) Adam's step. The paper takes per method "the highest value that allowed the model to successfully
-  # converge to a sensible attention policy" (experiments.select_lr runs that protocol). At 1e-3 WS-RAM+q+c
-  # converges to a one-glimpse policy whose later glimpses park off the digit; at 3e-4 they land on it
-  # (RESULTS.md, "Attention").
+  # converge to a sensible attention policy" (experiments.select_lr runs that protocol: RESULTS.md 2.1). At 1e-3
+  # WS-RAM+q+c's later glimpses park off the digit in some seeds; at 3e-4 they land on it (RESULTS.md 5.1).
   c.learning_rate = 3e-4
   # (ours) The attention policies' learning rate (the prior's head and the inference network) as a multiple of
   # learning_rate; 1 = one learning rate for all, as in the paper.
@@ -143,11 +137,10 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
   c.runs = runs_config()
 
   if variant == "quick":
-    # `make run`: the default model, as many updates as fit in about 4 minutes on 2 cores, one evaluation at the
+    # `make run`: the default model, sized for `make run`'s aim of 5 minutes on 2 cores, one evaluation at the
     # end on 2,000 test canvases. Its schedule is ours: Adam 3e-4 for 2,000 updates, rising to 1e-3 by 4,000, then
-    # falling linearly to 0 at 10,000. A constant 1e-3 parks the later glimpses off the digit in some seeds; the
-    # slow start alone ends at 13.6-15.3% with the later glimpses half off the digit; with the decay, seeds 0-3
-    # end at 11.7-16.7% (3 of 4 at most 15%), 57-86% of the later glimpses on the digit (RESULTS.md 5.3).
+    # falling linearly to 0 at 10,000. Why this schedule (a constant rate that learns fast enough parks the later
+    # glimpses off the digit in some seeds) and what it gives over seeds: RESULTS.md 5.3.
     c.learning_rate = 1e-3
     c.warmup = ml_collections.ConfigDict({"start": 0.3, "hold_steps": 2000, "ramp_steps": 2000})
     c.decay = ml_collections.ConfigDict({"begin": 4000, "steps": 6000, "end": 0.0})
@@ -155,7 +148,7 @@ def get_config(variant: str = "wsram_q_cv") -> ml_collections.ConfigDict:
     c.log_every = 100
     c.eval_every = 10000
     c.checkpoint_every = 1000
-    c.diag_every = 0  # the gradient-variance diagnostics are a program of their own: 54 s to compile and run once
-    #                   on a loaded 2-core machine (RESULTS.md 5.3)
+    c.diag_every = 0  # the gradient-variance diagnostics are a program of their own, which would add its compile
+    #                   and run to `make run`'s time (RESULTS.md 5.3)
     c.data.num_test = 2000
   return c

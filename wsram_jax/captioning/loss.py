@@ -1,6 +1,6 @@
 """The captioner's loss: its rollout (`captioning.rollout`) feeds the same estimators as the classifier's.
 
-    loss_fn(params, batch, key, baseline_value) -> (loss, metrics)
+    loss_fn(params, batch, key, baseline_value, hyper) -> (loss, metrics)
     batch = (images [B, H, W, C] float32, captions [B, T + 1] int32)
 
 The method part is `wsram_jax.objectives.method_loss` on the rollout's per-sample ``log_p_a``, ``log_p_y``,
@@ -22,10 +22,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from wsram_jax import attention
 from wsram_jax import objectives as objectives_lib
 from wsram_jax.captioning import model as model_lib
 from wsram_jax.captioning import rollout as rollout_lib
-from wsram_jax.training import runs as runs_lib
 
 __all__ = ["batched_rollout", "caption_metrics", "make_loss_fn"]
 
@@ -60,7 +60,7 @@ def make_loss_fn(cfg: objectives_lib.ObjectiveConfig, model: model_lib.CaptionMo
 
   def loss_fn(params, batch, key, baseline_value=0.0, hyper=None):
     hyper = hyper or {}
-    net = runs_lib.model_for(model, hyper)
+    net = attention.model_for_run(model, hyper)
     images, captions = batch
     traj = batched_rollout(params, images, captions, key, model=net, proposal=objectives_lib.make_proposal(cfg, hyper),
                            num_samples=cfg.num_samples, q_word=q_word)

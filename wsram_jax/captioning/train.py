@@ -1,40 +1,36 @@
-"""Training and evaluation of the captioner (paper Sec. 5.2) on the training core (`wsram_jax.training`).
+"""The captioner (paper Sec. 5.2) as a task of the training core (`wsram_jax.training`).
 
-    train_and_evaluate(config, workdir) -> final metrics
+    train_and_evaluate(config, workdir) -> final metrics       (`training.trainer.train_and_evaluate(TASK, ...)`)
 
-Everything a run needs beyond the task -- resume from the newest readable checkpoint, progress lines, metrics
-JSONL + TensorBoard, orbax checkpoints with fallback, the NaN guard (`training.loop`), the update itself and
-the gradient-variance diagnostics (`training.step`) -- comes from the core; this module only supplies the
+Everything a run needs beyond the task -- the update itself, sweeps of R runs as one program, the data-parallel
+mesh, resume, progress lines, metrics JSONL + TensorBoard, orbax checkpoints with fallback, the NaN guard, the
+gradient-variance diagnostics and the cache of compiled functions -- comes from the core; `TASK` supplies the
 captioner's pieces:
 
-* one update (`make_train_step`), all in one `jax.jit`: key_t = fold_in(state.key, t) draws the batch (digit
-  canvases generated on the device, or Flickr8k images and one of their captions) and the glimpse samples; the
-  loss is `captioning.loss.make_loss_fn` (the estimators of `wsram_jax.estimators`); Adam after global-norm
-  clipping (`training.step.make_optimizer`, `build_loss_and_grads`, `build_step`).
-* evaluation (`make_evaluator`) on the fixed test split: greedy captions (the prior's mode glimpse, then the
+* its data (`load_task`): digit canvases generated on the device, or Flickr8k images and one of their captions,
+  drawn by ``key_t = fold_in(state.key, t)`` (`TaskData.sample`);
+* its loss, `captioning.loss.make_loss_fn` (the estimators of `wsram_jax.estimators`);
+* evaluation (`make_task_evaluator`) on the fixed test split: greedy captions (the prior's mode glimpse, then the
   most probable word, `rollout.greedy_decode`) scored by corpus BLEU-1..4 (`captioning.bleu`, nltk) against
   the references, and ``eval/nll`` = -log p(y|a) of the first reference caption under M glimpse sequences
-  from the prior, with ``eval/log_p_y`` its Eqn 9 bound (prior proposal: log mean_m p(y|a^m)).
-* diagnostics (optional, ``diag_every``): K gradient estimates of one fixed minibatch, their variance per
-  parameter group (`training.step.make_diagnose`).
+  from the prior, with ``eval/log_p_y`` its Eqn 9 bound (`estimators.log_marginal_bound`; prior proposal:
+  log mean_m p(y|a^m)).
 
 Training metrics logged against updates: ``train/nll`` (-log p(y|a) per caption, Figure 4), ``train/bound``,
 ``train/ess``, ``train/nll_per_word``, level usage.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
-import json
-import logging
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsram_jax import baselines
+from wsram_jax import attention
+from wsram_jax import estimators
 from wsram_jax import objectives as objectives_lib
 from wsram_jax import proposals
 from wsram_jax.captioning import bleu
@@ -48,11 +44,11 @@ from wsram_jax.captioning import vocab as vocab_lib
 from wsram_jax.data import canvas as canvas_lib
 from wsram_jax.data import mnist
 from wsram_jax.training import config as config_lib
-from wsram_jax.training import loop
-from wsram_jax.training import memory
+from wsram_jax.training import state as state_lib
 from wsram_jax.training import step as step_lib
+from wsram_jax.training import task as task_lib
+from wsram_jax.training import trainer
 
-log = logging.getLogger(__name__)
 
 TASKS = ("digits", "flickr8k")
 ENCODERS = ("conv_pyramid",)
@@ -80,16 +76,11 @@ def image_side(config) -> int:
   return int(config.data.canvas_size if config.data.task == "digits" else config.data.image_size)
 
 
-def validate_config(config) -> None:
-  """Raises `errors.ConfigError` (one sentence) for any invalid value, before anything is loaded or compiled:
-  the checks every task shares (`training.config.validate_common`), then the captioner's own."""
-  config_lib.validate_common(config)
-  _require(config.num_runs == 1, "Several runs in one program (--config.num_runs > 1) are implemented for the "
-                                 "classifier only; start one captioner run per seed.")
+def validate(config) -> None:
+  """The captioner's own checks (`Task.validate`): one `errors.ConfigError` sentence for the first invalid value
+  of its model, data and evaluation keys."""
   _require(float(config.sleep_weight) == 0,
            "The sleep phase is implemented for the classifier only; set --config.sleep_weight=0.")
-  if config.diag_every > 0:
-    _require_int("diag_num_estimates", config.diag_num_estimates, 2)
   _require(config.bleu_smoothing in bleu.SMOOTHING_METHODS,
            f"Unknown --config.bleu_smoothing {config.bleu_smoothing!r}; choose one of "
            f"{', '.join(bleu.SMOOTHING_METHODS)}.")
@@ -133,30 +124,6 @@ def validate_config(config) -> None:
            f"--config.model.lowres_size ({m.lowres_size}) cannot exceed the image size ({side}).")
   _require_int("data.num_test", d.num_test)
   _require_int("data.eval_batch_size", d.eval_batch_size)
-
-
-def objective_config(config) -> objectives_lib.ObjectiveConfig:
-  """The loss settings of `config` (`objectives.ObjectiveConfig.from_config`)."""
-  return objectives_lib.ObjectiveConfig.from_config(config)
-
-
-_JIT_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
-_JIT_CACHE_SIZE = 8
-
-
-def _cached(kind: str, config, build: Callable[[], Any]) -> Any:
-  """``build()`` once per (kind, configuration): a resumed run, `restore` or a second evaluation in the same
-  process reuse the compiled functions instead of compiling fresh closures (what jit caches is per function
-  object). The key is the configuration without the loop's schedule keys, which the functions do not read."""
-  values = {k: v for k, v in json.loads(config.to_json()).items() if k not in loop.SCHEDULE_KEYS}
-  key = (kind, json.dumps(values, sort_keys=True))
-  if key in _JIT_CACHE:
-    _JIT_CACHE.move_to_end(key)
-    return _JIT_CACHE[key]
-  fn = _JIT_CACHE[key] = build()
-  while len(_JIT_CACHE) > _JIT_CACHE_SIZE:
-    _JIT_CACHE.popitem(last=False)
-  return fn
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,48 +208,39 @@ def build_model(config, vocab_size: int) -> model_lib.CaptionModel:
   return model_lib.CaptionModel(vocab_size=vocab_size, encoder=encoder, **fields)
 
 
-def baseline_transform(config) -> baselines.BaselineTransform:
-  """VAR's moving-average baseline (debiased: no initial value to guess), or none."""
-  return objectives_lib.baseline_transform(objective_config(config))
-
-
 def image_shape(config) -> tuple[int, int, int]:
   side = image_side(config)
   return (side, side, 1 if config.data.task == "digits" else 3)
 
 
-def create_train_state(config, model, optimizer) -> loop.TrainState:
-  def init_params(key):
-    params = model_lib.init_params(model, key, image_shape(config))
-    if config.model.encoder_weights:
-      params = encoders.replace_encoder(params, config.model.encoder_weights)
-    return params
+def init_params(config, model, key):
+  """Fresh parameters of `model`; the encoder's replaced by ``config.model.encoder_weights`` when given."""
+  params = model_lib.init_params(model, key, image_shape(config))
+  if config.model.encoder_weights:
+    params = encoders.replace_encoder(params, config.model.encoder_weights)
+  return params
 
-  state = step_lib.create_train_state(config.seed, init_params, optimizer, baseline_transform(config))
-  # Committed to the device, as a state restored from a checkpoint is: jit keys its cache on commitment, so
-  # a fresh and a restored state then share the compiled step (a resume in the same process compiles nothing).
-  return jax.device_put(state, jax.local_devices()[0])
+
+def train_arrays(task: TaskData) -> tuple[dict]:
+  """What the step draws its batches from: the dict of device arrays of `TaskData.train`."""
+  return (task.train,)
+
+
+def make_sampler(config, task: TaskData) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """``sample(key, train) -> (images float32 [B, H, W, C], captions int32 [B, T + 1])`` (`TaskData.sample`)."""
+  sample, batch_size = task.sample, config.batch_size  # not `task`: a cached step must not keep the test split
+
+  return lambda key, train: sample(key, train, batch_size)
+
+
+def make_loss_fn(config, model):
+  """``loss_fn(params, batch, key, baseline_value, hyper)``: the captioner's loss (`captioning.loss.make_loss_fn`)."""
+  return loss_lib.make_loss_fn(objectives_lib.ObjectiveConfig.from_config(config), model,
+                               q_word=config.model.q_word)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Steps.
-
-
-def make_train_step(config, model, optimizer, task: TaskData) -> Callable[..., tuple[loop.TrainState, dict]]:
-  """``step(state, train_arrays) -> (state, metrics)``, jitted (one per configuration, see `_cached`)."""
-  # The step keeps its own copy of the configuration: a later change to `config` cannot leak into a retrace.
-  frozen = config.copy_and_resolve_references()
-  return _cached("train_step", frozen, lambda: _build_train_step(frozen, model, optimizer, task))
-
-
-def _build_train_step(config, model, optimizer, task: TaskData):
-  """The training core's update (`training.step.build_step`) with the captioner's loss and batches, jitted."""
-  loss_fn = loss_lib.make_loss_fn(objective_config(config), model, q_word=config.model.q_word)
-  btx = baseline_transform(config)
-  sample = task.sample  # not `task`: the cached step must not keep the test split alive
-  batch_size = config.batch_size
-  loss_and_grads = step_lib.build_loss_and_grads(loss_fn, btx, lambda key, train: sample(key, train, batch_size))
-  return step_lib.jit_step(step_lib.build_step(loss_and_grads, btx, optimizer), None)
+# Evaluation.
 
 
 @functools.lru_cache(maxsize=16)
@@ -297,8 +255,25 @@ def make_decoder(model, max_len: int) -> Callable[[Any, jax.Array], rollout_lib.
   return decode
 
 
-def make_evaluator(config, model, task: TaskData) -> Callable[[loop.TrainState], dict]:
-  """BLEU-1..4 of greedy captions and the NLL of the references on the fixed test split (deterministic)."""
+@functools.lru_cache(maxsize=16)
+def _nll_batch(model, num_samples: int, q_word: str):
+  """``(params, images, captions, mask, key, hyper) -> sums of the NLL and of the Eqn 9 bound`` (jitted; one per
+  model; ``hyper``, the run's own numbers, may set the model's ``loc_std``)."""
+
+  @functools.partial(jax.jit, compiler_options=step_lib.compiler_options())
+  def nll_batch(params, images, captions, mask, key, hyper):
+    traj = loss_lib.batched_rollout(params, canvas_lib.to_float(images), captions, key,
+                                    model=attention.model_for_run(model, hyper), proposal=proposals.prior,
+                                    num_samples=num_samples, q_word=q_word)
+    bound = estimators.log_marginal_bound(traj.log_p_y)  # Eqn 9; prior as proposal: log w = log p(y|a)
+    return {"nll": jnp.sum(-jnp.mean(traj.log_p_y, -1) * mask), "log_p_y": jnp.sum(bound * mask)}
+
+  return nll_batch
+
+
+def make_task_evaluator(config, model, task: TaskData) -> Callable[..., dict]:
+  """``evaluate(params, hyper)``: BLEU-1..4 of greedy captions and the NLL of the references on the fixed test
+  split (deterministic); ``hyper`` is the run's own numbers (``{}`` for a single run)."""
   decode = make_decoder(model, task.caption_length)
   nll_batch = _nll_batch(model, int(config.num_samples), config.model.q_word)
 
@@ -306,15 +281,15 @@ def make_evaluator(config, model, task: TaskData) -> Callable[[loop.TrainState],
   n = task.test_images.shape[0]
   key = jax.random.PRNGKey(int(config.data.get("test_seed", 0)) + 1)
 
-  def evaluate(state):
+  def evaluate(params, hyper):
     hyps, totals = [], {}
     for start in range(0, n, e):
       index = np.minimum(np.arange(start, start + e), n - 1)
       mask = (np.arange(start, start + e) < n).astype(np.float32)
-      dec = jax.device_get(decode(state.params, task.test_images[index]))
+      dec = jax.device_get(decode(params, task.test_images[index]))
       hyps += [task.vocab.decode(t) for t in dec.tokens[:min(e, n - start)]]
-      out = nll_batch(state.params, task.test_images[index], task.test_captions[index], mask,
-                      jax.random.fold_in(key, start))
+      out = nll_batch(params, task.test_images[index], task.test_captions[index], mask,
+                      jax.random.fold_in(key, start), hyper)
       for k, v in out.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     scores = bleu.corpus_bleu(task.test_references, hyps, smoothing=config.bleu_smoothing)
@@ -326,58 +301,37 @@ def make_evaluator(config, model, task: TaskData) -> Callable[[loop.TrainState],
   return evaluate
 
 
-@functools.lru_cache(maxsize=16)
-def _nll_batch(model, num_samples: int, q_word: str):
-  """``(params, images, captions, mask, key) -> sums of NLL and of the Eqn 9 bound`` (jitted; one per model)."""
-
-  @functools.partial(jax.jit, compiler_options=step_lib.compiler_options())
-  def nll_batch(params, images, captions, mask, key):
-    traj = loss_lib.batched_rollout(params, canvas_lib.to_float(images), captions, key, model=model,
-                                      proposal=proposals.prior, num_samples=num_samples, q_word=q_word)
-    bound = jax.nn.logsumexp(traj.log_p_y, axis=-1) - jnp.log(num_samples)  # Eqn 9, prior as proposal
-    return {"nll": jnp.sum(-jnp.mean(traj.log_p_y, -1) * mask), "log_p_y": jnp.sum(bound * mask)}
-
-  return nll_batch
-
-
-def make_diagnose(config, model, task: TaskData) -> Callable[[loop.TrainState], dict]:
-  """Gradient variance over `config.diag_num_estimates` estimates of one fixed minibatch, per parameter group,
-  and its ESS (`training.step.make_diagnose`)."""
-  key = step_lib.diagnostic_key(config.seed)
-  batch = task.sample(key, task.train, config.batch_size)
-  loss_fn = loss_lib.make_loss_fn(objective_config(config), model, q_word=config.model.q_word)
-  diagnose = step_lib.make_diagnose(loss_fn, baseline_transform(config), num_estimates=config.diag_num_estimates,
-                                    uses_inference_network=objective_config(config).uses_inference_network)
-  return lambda state: diagnose(state, batch, key)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# The whole run.
+# The captioner's entry points: the core's, with `TASK` (defined at the end of the module).
+
+
+def validate_config(config) -> None:
+  """Raises `errors.ConfigError` (one sentence) for any invalid value, before anything is loaded or compiled
+  (`training.trainer.validate_config`: the shared checks, then the captioner's own)."""
+  trainer.validate_config(TASK, config)
+
+
+def create_train_state(config, model, optimizer) -> state_lib.TrainState:
+  """Fresh parameters, optimiser and baseline state (`training.trainer.create_train_state`)."""
+  return trainer.create_train_state(TASK, config, model, optimizer)
+
+
+def make_train_step(config, model, optimizer, task: TaskData) -> Callable[..., tuple[state_lib.TrainState, dict]]:
+  """``step(state, train_arrays) -> (state, metrics)``, jitted (one per configuration;
+  `training.trainer.make_train_step`)."""
+  return trainer.make_train_step(TASK, config, model, optimizer, task)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a run) and returns the last value of every metric."""
-  validate_config(config)
-  task = load_task(config)
-  model = build_model(config, len(task.vocab))
-  optimizer = step_lib.make_optimizer(config)
-  step = make_train_step(config, model, optimizer, task)
-  _, last = loop.run(
-      config=config, workdir=workdir,
-      init_state=functools.partial(create_train_state, config, model, optimizer),
-      train_step=lambda state: step(state, task.train),
-      evaluate=make_evaluator(config, model, task),
-      diagnose=make_diagnose(config, model, task) if config.diag_every > 0 else None,
-      progress_keys=("train/nll", "train/bound", "train/ess"),
-      step_memory=lambda state: memory.step_bytes(step, state, task.train))
-  return last
+  return trainer.train_and_evaluate(TASK, config, workdir)
 
 
 @dataclasses.dataclass
 class Restored:
   """A trained run, for plots and examples: the model, its state, the task and a jitted greedy decoder."""
   model: model_lib.CaptionModel
-  state: loop.TrainState
+  state: state_lib.TrainState
   task: TaskData
   decode: Callable[[Any, Any], rollout_lib.Decoded]
   step: int
@@ -387,15 +341,18 @@ def restore(config, workdir: str, task: Optional[TaskData] = None) -> Restored:
   """The newest readable checkpoint of `workdir` (`errors.CheckpointError` if none)."""
   validate_config(config)
   task = task or load_task(config)
-  model = build_model(config, len(task.vocab))
-  optimizer = step_lib.make_optimizer(config)
-  state, step = step_lib.restore_latest(create_train_state(config, model, optimizer), workdir)
+  model, state, step = trainer.restore_latest(TASK, config, workdir, task)
   return Restored(model=model, state=state, task=task, decode=make_decoder(model, task.caption_length),
                   step=int(step))
 
 
 def summary(last: dict[str, Any]) -> str:
-  """One line: test BLEU-1..4 (x100, as in Table 2), test NLL and the training NLL the run ends on."""
+  """One line with the numbers a run ends on (one per run, labelled, for several runs; `run_summary`)."""
+  return trainer.summary(TASK, last)
+
+
+def run_summary(last: dict[str, Any]) -> str:
+  """One run's line: test BLEU-1..4 (x100, as in Table 2), test NLL and the training NLL the run ends on."""
   parts = []
   if all(f"eval/bleu{n}" in last for n in (1, 2, 3, 4)):
     parts.append("test BLEU-1..4 " + " / ".join(f"{100 * last[f'eval/bleu{n}']:.1f}" for n in (1, 2, 3, 4)))
@@ -404,3 +361,10 @@ def summary(last: dict[str, Any]) -> str:
     if key in last:
       parts.append(f"{name} {fmt.format(last[key])}")
   return "; ".join(parts)
+
+
+TASK = task_lib.Task(
+    name="captioner", validate=validate, load_data=load_task, train_arrays=train_arrays, make_sampler=make_sampler,
+    build_model=lambda config, task: build_model(config, len(task.vocab)), init_params=init_params,
+    make_loss=make_loss_fn, make_evaluator=make_task_evaluator, summary=run_summary,
+    progress_keys=("train/nll", "train/bound", "train/ess"))

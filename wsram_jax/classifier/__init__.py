@@ -3,5 +3,6 @@
 * `model`: the attention network (`AttentionModel`), its one definition, with the equations in its docstring.
 * `rollout`: M glimpse trajectories of one canvas under a proposal (`rollout`).
 * `loss`: the rollout fed to the objective layer, with the sleep phase (`make_loss_fn`).
-* `train`: configuration checks, the train step, evaluation, the whole run (`train_and_evaluate`).
+* `train`: the classifier as a task of the training core (`TASK`: its config checks, data, sampler, evaluation),
+  and its entry points (`train_and_evaluate`, `make_train_step`, `restore_state`, ...).
 """

@@ -1,7 +1,7 @@
 """The classifier's loss: its rollout (`classifier.rollout`) feeds the objective layer (`wsram_jax.objectives`).
 
     loss_fn = make_loss_fn(cfg, model, num_glimpses=N)
-    loss_fn(params, batch, key, baseline_value) -> (loss, metrics)
+    loss_fn(params, batch, key, baseline_value, hyper) -> (loss, metrics)
     batch = (canvases [B, H, W, C] float32, labels [B] int32)
 
 The loss is `objectives.method_loss` on the rollout's per-sample ``log_p_a``, ``log_p_y``, ``log_q_a`` ``[B, M]``
@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from wsram_jax import actions as actions_lib
+from wsram_jax import attention
 from wsram_jax import estimators
 from wsram_jax import objectives
 from wsram_jax import proposals as proposals_lib
 from wsram_jax.classifier import model as model_lib
 from wsram_jax.classifier import rollout as rollout_lib
-from wsram_jax.training import runs as runs_lib
 
 __all__ = ["batched_rollout", "make_loss_fn", "sleep_loss"]
 
@@ -42,14 +42,14 @@ def batched_rollout(params, canvases, labels, key, *, model, proposal, num_glimp
 def make_loss_fn(cfg: objectives.ObjectiveConfig, model: model_lib.AttentionModel, *, num_glimpses: int):
   """The loss of `cfg.method` for `model` with N = `num_glimpses`; see the module docstring. Pure; jit it.
 
-  ``loss_fn(params, batch, key, baseline_value, hyper)``: ``hyper`` (optional, ``{name: scalar}``) holds a run's
-  own values of the numbers a sweep may vary (`training.runs`): ``loc_std`` (the model's) and
-  `objectives.HYPER`; they take the place of the model's and of `cfg`'s.
+  ``loss_fn(params, batch, key, baseline_value, hyper)``: ``hyper`` (``{name: scalar}``; optional, ``{}`` for a
+  single run) holds a run's own values of the numbers a sweep may vary (`training.runs`): ``loc_std`` (the
+  model's, `attention.model_for_run`) and `objectives.HYPER`; they take the place of the model's and of `cfg`'s.
   """
 
   def loss_fn(params, batch, key, baseline_value=0.0, hyper=None):
     hyper = hyper or {}
-    net = runs_lib.model_for(model, hyper)
+    net = attention.model_for_run(model, hyper)
     canvases, labels = batch
     k_roll, k_sleep = jax.random.split(key)
     traj = batched_rollout(params, canvases, labels, k_roll, model=net, proposal=objectives.make_proposal(cfg, hyper),

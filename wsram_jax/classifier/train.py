@@ -1,18 +1,21 @@
-"""Training and evaluation of the attention classifier on translated and scaled MNIST (paper Sec. 5.1).
+"""The attention classifier on translated and scaled MNIST (paper Sec. 5.1) as a task of the training core.
 
-    train_and_evaluate(config, workdir) -> final metrics
+    train_and_evaluate(config, workdir) -> final metrics       (`training.trainer.train_and_evaluate(TASK, ...)`)
 
-One update (`make_train_step`) is the training core's (`training.step.build_step`), all inside one `jax.jit`:
+`TASK` (`training.task.Task`) is everything the core needs from the classifier: its config checks, data (the
+training digits and the fixed test canvases), model, loss (`classifier.loss`), batch sampler, evaluator and
+summary. One update is the core's (`training.step.build_step`), all inside one `jax.jit`:
 
     key_t              = fold_in(state.key, t)                  the data order and the samples of step t
     canvases, labels   = data.canvas.sample_batch(key_t, ...)   digits drawn from the device-resident train set
     loss, grads        = value_and_grad(classifier.loss)(...)   rollout [B, M, N] + estimator
-    state              = loop.guarded_update(state, ...)        Adam (after global-norm clipping), unless non-finite
+    state              = state.guarded_update(state, ...)       Adam (after global-norm clipping), unless non-finite
 
-Data parallel (`config.mesh_devices` = n > 1): the same step on a mesh of n devices (`training.step.make_mesh`),
-the batch sharded over it, everything else replicated.
+Sweeps (``config.num_runs``), the data-parallel mesh (``config.mesh_devices``), resume, the NaN guard and the
+gradient-variance diagnostics are the core's. The functions below the task's are the classifier's public
+entry points (tests, binaries, benchmarks), each the core's with `TASK`.
 
-Evaluation (`make_evaluator`) uses the fixed test canvases (`data.canvas.fixed_test_set`, a function of
+Evaluation (`make_task_evaluator`) uses the fixed test canvases (`data.canvas.fixed_test_set`, a function of
 `config.data.test_seed`) and forms the prediction two ways:
 
 * ``eval/error_greedy``: one trajectory taking the prior's most probable action at each glimpse (the location
@@ -21,20 +24,17 @@ Evaluation (`make_evaluator`) uses the fixed test canvases (`data.canvas.fixed_t
   probability over the M (a fixed evaluation key, so the number is a deterministic function of the params).
 
 ``eval/log_p_y`` is the mean Eqn 9 bound with the prior as proposal, a lower bound on log p(y | I).
-
-Diagnostics (`training.step.make_diagnose`) draw K independent gradient estimates of one fixed minibatch at the
-current parameters (Figure 2's gradient variance, per parameter group theta / eta) and the ESS of that minibatch.
 """
 from __future__ import annotations
 
 import functools
-import logging
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wsram_jax import attention
 from wsram_jax import baselines
 from wsram_jax import estimators
 from wsram_jax import glimpse as glimpse_lib
@@ -45,12 +45,10 @@ from wsram_jax.classifier import model as model_lib
 from wsram_jax.data import canvas as canvas_lib
 from wsram_jax.data import mnist
 from wsram_jax.training import config as config_lib
-from wsram_jax.training import loop
-from wsram_jax.training import memory
-from wsram_jax.training import runs as runs_lib
+from wsram_jax.training import state as state_lib
 from wsram_jax.training import step as step_lib
-
-log = logging.getLogger(__name__)
+from wsram_jax.training import task as task_lib
+from wsram_jax.training import trainer
 
 require, require_int = config_lib.require, config_lib.require_int
 
@@ -67,17 +65,10 @@ def canvas_kwargs(config) -> dict[str, int]:
               max_size=int(d.max_size) or min(canvas_lib.DEFAULT_MAX_SIZE, int(d.canvas_size)))
 
 
-def objective_config(config) -> objectives.ObjectiveConfig:
-  """The loss settings of `config` (`objectives.ObjectiveConfig.from_config`)."""
-  return objectives.ObjectiveConfig.from_config(config)
-
-
-def validate_config(config) -> None:
-  """Raises `errors.ConfigError` (one sentence) for any invalid value, before anything is compiled."""
-  config_lib.validate_common(config)
+def validate(config) -> None:
+  """The classifier's own checks (`Task.validate`): the model block, the canvas, the evaluation; one
+  `errors.ConfigError` sentence for the first invalid value."""
   require_int("num_glimpses", config.num_glimpses)
-  if config.diag_every > 0:
-    require_int("diag_num_estimates", config.diag_num_estimates, 2)
   m = config.model
   config_lib.check_model_block(m, model_lib.AttentionModel)
   require_int("model.glimpse_size", m.glimpse_size)
@@ -109,92 +100,86 @@ def validate_config(config) -> None:
   canvas_lib.check_sizes(**canvas_kwargs(config))
   require_int("data.num_test", d.num_test)
   require_int("data.eval_batch_size", d.eval_batch_size)
-  require_int("mesh_devices", config.mesh_devices)
-  runs = runs_lib.from_config(config)
-  if runs.num_runs > 1:
-    require(config.mesh_devices == 1, "--config.num_runs > 1 and --config.mesh_devices > 1 do not combine; split "
-                                      "the runs or the batch over the devices, not both.")
-    for r in range(runs.num_runs):  # each run's own values, as its single-run twin would be checked
-      validate_config(runs.config_for(config, r))
-  require(config.batch_size % config.mesh_devices == 0,
-          f"--config.mesh_devices={config.mesh_devices} must divide --config.batch_size={config.batch_size}.")
-  if config.mesh_devices > 1:  # (asking for the devices initialises JAX's backend: only when it matters)
-    require(config.mesh_devices <= jax.device_count(),
-            f"--config.mesh_devices={config.mesh_devices} exceeds the {jax.device_count()} devices JAX sees "
-            f"({jax.devices()[0].platform}).")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model, state.
+# Data, model, sampler, loss.
 
 
-def build_model(config) -> model_lib.AttentionModel:
+class Data(NamedTuple):
+  """What a run trains and evaluates on: the training set (``images [N, 28, 28]`` uint8, ``labels [N]``) and the
+  fixed test canvases (``test_canvases [E, H, W, 1]`` uint8, ``test_labels [E]``, ``test_boxes [E, 4]``, the
+  digits' boxes, for measuring where the glimpses go)."""
+  images: np.ndarray
+  labels: np.ndarray
+  test_canvases: np.ndarray
+  test_labels: np.ndarray
+  test_boxes: np.ndarray
+
+
+def load_data(config) -> Data:
+  """The `Data` of `config.data`."""
+  d = config.data
+  data_dir = d.data_dir or None
+  classes = int(config.model.num_classes)
+  images, labels = mnist.load_mnist("train", source=d.source, data_dir=data_dir, num_classes=classes)
+  test_images, test_labels = mnist.load_mnist("test", source=d.source, data_dir=data_dir, num_classes=classes)
+  num_test = config_lib.capped("data.num_test", int(d.num_test), test_images.shape[0], "test digits")
+  test_canvases, test_labels, test_boxes = canvas_lib.fixed_test_set(test_images, test_labels, seed=d.test_seed,
+                                                                     num=num_test, **canvas_kwargs(config))
+  return Data(images, labels, test_canvases, test_labels, test_boxes)
+
+
+def train_arrays(data: Data) -> tuple[np.ndarray, np.ndarray]:
+  """What the step draws its batches from: the training digits and their labels."""
+  return data.images, data.labels
+
+
+def make_sampler(config, data=None) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """``sample(key, images, labels) -> (canvases float32 [B, H, W, 1], labels [B])``: B digits of the training set
+  on random canvases (`data.canvas.sample_batch`)."""
+  del data  # the sampler reads the arrays it is given
+  sizes, batch_size = canvas_kwargs(config), config.batch_size
+
+  def sample(key, images, labels):
+    canvases, ys, _ = canvas_lib.sample_batch(key, images, labels, batch_size, **sizes)
+    return canvases, ys
+
+  return sample
+
+
+def build_model(config, data=None) -> model_lib.AttentionModel:
   """`AttentionModel(**config.model)`: every key of the block is a field of the model, and the reverse."""
+  del data
   return model_lib.AttentionModel(**config.model)
 
 
-def baseline_transform(config) -> baselines.BaselineTransform:
-  """VAR's moving-average baseline, starting at log(1/C) (the reward of a uniform classifier), or none."""
-  return objectives.baseline_transform(objective_config(config),
-                                       init_value=-float(np.log(config.model.num_classes)))
-
-
-def create_train_state(config, model, optimizer) -> loop.TrainState:
-  """Fresh parameters and optimiser state (replicated over the mesh when `config.mesh_devices` > 1); for
-  ``config.num_runs`` = R > 1, the R runs' states stacked on a leading run axis (`training.runs`)."""
-  init = functools.partial(model_lib.init_params, model)
-  runs = runs_lib.from_config(config)
-  if runs.num_runs > 1:
-    return step_lib.create_run_states(runs, init, optimizer, baseline_transform(config))
-  state = step_lib.create_train_state(config.seed, init, optimizer, baseline_transform(config))
-  return step_lib.replicate(step_lib.make_mesh(config.mesh_devices), state)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Steps.
+def init_params(config, model, key):
+  """Fresh parameters of `model` (`classifier.model.init_params`)."""
+  del config
+  return model_lib.init_params(model, key)
 
 
 def make_loss_fn(config, model):
-  """The classifier's loss for `config` (`classifier.loss.make_loss_fn`)."""
-  return loss_lib.make_loss_fn(objective_config(config), model, num_glimpses=config.num_glimpses)
+  """``loss_fn(params, batch, key, baseline_value, hyper)``: the classifier's loss for `config`
+  (`classifier.loss.make_loss_fn`)."""
+  return loss_lib.make_loss_fn(objectives.ObjectiveConfig.from_config(config), model,
+                               num_glimpses=config.num_glimpses)
 
 
-def make_loss_and_grads(config, model) -> step_lib.LossAndGrads:
-  """`(params, extra, key, images, labels) -> ((loss, metrics), grads)` for the step with PRNG key `key`
-  (not jitted): draws the batch (`data.canvas.sample_batch`), shards it over the mesh's ``data`` axis when
-  `config.mesh_devices` > 1, and differentiates the loss. The first half of `make_train_step`."""
-  sizes = canvas_kwargs(config)
-  mesh = step_lib.make_mesh(config.mesh_devices)
-
-  def sample(key, images, labels):
-    canvases, ys, _ = canvas_lib.sample_batch(key, images, labels, config.batch_size, **sizes)
-    return step_lib.shard_batch(mesh, (canvases, ys))
-
-  return step_lib.build_loss_and_grads(make_loss_fn(config, model), baseline_transform(config), sample)
+def baseline_init(config) -> float:
+  """VAR's moving-average baseline starts at log(1/C), the reward of a uniform classifier."""
+  return -float(np.log(config.model.num_classes))
 
 
-def make_train_step(config, model, optimizer) -> Callable[..., tuple[loop.TrainState, dict]]:
-  """`step(state, images, labels) -> (state, metrics)`, jitted; images uint8 [N, 28, 28], labels [N].
-
-  With `config.mesh_devices` = n > 1 the step runs on `training.step.make_mesh(n)`: the batch sharded over the
-  ``data`` axis (each device rolls out B / n canvases), parameters, optimiser state and training set replicated
-  (pass a state from `create_train_state` and the data through `training.step.replicate`), gradients summed
-  across devices by XLA. No pmap: the same program, partitioned by the compiler (`jax.sharding`).
-
-  With ``config.num_runs`` = R > 1 the step trains the R runs of `training.runs` at once (state from
-  `create_train_state`, metrics ``[R]``).
-  """
-  step = step_lib.build_step(make_loss_and_grads(config, model), baseline_transform(config), optimizer)
-  runs = runs_lib.from_config(config)
-  if runs.num_runs > 1:
-    return step_lib.jit_runs(step, runs, num_data=2)
-  return step_lib.jit_step(step, step_lib.make_mesh(config.mesh_devices))
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation.
 
 
 def make_eval_batch(config, model) -> Callable[..., dict]:
   """`(params, canvases uint8 [E, H, W, 1], labels [E], boxes [E, 4], mask [E], key, hyper) -> sums` for the
-  evaluator (jitted; see `make_evaluator` for what is summed; ``hyper``, ``{}`` or a run's own numbers in a sweep,
-  may set the model's ``loc_std``)."""
+  evaluator (jitted; see `make_task_evaluator` for what is summed; ``hyper``, ``{}`` or a run's own numbers in a
+  sweep, may set the model's ``loc_std``)."""
   m_, n_ = config.num_samples, config.num_glimpses
   roll = functools.partial(loss_lib.batched_rollout, proposal=proposals.prior, num_glimpses=n_)
   on_box = jax.vmap(jax.vmap(functools.partial(glimpse_lib.window_on_box, size=model.glimpse_size,
@@ -205,7 +190,7 @@ def make_eval_batch(config, model) -> Callable[..., dict]:
   @functools.partial(jax.jit, compiler_options=step_lib.compiler_options())
   def eval_batch(params, canvases, labels, boxes, mask, key, hyper):
     canvases = canvas_lib.to_float(canvases)
-    net = runs_lib.model_for(model, hyper)
+    net = attention.model_for_run(model, hyper)
     greedy = roll(params, canvases, labels, key, num_samples=1, greedy=True, model=net)
     sampled = roll(params, canvases, labels, key, num_samples=m_, model=net)
     mean_probs = jnp.mean(jax.nn.softmax(sampled.logits), axis=1)  # [E, C]
@@ -243,8 +228,9 @@ def make_eval_batch(config, model) -> Callable[..., dict]:
   return eval_batch
 
 
-def make_evaluator(config, model, test_canvases, test_labels, test_boxes) -> Callable[..., dict]:
-  """Evaluates on the fixed test canvases in batches of `config.data.eval_batch_size` (the last one padded).
+def make_task_evaluator(config, model, data: Data) -> Callable[..., dict]:
+  """``evaluate(params, hyper)`` on the fixed test canvases in batches of `config.data.eval_batch_size` (the last
+  one padded); ``hyper`` is the run's own numbers (``{}`` for a single run; one compiled function for all runs).
 
   Metrics (means over the test canvases; ``g{n}``: glimpse n = 1..N):
 
@@ -258,25 +244,20 @@ def make_evaluator(config, model, test_canvases, test_labels, test_boxes) -> Cal
   * ``eval/outside_canvas``: the fraction of the M sampled locations outside the canvas;
   * ``eval/ablation_error/g{n}``: the greedy test error when glimpse n's patch is replaced by zeros (the
     glimpses kept where they were): how much the classifier uses glimpse n.
-
-  ``evaluate(state)``; for several runs ``evaluate(state_r, r)``, with run r's own numbers (one compiled
-  function for all).
   """
-  eval_batch = make_eval_batch(config, model)
+  eval_batch = trainer.cached("classifier/eval_batch", config, lambda: make_eval_batch(config, model))
+  canvases, labels, boxes = data.test_canvases, data.test_labels, data.test_boxes
   e = config.data.eval_batch_size
-  n = test_canvases.shape[0]
+  n = canvases.shape[0]
   key = jax.random.PRNGKey(config.data.test_seed + 1)
 
-  runs = runs_lib.from_config(config)
-
-  def evaluate(state, r=None):
-    run_hyper = {} if r is None else runs.hyper_of(r)
+  def evaluate(params, hyper):
     totals = {}
     for start in range(0, n, e):
       index = np.minimum(np.arange(start, start + e), n - 1)
       mask = (np.arange(start, start + e) < n).astype(np.float32)
-      out = eval_batch(state.params, test_canvases[index], test_labels[index], test_boxes[index], mask,
-                       jax.random.fold_in(key, start), run_hyper)
+      out = eval_batch(params, canvases[index], labels[index], boxes[index], mask, jax.random.fold_in(key, start),
+                       hyper)
       for k, v in out.items():
         totals[k] = totals.get(k, 0.0) + v
     return {f"eval/{k}": float(v) / n for k, v in totals.items()}
@@ -284,85 +265,61 @@ def make_evaluator(config, model, test_canvases, test_labels, test_boxes) -> Cal
   return evaluate
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The classifier's entry points: the core's, with `TASK` (defined at the end of the module).
+
+
+def validate_config(config) -> None:
+  """Raises `errors.ConfigError` (one sentence) for any invalid value, before anything is compiled
+  (`training.trainer.validate_config`)."""
+  trainer.validate_config(TASK, config)
+
+
+def baseline_transform(config) -> baselines.BaselineTransform:
+  """VAR's moving-average baseline, starting at log(1/C), or none (`training.trainer.baseline_transform`)."""
+  return trainer.baseline_transform(TASK, config)
+
+
+def create_train_state(config, model, optimizer) -> state_lib.TrainState:
+  """Fresh parameters and optimiser state (replicated over the mesh when `config.mesh_devices` > 1); for
+  ``config.num_runs`` = R > 1, the R runs' states stacked on a leading run axis (`training.runs`)."""
+  return trainer.create_train_state(TASK, config, model, optimizer)
+
+
+def make_loss_and_grads(config, model) -> step_lib.LossAndGrads:
+  """`(params, extra, key, images, labels, hyper={}) -> ((loss, metrics), grads)` for the step with PRNG key
+  `key` (not jitted): draws the batch, shards it over the mesh's ``data`` axis when `config.mesh_devices` > 1, and
+  differentiates the loss (`training.trainer.make_loss_and_grads`)."""
+  return trainer.make_loss_and_grads(TASK, config, model)
+
+
+def make_train_step(config, model, optimizer) -> Callable[..., tuple[state_lib.TrainState, dict]]:
+  """`step(state, images, labels) -> (state, metrics)`, jitted; images uint8 [N, 28, 28], labels [N]
+  (`training.trainer.make_train_step`: one run or ``config.num_runs`` runs, on ``config.mesh_devices``)."""
+  return trainer.make_train_step(TASK, config, model, optimizer)
+
+
+def make_evaluator(config, model, test_canvases, test_labels, test_boxes) -> Callable[..., dict]:
+  """``evaluate(state)`` on the given test canvases (uint8 [E, H, W, 1]), labels [E] and boxes [E, 4]: the
+  metrics of `make_task_evaluator` with the single run's numbers."""
+  evaluate = make_task_evaluator(config, model, Data(None, None, test_canvases, test_labels, test_boxes))
+  return lambda state: evaluate(state.params, {})
+
+
 def diagnostic_batch(config, images, labels, seed: int) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
   """``((canvases, labels), key)``: the fixed minibatch of B canvases that the diagnostics of seed `seed` measure,
-  and the key of their estimates (`training.step.diagnostic_key`)."""
-  key = step_lib.diagnostic_key(seed)
-  canvases, ys, _ = canvas_lib.sample_batch(key, images, labels, config.batch_size, **canvas_kwargs(config))
-  return (canvases, ys), key
-
-
-def make_diagnose(config, model, images, labels) -> Callable[..., dict]:
-  """Gradient variance over `config.diag_num_estimates` estimates of one fixed minibatch, and its ESS
-  (`training.step.make_diagnose`): ``diagnose(state)``, or for several runs ``diagnose(state_r, r)`` (each run
-  its own minibatch and key, from its seed, and its own numbers; one compiled function for all)."""
-  runs = runs_lib.from_config(config)
-  diagnose = step_lib.make_diagnose(make_loss_fn(config, model), baseline_transform(config),
-                                    num_estimates=config.diag_num_estimates,
-                                    uses_inference_network=objective_config(config).uses_inference_network)
-
-  inputs = functools.partial(diagnostic_batch, config, images, labels)
-  if runs.num_runs == 1:
-    batch, key = inputs(config.seed)
-    return lambda state: diagnose(state, batch, key)
-  per_run = [inputs(seed) for seed in runs.seeds]
-  return lambda state, r: diagnose(state, *per_run[r], runs.hyper_of(r))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The whole run.
-
-
-class Data(NamedTuple):
-  """What a run trains and evaluates on: the training set (``images [N, 28, 28]`` uint8, ``labels [N]``) and the
-  fixed test canvases (``test_canvases [E, H, W, 1]`` uint8, ``test_labels [E]``, ``test_boxes [E, 4]``, the
-  digits' boxes, for measuring where the glimpses go)."""
-  images: np.ndarray
-  labels: np.ndarray
-  test_canvases: np.ndarray
-  test_labels: np.ndarray
-  test_boxes: np.ndarray
-
-
-def load_data(config) -> Data:
-  """The `Data` of `config.data`."""
-  d = config.data
-  data_dir = d.data_dir or None
-  classes = int(config.model.num_classes)
-  images, labels = mnist.load_mnist("train", source=d.source, data_dir=data_dir, num_classes=classes)
-  test_images, test_labels = mnist.load_mnist("test", source=d.source, data_dir=data_dir, num_classes=classes)
-  num_test = config_lib.capped("data.num_test", int(d.num_test), test_images.shape[0], "test digits")
-  test_canvases, test_labels, test_boxes = canvas_lib.fixed_test_set(test_images, test_labels, seed=d.test_seed,
-                                                                     num=num_test, **canvas_kwargs(config))
-  return Data(images, labels, test_canvases, test_labels, test_boxes)
+  and the key of their estimates (`training.trainer.diagnostic_batch`)."""
+  return trainer.diagnostic_batch(TASK, config, None, seed, train=(images, labels))
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a run) and returns the last value of every metric."""
-  validate_config(config)
-  data = load_data(config)
-  model = build_model(config)
-  optimizer = step_lib.make_optimizer(config)
-  step = make_train_step(config, model, optimizer)
-  mesh = step_lib.make_mesh(config.mesh_devices)
-  images_dev, labels_dev = step_lib.replicate(mesh, (jnp.asarray(data.images), jnp.asarray(data.labels)))
-  _, last = loop.run(
-      config=config, workdir=workdir,
-      init_state=functools.partial(create_train_state, config, model, optimizer),
-      train_step=lambda state: step(state, images_dev, labels_dev),
-      evaluate=make_evaluator(config, model, data.test_canvases, data.test_labels, data.test_boxes),
-      diagnose=(make_diagnose(config, model, images_dev, labels_dev) if config.diag_every > 0 else None),
-      progress_keys=("train/loss", "train/error", "train/ess"),
-      step_memory=lambda state: memory.step_bytes(step, state, images_dev, labels_dev),
-      runs=runs_lib.from_config(config))
-  return last
+  return trainer.train_and_evaluate(TASK, config, workdir)
 
 
-def restore_state(config, workdir: str) -> loop.TrainState:
+def restore_state(config, workdir: str) -> state_lib.TrainState:
   """The newest readable checkpoint of the run in `workdir` (raises CheckpointError if there is none)."""
-  model = build_model(config)
-  target = create_train_state(config, model, step_lib.make_optimizer(config))
-  return step_lib.restore_latest(target, workdir)[0]
+  return trainer.restore_latest(TASK, config, workdir)[1]
 
 
 def glimpse_figure(config, params, canvases, labels, path: str, *, boxes=None, num: int = 16) -> str:
@@ -385,11 +342,13 @@ def glimpse_figure(config, params, canvases, labels, path: str, *, boxes=None, n
 
 
 def summary(last: dict[str, Any]) -> str:
-  """One line with the numbers a run ends on: test errors, where the later glimpses go, log-likelihood bound, ESS
-  (the diagnostics', else the last logged training batches'), gradient variance (one line per run, labelled, for
-  several runs)."""
-  if "runs" in last:
-    return "\n".join(f"{label}: {summary(run)}" for label, run in zip(last["labels"], last["runs"]))
+  """One line with the numbers a run ends on (one per run, labelled, for several runs; `run_summary`)."""
+  return trainer.summary(TASK, last)
+
+
+def run_summary(last: dict[str, Any]) -> str:
+  """One run's line: test errors, where the later glimpses go, log-likelihood bound, ESS (the diagnostics', else
+  the last logged training batches'), gradient variance."""
   parts = []
   ess = ("ESS", "diag/ess/mean") if "diag/ess/mean" in last else ("ESS of the last training batches", "train/ess")
   for name, key, fmt in (("test error (greedy)", "eval/error_greedy", "{:.2%}"),
@@ -403,3 +362,9 @@ def summary(last: dict[str, Any]) -> str:
       parts.append(f"{name} {fmt.format(last[key])}")
   return "; ".join(parts)
 
+
+TASK = task_lib.Task(
+    name="classifier", validate=validate, load_data=load_data, train_arrays=train_arrays,
+    make_sampler=make_sampler, build_model=build_model, init_params=init_params, make_loss=make_loss_fn,
+    make_evaluator=make_task_evaluator, summary=run_summary, baseline_init=baseline_init,
+    progress_keys=("train/loss", "train/error", "train/ess"))

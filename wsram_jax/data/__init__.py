@@ -1,4 +1,5 @@
-"""Data: MNIST sources (`mnist`), the offline-copy fetcher (`fetch`) and the translated-scaled canvases (`canvas`).
+"""Data: MNIST sources (`mnist`), the offline-copy fetcher (`fetch`), the translated-scaled canvases (`canvas`) and
+synthetic digits for tests and benchmarks (`synthetic`).
 
 The public names below are imported on first use (PEP 562), so `python -m wsram_jax.data.fetch`, which `make data`
 runs before every `make run`/`make test`, does not pay for importing jax.
@@ -20,6 +21,7 @@ _EXPORTS = {
     "DEFAULT_CANVAS_SIZE": "canvas",
     "DEFAULT_MIN_SIZE": "canvas",
     "DEFAULT_MAX_SIZE": "canvas",
+    "synthetic_digits": "synthetic",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
                                      place_digit, sample_batch, to_float, translate_and_scale)
   from wsram_jax.data.fetch import default_data_dir, fetch_mnist
   from wsram_jax.data.mnist import NumpyOnlyUnpickler, load_mnist, read_idx
+  from wsram_jax.data.synthetic import synthetic_digits
 
 
 def __getattr__(name):

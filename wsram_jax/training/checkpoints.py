@@ -15,13 +15,24 @@ On top of it:
 A failed read in orbax leaves asyncio tasks and TensorStore callbacks behind that print hundreds of lines of
 tracebacks ("Task exception was never retrieved", "Event loop is closed") when they are collected, after the
 failure has been reported in one line; `quiet_failed_reads` filters exactly those two messages.
+
+A save that the file system refuses (a full disk, a quota, a directory made read-only) is one line,
+`errors.ResourceError` (exit 1): the step, the directory, the OS's reason and the last good checkpoint; the
+partial ``<step>.orbax-checkpoint-tmp`` is removed, and the error records orbax logs from its threads on the way
+are dropped (any other failure keeps them, and its traceback). `os_error` finds the OS's error in what orbax and
+TensorStore raise.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import logging
 import os
+import re
+import shutil
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
@@ -78,6 +89,58 @@ def quiet_failed_reads() -> None:
   sys.unraisablehook = hook
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def os_error(e: BaseException) -> Optional[int]:
+  """The OS error number behind `e`, when `e` (or an exception it was raised from) is a failed file operation: an
+  `OSError`, or a TensorStore error as orbax re-raises it (``... [os_error_code='28']``); else None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno:
+      return e.errno
+    found = re.search(r"\[os_error_code='(\d+)'\]", str(e))
+    if found:
+      return int(found.group(1))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def write_failure(code: int) -> tuple[str, str]:
+  """(what happened, what to do) for OS error `code` during a write: the disk or quota is full, or the file
+  system refuses."""
+  if code in DISK_FULL:
+    return f"the disk is full ({os.strerror(code)})", "free space"
+  return f"the file system refused ({os.strerror(code)})", "make it writable"
+
+
+class _HeldOrbaxErrors(logging.Filter):
+  """Holds the ERROR records that orbax logs (through absl) while active, for `Checkpointer.save` to drop once
+  the failure they belong to is reported in one line, or to let through otherwise."""
+
+  def __init__(self):
+    super().__init__()
+    self.held: list[logging.LogRecord] = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+      self.held.append(record)
+      return False
+    return True
+
+
+@contextlib.contextmanager
+def _holding_orbax_errors() -> Iterator[_HeldOrbaxErrors]:
+  logger = logging.getLogger("absl")
+  held = _HeldOrbaxErrors()
+  logger.addFilter(held)
+  try:
+    yield held
+  finally:
+    logger.removeFilter(held)
+
+
 class Checkpointer:
   """Saves and restores a pytree state under `directory` (one sub-directory per step).
 
@@ -111,8 +174,31 @@ class Checkpointer:
     if not all_finite(state):
       raise errors.NonFiniteError(
           f"Refusing to checkpoint step {step}: the state holds a NaN or inf; {self.last_good()}.")
-    self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
-    self._manager.wait_until_finished()
+    with _holding_orbax_errors() as held:
+      try:
+        self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+        self._manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        code = os_error(e)
+        if code is None:
+          for record in held.held:
+            logging.getLogger("absl").handle(record)
+          raise
+        quiet_failed_reads()  # the abandoned writes' tasks report "exception was never retrieved" when collected
+        self._remove_partial(step)
+        happened, remedy = write_failure(code)
+        raise errors.ResourceError(
+            f"Cannot save the checkpoint of step {step}: {happened} in {self.directory}; {self.last_good()}; "
+            f"{remedy} and run the same command again to resume.") from None
+
+  def _remove_partial(self, step: int) -> None:
+    """Removes what a failed save of `step` left (orbax's ``<step>.orbax-checkpoint-tmp*``)."""
+    for partial in glob.glob(os.path.join(glob.escape(self.directory), f"{int(step)}.orbax-checkpoint-tmp*")):
+      shutil.rmtree(partial, ignore_errors=True)
+    try:
+      self._manager.reload()
+    except Exception:  # pylint: disable=broad-except  (the directory is what it is; the error is said already)
+      pass
 
   def restore_latest(self, target: Any) -> tuple[Optional[Any], Optional[int]]:
     """Restores the newest readable checkpoint into the structure of `target`.

@@ -12,12 +12,13 @@ page faults.
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
 from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
-from wsram_jax.errors import ConfigError, UserError
+from wsram_jax.errors import ConfigError, UserError, exit_with_message
 from wsram_jax.training import signals
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,8 +39,7 @@ def report_user_errors(fn: F) -> F:
       with signals.StopOnSignals():
         return fn(*args, **kwargs)
     except UserError as e:
-      print(f"{e.label}: {e}", file=sys.stderr)
-      sys.exit(e.exit_code)
+      exit_with_message(e)
     except (signals.StopRequested, KeyboardInterrupt) as e:
       signum = getattr(e, "signum", signal.SIGINT)
       print(f"stopped: Stopped by {signals.signal_name(signum)} outside the training loop; the checkpoints "
@@ -108,21 +108,50 @@ def _unknown_override(argv: Sequence[str]) -> Optional[str]:
   return None
 
 
+# What a config file must be, for the messages that say it is not one.
+CONFIG_FILE_CONTRACT = ("a Python file defining get_config() (taking the text after ':' when given) that returns "
+                        "an ml_collections.ConfigDict")
+
+
+def _config_path(name: str, argv: Sequence[str]) -> str:
+  return _config_arg(name, argv).split(":", 1)[0]
+
+
 def _in_config_file(e: BaseException, argv: Sequence[str]) -> Optional[str]:
-  """For an error raised while a config file was executed: "FILE, line N: Type: message"; else None."""
-  files = {os.path.abspath(_config_arg(name, argv).split(":", 1)[0]) for name in _CONFIG_FLAGS}
+  """For an error raised while a config file was executed: "FILE, line N: Type: message"; else None.
+
+  ml_collections re-raises a TypeError or ValueError from the file as a new exception whose message holds the
+  original traceback as text; the file's frame is read from that text then."""
+  files = {os.path.abspath(_config_path(name, argv)) for name in _CONFIG_FLAGS}
   if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) in files:
     return f"{e.filename}, line {e.lineno}: SyntaxError: {e.msg}"
+  text = str(e).strip()
   for frame in reversed(traceback.extract_tb(e.__traceback__)):
     if os.path.abspath(frame.filename) in files:
-      text = str(e).strip()
       return f"{frame.filename}, line {frame.lineno}: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
+  frames = re.findall(r'File "([^"]+)", line (\d+)', text)
+  for filename, lineno in reversed(frames):
+    if os.path.abspath(filename) in files:
+      return f"{filename}, line {lineno}: {text.splitlines()[-1].strip()}"
   return None
+
+
+def _not_a_config_file(e: BaseException, argv: Sequence[str]) -> Optional[str]:
+  """For a config file without get_config (ml_collections loads FILE as the module ``<flag>_config`` and reads its
+  attribute): one sentence naming the file and what it must define; else None."""
+  found = re.search(r"module '(\w+)_config' has no attribute 'get_config'", str(e))
+  if not found or found.group(1) not in _CONFIG_FLAGS:
+    return None
+  name = found.group(1)
+  path = _config_path(name, argv)
+  hint = "" if path.endswith(".py") else f" ({os.path.basename(path)} is not a .py file)"
+  return (f"--{name}={_config_arg(name, argv)}: {path} defines no get_config(){hint}; a config file is "
+          f"{CONFIG_FILE_CONTRACT}.")
 
 
 def _report_flag_error(e: BaseException, argv: Sequence[str]) -> NoReturn:
   """One line for an exception raised while the flags were parsed (and the config file executed), exit 2."""
-  message = _unknown_override(argv) or _in_config_file(e, argv)
+  message = _unknown_override(argv) or _not_a_config_file(e, argv) or _in_config_file(e, argv)
   if message is None:
     text = str(e).strip()
     message = text.splitlines()[-1] if text else type(e).__name__
@@ -138,6 +167,9 @@ def define_config_file(name: str, default: str, help_string: str, **kwargs):
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   _CONFIG_FLAGS[name] = default
+  # ml_collections warns that get_config() returned None before anything uses it; `parse_flags` says it in its
+  # one line instead.
+  logging.getLogger("absl").addFilter(lambda record: "get_config() returned None" not in record.getMessage())
   try:
     return config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
   except Exception as e:  # pylint: disable=broad-except  # whatever the config file raises is bad input
@@ -145,16 +177,22 @@ def define_config_file(name: str, default: str, help_string: str, **kwargs):
 
 
 def _check_config_loaded(name: str, argv: Sequence[str]) -> None:
-  """ml_collections defers the error of a config file that cannot be opened until the config is first used;
-  report it now, in one line."""
+  """ml_collections defers the error of a config file that cannot be opened until the config is first used, and
+  takes whatever get_config() returns; report either now, in one line."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
 
+  path = _config_path(name, argv)
+  value = flags.FLAGS[name].value
   try:
-    getattr(flags.FLAGS[name].value, "keys")
+    getattr(value, "keys", None)
   except OSError as e:
-    path = _config_arg(name, argv).split(":", 1)[0]
     reason = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
     _flag_error(f"--{name}: cannot load the config file {path} ({reason}).")
+  if not isinstance(value, ml_collections.ConfigDict):
+    _flag_error(f"--{name}={_config_arg(name, argv)}: get_config() in {path} returned "
+                f"{'None' if value is None else 'a ' + type(value).__name__}, not an ml_collections.ConfigDict; "
+                f"a config file is {CONFIG_FILE_CONTRACT}.")
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
@@ -256,24 +294,6 @@ def run_main(main: Callable[[Sequence[str]], Any]) -> None:
   app.run(report_user_errors(main_with_cache), flags_parser=parse_flags)
 
 
-def use_cpu_cores(config) -> int:
-  """For several runs (``config.num_runs`` > 1, `training.runs`), one XLA CPU device per core (at most one per
-  run), so that the runs share the cores; call it before JAX starts (nothing changes on a GPU or TPU, nor once JAX
-  has started). Returns the number of CPU devices asked for."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from wsram_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top
-
-  num_runs = config.get("num_runs", 1)
-  devices = runs_lib.cpu_devices(num_runs if isinstance(num_runs, int) else 1)
-  if devices > 1:
-    try:
-      jax.config.update("jax_num_cpu_devices", devices)
-    except RuntimeError as e:  # JAX has started already: the runs then share one device
-      logging.getLogger(__name__).warning("Cannot split the runs over %d CPU devices (%s).", devices, e)
-      return 1
-  return devices
-
-
 def training_binary(default_config: str, train_and_evaluate: Callable[[Any, str], Any],
                     summary: Callable[[Any], str]) -> Callable[[], None]:
   """Defines the flags of a training binary (--config, --workdir, --jit) and returns its `run()`.
@@ -298,7 +318,8 @@ def training_binary(default_config: str, train_and_evaluate: Callable[[Any, str]
     with config.unlocked():
       config.jit = config.jit and jit_flag.value
     absl_logging.info("Configuration:\n%s", config)
-    use_cpu_cores(config)
+    from wsram_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top  (JAX not started yet)
+    runs_lib.use_cpu_cores(config)
     print(summary(train_and_evaluate(config, workdir_flag.value)))
 
   return lambda: run_main(main)

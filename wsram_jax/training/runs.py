@@ -6,17 +6,27 @@
 
 Each run has its own seed (its parameters and its PRNG stream), optimiser state and baseline state, and its own
 value of every swept number (`SWEEPABLE`: the learning rate, the model's location std and the objective's
-`objectives.HYPER`; none of them changes a shape). The state of the R runs is the single run's `TrainState` with
-a leading run axis ``[R, ...]``, and the step is `jax.vmap` of the single-run step over it, the swept values
-passed in as ``hyper`` (``{name: [R]}``): run r computes what it would compute alone (up to the float
-reassociation of batched matmuls; tests check it). On a CPU the run axis is sharded over one XLA device per core
-(`cpu_devices`, set before JAX starts by the binaries), so the runs share the cores instead of taking turns.
+`objectives.HYPER`; none of them changes a shape). A run's numbers reach the step, the loss, the evaluation and
+the diagnostics as ``hyper`` (``{name: scalar}``, `Runs.hyper_of`), always: ``{}`` for a single run without a
+runs block. This module is the one place that tells one run from several:
+
+* the state of R > 1 runs is the single run's `TrainState` with a leading run axis ``[R, ...]`` (`create_states`,
+  `stack`, `unstack`; a single run's has none, so that its checkpoints are those of a run trained alone);
+* the step of one run, ``step(state, hyper, *data)`` (`training.step.build_step`), becomes ``step(state, *data)``
+  with the runs' numbers bound (`bind`): for R > 1 `jax.vmap` of it over the run axis with ``hyper`` ``{name:
+  [R]}``, so run r computes what it would compute alone (up to the float reassociation of batched matmuls;
+  tests check it);
+* what the loop calls per run (evaluation, diagnostics) gets run r's state and numbers (`per_run`).
+
+On a CPU the run axis is sharded over one XLA device per core (`cpu_devices`, set before JAX starts by the
+binaries; `make_mesh`, `run_sharding`), so the runs share the cores instead of taking turns.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +35,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from wsram_jax import objectives
 from wsram_jax.errors import ConfigError
+from wsram_jax.training import config as config_lib
 
-__all__ = ["SWEEPABLE", "RUN_AXIS", "Runs", "from_config", "model_for", "stack", "unstack", "make_mesh",
-           "cpu_devices"]
+__all__ = ["SWEEPABLE", "RUN_AXIS", "Runs", "from_config", "create_states", "bind", "state_sharding",
+           "apply_learning_rate", "per_run", "stack", "unstack", "make_mesh", "run_sharding", "cpu_devices",
+           "use_cpu_cores"]
 
 RUN_AXIS = "runs"
 
@@ -52,8 +64,14 @@ class Runs:
     return {name: jnp.asarray(v, jnp.float32) for name, v in self.values.items()}
 
   def hyper_of(self, r: int) -> dict[str, jax.Array]:
-    """Run r's own numbers, ``{name: float32 scalar}``, as `build_step` passes them to one run's loss."""
+    """Run r's own numbers, ``{name: float32 scalar}``, as the step passes them to one run's loss (``{}`` when
+    nothing is swept)."""
     return {name: v[r] for name, v in self.hyper().items()}
+
+  @property
+  def several(self) -> bool:
+    """Whether the state carries a run axis (R > 1)."""
+    return self.num_runs > 1
 
   def label(self, r: int) -> str:
     """``'run 2 (seed 3, learning_rate 0.0003)'``."""
@@ -69,11 +87,8 @@ class Runs:
       for name in single.runs:
         single.runs[name] = ()
       for name, v in self.values.items():
-        *path, last = SWEEPABLE[name].split(".")
-        node = single
-        for p in path:
-          node = node[p]
-        node[last] = type(node[last])(v[r])
+        key = SWEEPABLE[name]
+        config_lib.set_value(single, key, type(config_lib.get_value(single, key))(v[r]))
     return single
 
 
@@ -108,10 +123,65 @@ def from_config(config) -> Runs:
   return Runs(seeds=tuple(int(s) for s in seeds), values=swept)
 
 
-def model_for(model, hyper: Optional[dict]):
-  """`model` with a run's own location std (``hyper['loc_std']``, a swept number), or `model` itself. Every
-  task's model has a ``loc_std`` field."""
-  return model.clone(loc_std=hyper["loc_std"]) if hyper and "loc_std" in hyper else model
+def create_states(runs: Runs, create: Callable[[int], Any], mesh: Optional[Mesh] = None) -> Any:
+  """The fresh state of the runs from ``create(seed)`` (a run's state as it is made alone): a single run's, placed
+  on the data-parallel `mesh` (replicated) or committed to the first local device, as a restored one is (jit keys
+  its cache on that, so a fresh and a restored state share the compiled step); for R > 1 the R states stacked
+  along a leading run axis and split over `make_mesh`'s devices."""
+  if not runs.several:
+    state = create(runs.seeds[0])
+    return jax.device_put(state, jax.local_devices()[0] if mesh is None else replicated(mesh))
+  state = stack([create(seed) for seed in runs.seeds])
+  sharding = run_sharding(make_mesh(runs.num_runs))
+  return state if sharding is None else jax.device_put(state, sharding)
+
+
+def bind(step: Callable[..., Any], runs: Runs) -> Callable[..., Any]:
+  """``step(state, hyper, *data) -> (state, metrics)`` of one run as ``step(state, *data)`` for `runs`: run 0's
+  numbers bound for a single run; for R > 1, `jax.vmap` over the state's run axis with each run's numbers
+  (metrics ``[R]``; the data is shared). Not jitted (`training.step.jit`; `state_sharding` says where the new
+  state lies)."""
+  if not runs.several:
+    numbers = runs.hyper_of(0)
+
+    def step_of_one(state, *data):
+      return step(state, numbers, *data)
+
+    return _named_step(step_of_one)
+  numbers = runs.hyper()
+
+  def step_of_runs(state, *data):
+    # Behind a barrier the numbers are values, not constants XLA could fold into the arithmetic (a division by a
+    # constant becomes a multiplication): the program computes what it computed when they were arguments.
+    return jax.vmap(lambda s, h: step(s, h, *data))(state, jax.lax.optimization_barrier(numbers))
+
+  return _named_step(step_of_runs)
+
+
+def _named_step(fn):
+  fn.__name__ = fn.__qualname__ = "step"  # the compiled program's name (``jit_step``), whatever the runs
+  return fn
+
+
+def state_sharding(runs: Runs, mesh: Optional[Mesh] = None):
+  """Where the step leaves the new state: replicated over the data-parallel `mesh`, or for R > 1 runs split over
+  `make_mesh`'s devices; None (where its inputs lie) otherwise."""
+  return run_sharding(make_mesh(runs.num_runs)) if runs.several else replicated(mesh)
+
+
+def apply_learning_rate(updates: Any, hyper) -> Any:
+  """The optimiser's `updates` times minus the run's own learning rate when the sweep varies it (the optimiser of
+  such a config leaves out Adam's last step, ``scale(-learning_rate)``: `training.step.make_optimizer`); the
+  updates unchanged otherwise."""
+  if "learning_rate" not in hyper:
+    return updates
+  return jax.tree_util.tree_map(lambda u: -hyper["learning_rate"] * u, updates)
+
+
+def per_run(fn: Callable[[Any, int], Any], runs: Runs) -> Callable[..., Any]:
+  """``fn(state_r, r)`` as the loop calls it (`training.loop.run`): ``fn(state, 0)`` for a single run, ``fn(state_r,
+  r)`` with run r's state for several."""
+  return fn if runs.several else (lambda state: fn(state, 0))
 
 
 def stack(states: list[Any]) -> Any:
@@ -164,3 +234,18 @@ def cpu_devices(num_runs: int) -> int:
     return 1
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
   return max(1, min(num_runs, cores))
+
+
+def use_cpu_cores(config) -> int:
+  """For several runs (``config.num_runs`` > 1), one XLA CPU device per core (at most one per run, `cpu_devices`),
+  so that the runs share the cores; call it before JAX starts (nothing changes on a GPU or TPU, nor once JAX has
+  started). Returns the number of CPU devices asked for."""
+  num_runs = config.get("num_runs", 1)
+  devices = cpu_devices(num_runs if isinstance(num_runs, int) else 1)
+  if devices > 1:
+    try:
+      jax.config.update("jax_num_cpu_devices", devices)
+    except RuntimeError as e:  # JAX has started already: the runs then share one device
+      logging.getLogger(__name__).warning("Cannot split the runs over %d CPU devices (%s).", devices, e)
+      return 1
+  return devices

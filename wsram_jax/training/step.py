@@ -1,23 +1,24 @@
 """One update for any task's loss, and what a run needs around it: optimiser, state, mesh, diagnostics, restore.
 
-    loss_fn(params, batch, key, baseline_value) -> (loss, metrics)        a task's loss (classifier.loss, ...)
-    sample(key, *data) -> batch                                           a task's batch sampler (jit-able)
+    loss_fn(params, batch, key, baseline_value, hyper) -> (loss, metrics)   a task's loss (classifier.loss, ...)
+    sample(key, *data) -> batch                                             a task's batch sampler (jit-able)
 
     loss_and_grads = build_loss_and_grads(loss_fn, btx, sample)
-    step = jax.jit(build_step(loss_and_grads, btx, optimizer), compiler_options=compiler_options())
-    state, metrics = step(state, *data)
+    step = build_step(loss_and_grads, btx, optimizer)       step(state, hyper, *data) -> (state, metrics)
 
-`build_step` is, inside one `jax.jit`:
+``hyper`` is the run's own numbers (``{name: scalar}``; ``{}`` for a single run, `training.runs`), always passed;
+`training.runs.bind` turns the step into ``step(state, *data)`` for one run or R runs, and `jit` compiles it.
+`build_step` is, inside that one `jax.jit`:
 
     key_t            = fold_in(state.key, t)                   the batch and the samples of step t
     batch            = sample(split(key_t)[0], *data)
-    loss, grads      = value_and_grad(loss_fn)(params, batch, split(key_t)[1], b)   b: the baseline's value
-    state            = loop.guarded_update(state, ...)         the optimiser (after global-norm clipping),
+    loss, grads      = value_and_grad(loss_fn)(params, batch, split(key_t)[1], b, hyper)   b: the baseline's value
+    state            = state.guarded_update(state, ...)        the optimiser (after global-norm clipping),
                                                                skipped if the loss or gradients are not finite
 
 Data parallel (`make_mesh(n)`, n > 1): the same step on a `jax.sharding.Mesh` of n devices with one axis
-``data``; the task's sampler shards the batch over it (`shard_batch`), parameters, optimiser state and data are
-replicated (`replicate`), and XLA inserts the cross-device sum of the gradients. Several hosts: call
+``data``; the batch is sharded over it (`shard_batch`), parameters, optimiser state and data are replicated
+(`replicate`), and XLA inserts the cross-device sum of the gradients. Several hosts: call
 `jax.distributed.initialize()` first (BUILD.md).
 
 `make_diagnose` draws K independent gradient estimates of one fixed minibatch at the current parameters
@@ -41,16 +42,17 @@ from wsram_jax import baselines
 from wsram_jax import diagnostics
 from wsram_jax import errors
 from wsram_jax.training import checkpoints
-from wsram_jax.training import loop
 from wsram_jax.training import runs as runs_lib
+from wsram_jax.training import state as state_lib
 
-__all__ = ["DATA_AXIS", "compiler_options", "make_optimizer", "create_train_state", "create_run_states",
-           "build_loss_and_grads", "build_step", "jit_step", "jit_runs", "make_mesh", "replicate", "shard_batch",
+__all__ = ["DATA_AXIS", "NO_HYPER", "compiler_options", "make_optimizer", "create_train_state",
+           "build_loss_and_grads", "build_step", "jit", "make_mesh", "replicate", "shard_batch", "diagnostic_key",
            "make_diagnose", "restore_latest"]
 
 DATA_AXIS = "data"  # The mesh axis the batch is sharded over.
 
 LossAndGrads = Callable[..., tuple[tuple[jax.Array, dict], Any]]
+NO_HYPER: dict = {}  # the numbers of a single run that sweeps nothing (never written to)
 
 
 # XLA:CPU options of the jitted steps, each with what it buys (BENCHMARKS.md, "Compile time").
@@ -127,45 +129,44 @@ def learning_rate_multiplier(config) -> Optional[optax.Schedule]:
 
 
 def create_train_state(seed: int, init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
-                       btx: baselines.BaselineTransform) -> loop.TrainState:
-  """A fresh `loop.TrainState`: ``PRNGKey(seed)`` split in two, the first for `init_params(key) -> params`, the
+                       btx: baselines.BaselineTransform) -> state_lib.TrainState:
+  """A fresh `state.TrainState`: ``PRNGKey(seed)`` split in two, the first for `init_params(key) -> params`, the
   second the run's base key (step t draws from ``fold_in(key, t)``)."""
   k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
   params = init_params(k_init)
-  return loop.TrainState.create(params=params, opt_state=optimizer.init(params), key=k_run, extra=btx.init())
+  return state_lib.TrainState.create(params=params, opt_state=optimizer.init(params), key=k_run, extra=btx.init())
 
 
 def build_loss_and_grads(loss_fn, btx: baselines.BaselineTransform, sample: Callable[..., Any]) -> LossAndGrads:
-  """`(params, extra, key, *data) -> ((loss, metrics), grads)` (not jitted), for any task's
-  `loss_fn(params, batch, key, baseline_value) -> (loss, metrics)`: splits `key` in two, draws the batch with
-  the first (`sample(key, *data) -> batch`) and differentiates `loss_fn` with the second, at the value of the
-  baseline `btx` before this batch (`extra` is its state). The first half of `build_step`."""
+  """`(params, extra, key, *data, hyper={}) -> ((loss, metrics), grads)` (not jitted), for any task's
+  `loss_fn(params, batch, key, baseline_value, hyper) -> (loss, metrics)`: splits `key` in two, draws the batch
+  with the first (`sample(key, *data) -> batch`) and differentiates `loss_fn` with the second, at the value of the
+  baseline `btx` before this batch (`extra` is its state), with the run's numbers `hyper`. The first half of
+  `build_step`."""
 
-  def loss_and_grads(params, extra, key, *data, hyper=None):
+  def loss_and_grads(params, extra, key, *data, hyper=NO_HYPER):
     k_data, k_loss = jax.random.split(key)
     batch = sample(k_data, *data)
     # The baseline's value before this batch does not depend on the rewards passed here.
     value, _ = btx.update(jnp.zeros(()), extra)
-    if hyper:  # a run of a sweep: its own numbers (`training.runs`)
-      return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, k_loss, value, hyper)
-    return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, k_loss, value)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, k_loss, value, hyper)
 
   return loss_and_grads
 
 
 def build_step(loss_and_grads: LossAndGrads, btx: baselines.BaselineTransform,
-               optimizer: optax.GradientTransformation) -> Callable[..., tuple[loop.TrainState, dict]]:
-  """`step(state, *data) -> (state, metrics)` (not jitted), one update for any task: the gradients of step t
-  from `loss_and_grads(params, extra, fold_in(state.key, t), *data)` (`build_loss_and_grads`), the baseline `btx`
-  updated with the batch's ``baseline_target`` (or its ``reward`` where the loss gives none), then `optimizer`
-  through `loop.guarded_update` (no update if the loss or the gradients are not finite). Metrics: the loss's,
-  prefixed ``train/``, and ``train/grad_norm``.
+               optimizer: optax.GradientTransformation) -> Callable[..., tuple[state_lib.TrainState, dict]]:
+  """`step(state, hyper, *data) -> (state, metrics)` (not jitted), one update of one run for any task: the
+  gradients of step t from `loss_and_grads(params, extra, fold_in(state.key, t), *data, hyper=hyper)`
+  (`build_loss_and_grads`), the baseline `btx` updated with the batch's ``baseline_target`` (or its ``reward``
+  where the loss gives none), then `optimizer` through `state.guarded_update` (no update if the loss or the
+  gradients are not finite). Metrics: the loss's, prefixed ``train/``, and ``train/grad_norm``.
 
-  ``step(state, *data, hyper=h)`` is one run of a sweep (`training.runs`): ``h`` holds its own numbers (scalars),
-  passed to the loss; its ``learning_rate`` scales the update of an optimiser built by
-  ``make_optimizer(config, swept_learning_rate=True)``."""
+  ``hyper`` holds the run's own numbers (scalars; `training.runs`), passed to the loss; a swept
+  ``learning_rate`` scales the update of an optimiser built by `make_optimizer` for that config (which then
+  leaves out Adam's last step, ``scale(-learning_rate)``)."""
 
-  def step(state: loop.TrainState, *data, hyper=None):
+  def step(state: state_lib.TrainState, hyper, *data):
     key = jax.random.fold_in(state.key, state.step)
     (loss, metrics), grads = loss_and_grads(state.params, state.extra, key, *data, hyper=hyper)
     # The baseline state tracks what the loss names: its ``baseline_target`` if it has one, else its ``reward``.
@@ -173,13 +174,12 @@ def build_step(loss_and_grads: LossAndGrads, btx: baselines.BaselineTransform,
 
     def apply(params, opt_state):
       updates, opt_state = optimizer.update(grads, opt_state, params)
-      if hyper and "learning_rate" in hyper:
-        updates = jax.tree_util.tree_map(lambda u: -hyper["learning_rate"] * u, updates)
+      updates = runs_lib.apply_learning_rate(updates, hyper)  # a swept learning rate, after the optimiser
       return optax.apply_updates(params, updates), opt_state
 
     metrics = {f"train/{k}": v for k, v in metrics.items()}
     grad_norm = metrics["train/grad_norm"] = optax.global_norm(grads)
-    return loop.guarded_update(state, grads, apply, loss, new_extra, grad_norm=grad_norm), metrics
+    return state_lib.guarded_update(state, grads, apply, loss, new_extra, grad_norm=grad_norm), metrics
 
   return step
 
@@ -206,55 +206,10 @@ def shard_batch(mesh: Optional[Mesh], batch):
   return jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
 
 
-def jit_step(step, mesh: Optional[Mesh]):
-  """`step` jitted (`compiler_options`); on a mesh, with the new state replicated over it."""
-  if mesh is None:
-    return jax.jit(step, compiler_options=compiler_options())
-  return jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()), compiler_options=compiler_options())
-
-
-def create_run_states(runs: runs_lib.Runs, init_params: Callable[[jax.Array], Any],
-                      optimizer: optax.GradientTransformation, btx: baselines.BaselineTransform) -> loop.TrainState:
-  """The fresh states of `runs`, stacked along a leading run axis and split over `runs_lib.make_mesh`'s devices
-  (each run's as `create_train_state` makes it alone, with its own seed)."""
-  state = runs_lib.stack([create_train_state(seed, init_params, optimizer, btx) for seed in runs.seeds])
-  sharding = runs_lib.run_sharding(runs_lib.make_mesh(runs.num_runs))
-  return state if sharding is None else jax.device_put(state, sharding)
-
-
-class RunsStep:
-  """`jit_runs`' step: ``step(state, *data) -> (state, metrics)`` for R runs at once, with the runs' own numbers
-  bound. ``step.lower(state, *data)`` and its ``.compile()`` keep them bound (for timing and memory analysis:
-  ``step.lower(...).compile()(state, *data)`` runs the step)."""
-
-  def __init__(self, fn, hyper):
-    self._fn, self._hyper = fn, hyper
-
-  def __call__(self, state, *data):
-    return self._fn(state, self._hyper, *data)
-
-  def lower(self, state, *data) -> "RunsStep":
-    return RunsStep(self._fn.lower(state, self._hyper, *data), self._hyper)
-
-  def compile(self) -> "RunsStep":
-    return RunsStep(self._fn.compile(), self._hyper)
-
-  def __getattr__(self, name):  # as_text, cost_analysis, memory_analysis, ... of what is wrapped
-    return getattr(self._fn, name)
-
-
-def jit_runs(step, runs: runs_lib.Runs, num_data: int) -> RunsStep:
-  """`step` (from `build_step`) for the R runs of `runs` as one program: ``multi(state, *data) -> (state,
-  metrics)`` with ``state`` from `create_run_states` and metrics ``[R]``; the data (``num_data`` arrays) is shared
-  by the runs. `jax.vmap` over the run axis, each run's swept numbers passed as its ``hyper``; the run axis split
-  over the devices of `runs_lib.make_mesh` (one per CPU core when the binary set them up)."""
-  mesh = runs_lib.make_mesh(runs.num_runs)
-  sharding = runs_lib.run_sharding(mesh)
-  hyper = runs.hyper()
-  if sharding is not None:
-    hyper = jax.device_put(hyper, sharding)
-  vmapped = jax.vmap(lambda state, h, *data: step(state, *data, hyper=h), in_axes=(0, 0) + (None,) * num_data)
-  return RunsStep(jax.jit(vmapped, out_shardings=sharding, compiler_options=compiler_options()), hyper)
+def jit(step, out_sharding=None):
+  """`step` (``step(state, *data)``, `training.runs.bind`) jitted with `compiler_options`, the new state left with
+  `out_sharding` (`training.runs.state_sharding`; None: where the inputs lie)."""
+  return jax.jit(step, out_shardings=out_sharding, compiler_options=compiler_options())
 
 
 def diagnostic_key(seed: int) -> jax.Array:
@@ -264,17 +219,17 @@ def diagnostic_key(seed: int) -> jax.Array:
 
 def make_diagnose(loss_fn, btx: baselines.BaselineTransform, *, num_estimates: int,
                   uses_inference_network: bool) -> Callable[..., dict]:
-  """`diagnose(state, batch, key, hyper=None) -> {name: value}`: the variance of `num_estimates` independent
+  """`diagnose(state, batch, key, hyper) -> {name: value}`: the variance of `num_estimates` independent
   gradient estimates of the fixed minibatch `batch` at the state's parameters (`diagnostics.gradient_variance`,
   per parameter group: theta, eta, the baseline head, all), and the ESS of that minibatch (``diag/ess/mean``).
-  Estimate k of step t uses ``fold_in(key, t)`` split K ways; ``hyper`` is a run's own numbers in a sweep. One
-  compiled function serves every run. Without an inference network eta gets no gradient; its (zero) group is
-  then left out rather than reported."""
+  Estimate k of step t uses ``fold_in(key, t)`` split K ways; ``hyper`` is the run's own numbers (`training.runs`;
+  ``{}`` for a single run). One compiled function serves every run. Without an inference network eta gets no
+  gradient; its (zero) group is then left out rather than reported."""
 
   @functools.partial(jax.jit, compiler_options=compiler_options())
   def diagnose_jit(state, batch, key, hyper):
     value, _ = btx.update(jnp.zeros(()), state.extra)
-    loss = (lambda p, b, k: loss_fn(p, b, k, value, hyper)) if hyper else (lambda p, b, k: loss_fn(p, b, k, value))
+    loss = lambda p, b, k: loss_fn(p, b, k, value, hyper)
     grad_fn = lambda p, b, k: jax.grad(lambda q: loss(q, b, k)[0])(p)
     labels = attention.param_labels(state.params, baseline="baseline")
     out = diagnostics.gradient_variance(grad_fn, state.params, batch, jax.random.fold_in(key, state.step),
@@ -285,14 +240,14 @@ def make_diagnose(loss_fn, btx: baselines.BaselineTransform, *, num_estimates: i
 
   drop = () if uses_inference_network else ("/eta",)
 
-  def diagnose(state, batch, key, hyper=None):
-    out = jax.device_get(diagnose_jit(state, batch, key, hyper or {}))
+  def diagnose(state, batch, key, hyper):
+    out = jax.device_get(diagnose_jit(state, batch, key, hyper))
     return {f"diag/{k}": v for k, v in out.items() if not k.endswith(drop)}
 
   return diagnose
 
 
-def restore_latest(target: loop.TrainState, workdir: str) -> tuple[loop.TrainState, int]:
+def restore_latest(target: state_lib.TrainState, workdir: str) -> tuple[state_lib.TrainState, int]:
   """The newest readable checkpoint of the run in `workdir`, in the structure of `target` (a fresh state).
 
   Raises:

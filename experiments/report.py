@@ -1,7 +1,9 @@
-"""Tables and figures of a sweep of runs: our Table 1 beside the paper's, Figures 2 and 3.
+"""Tables and figures of the classifier's experiments: our Table 1 beside the paper's, Figures 2 and 3, one run's
+curves, and writing the results (JSON, markdown, RESULTS.md's marked sections).
 
-Every number comes from the runs' own `metrics.jsonl` (`metric_writers.read_metrics`); nothing is typed in
-except the paper's published Table 1, which is shown beside ours and labelled as the paper's.
+Every number comes from the runs' own `metrics.jsonl` (`metric_writers.read_metrics`, `final_metrics`); nothing
+is typed in except the paper's published Table 1 and claims, which are shown beside ours and labelled as the
+paper's. Figures are drawn on matplotlib's Agg canvas (no pyplot, no global backend).
 
 A run is a directory; runs of one variant over several seeds are averaged (mean and standard deviation of the
 final test error; curves averaged step by step over the seeds that reached the step).
@@ -9,18 +11,17 @@ final test error; curves averaged step by step over the seeds that reached the s
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from typing import Iterable, Mapping, Optional, Sequence
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-
-from wsram_jax.training import metric_writers  # pylint: disable=g-import-not-at-top
+from wsram_jax import report_files
+from wsram_jax.training import metric_writers
+from wsram_jax.training.metric_writers import final_metrics  # pylint: disable=unused-import  (read from here too)
 
 # The paper's Table 1: test error (%) after 10 million updates with 5 samples.
 PAPER_TABLE1 = {"var": 3.11, "var_cv": 1.81, "wsram": 4.23, "wsram_cv": 1.85, "wsram_q": 2.59,
@@ -29,17 +30,6 @@ TABLE1_ROWS = (("no c.v.", ("var", "wsram", "wsram_q")), ("+c.v.", ("var_cv", "w
 TABLE1_COLUMNS = ("VAR", "WS-RAM", "WS-RAM + q")
 LABELS = {"var": "VAR", "var_cv": "VAR+c", "wsram": "WS-RAM", "wsram_cv": "WS-RAM+c", "wsram_q": "WS-RAM+q",
           "wsram_q_cv": "WS-RAM+q+c"}
-
-
-def final_metrics(workdir: str) -> dict:
-  """The last value written of every metric of one run, plus 'step' (the last step logged) and, under
-  'step_of', the step at which each metric was last written."""
-  last, step_of = {}, {}
-  for record in metric_writers.read_metrics(workdir):
-    last.update(record)
-    step_of.update({k: record["step"] for k in record if k != "step"})
-  last["step_of"] = step_of
-  return last
 
 
 def _step_of(final: dict, key: str) -> int:
@@ -211,11 +201,18 @@ def curve_orderings_markdown(rows: Sequence[dict]) -> str:
       "not enough runs"))
 
 
-def _save(fig, path: str, *, dpi: int) -> str:
+def subplots(nrows: int, ncols: int, *, figsize: tuple[float, float], **kwargs):
+  """A figure on an Agg canvas and its grid of Axes (`Figure.subplots`)."""
+  fig = Figure(figsize=figsize)
+  FigureCanvasAgg(fig)
+  return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def save(fig, path: str, *, dpi: int) -> str:
+  """Writes `fig` to `path` atomically (`report_files.replacing`; its directory is created); returns `path`."""
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=dpi)
-  plt.close(fig)
+  with report_files.replacing(path) as tmp:
+    fig.savefig(tmp, dpi=dpi)
   return path
 
 
@@ -251,7 +248,7 @@ def figure2(groups: Mapping[str, Sequence[str]], path: str, *, smooth: int = 5) 
             ("eval/error_sampled", "test error (M samples from the prior)"),
             ("diag/grad_var/theta", "gradient variance (theta)"),
             ("train/ess", "effective sample size (max = M)"))
-  fig, axes = plt.subplots(1, len(panels), figsize=(19, 4.2))
+  fig, axes = subplots(1, len(panels), figsize=(19, 4.2))
   for ax, (key, title) in zip(axes, panels):
     for name, workdirs in groups.items():
       steps, mean, lowest, highest = _across_runs(workdirs, key)
@@ -269,7 +266,7 @@ def figure2(groups: Mapping[str, Sequence[str]], path: str, *, smooth: int = 5) 
       ax.set_yscale("log")
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
-  return _save(fig, path, dpi=110)
+  return save(fig, path, dpi=110)
 
 
 def _final_scale_usage_per_run(workdirs: Iterable[str], num_scales: int) -> list[np.ndarray]:
@@ -322,7 +319,7 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
   """
   styles = ("-", "--", ":", "-.")
   hatches = ("", "//", "..", "xx")
-  fig, axes = plt.subplots(2, 1 + len(pairs), figsize=(5 * (1 + len(pairs)), 8.2), squeeze=False)
+  fig, axes = subplots(2, 1 + len(pairs), figsize=(5 * (1 + len(pairs)), 8.2), squeeze=False)
   ax = axes[0, 0]
   for method, settings in pairs.items():
     for i, (setting, workdirs) in enumerate(settings.items()):
@@ -378,7 +375,7 @@ def figure3(pairs: Mapping[str, Mapping[str, Sequence[str]]], path: str, *, num_
     ax.set_xlabel("glimpse")
     ax.set_ylim(0, 1)
     _legend(ax, 7)
-  return _save(fig, path, dpi=110)
+  return save(fig, path, dpi=110)
 
 
 def training_curves(workdir: str, path: str, *, smooth: int = 5) -> str:
@@ -396,7 +393,7 @@ def training_curves(workdir: str, path: str, *, smooth: int = 5) -> str:
     if lines:
       curves.append((lines, title))
   curves = curves or [([], "training loss")]
-  fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), squeeze=False)
+  fig, axes = subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), squeeze=False)
   for ax, (panel, title) in zip(axes[0], curves):
     for key, steps, values in panel:
       ax.plot(steps, _smooth(values, smooth if key.startswith("train/") else 1), marker="." if
@@ -408,36 +405,53 @@ def training_curves(workdir: str, path: str, *, smooth: int = 5) -> str:
     ax.grid(alpha=0.3)
     if panel:
       ax.legend(fontsize=7)
-  return _save(fig, path, dpi=100)
+  return save(fig, path, dpi=100)
 
 
-def write_between_markers(path: str, name: str, text: str) -> None:
-  """Replaces the text between `<!-- name:begin -->` and `<!-- name:end -->` in `path` (appends if absent)."""
+def no_run(workdir: str) -> Optional[str]:
+  """Why `workdir` holds no trained run a report can restore (it does not exist, has no config.json, or no
+  checkpoint), as a phrase; None when it holds one."""
+  if not os.path.isdir(workdir):
+    return f"{workdir} does not exist"
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return f"{workdir} holds no run (no config.json)"
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not (os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))):
+    return f"{workdir} holds no checkpoint (no {checkpoints}/<step>)"
+  return None
+
+
+def between_markers(content: str, name: str, text: str) -> str:
+  """`content` with the text between `<!-- name:begin -->` and `<!-- name:end -->` replaced by `text` (the block
+  appended if absent)."""
   begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-  content = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
   block = f"{begin}\n{text.rstrip()}\n{end}"
   if begin in content and end in content:
     head, rest = content.split(begin, 1)
     _, tail = rest.split(end, 1)
-    content = head + block + tail
-  else:
-    content = content.rstrip() + ("\n\n" if content else "") + block + "\n"
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(content)
-  os.replace(tmp, path)
+    return head + block + tail
+  return content.rstrip() + ("\n\n" if content else "") + block + "\n"
+
+
+def section(content: str, name: str) -> Optional[str]:
+  """The text between `<!-- name:begin -->` and `<!-- name:end -->` in `content`, or None."""
+  begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+  if begin not in content or end not in content.split(begin, 1)[1]:
+    return None
+  return content.split(begin, 1)[1].split(end, 1)[0]
 
 
 def write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """`obj` as JSON (indented, keys sorted), written atomically."""
+  report_files.write_json(path, obj, sort_keys=True)
 
 
-def write_results(prefix: str, obj, text: str) -> None:
-  """An experiment's results: `obj` as ``PREFIX.json`` (`write_json`) and the markdown `text` as ``PREFIX.md``."""
-  write_json(prefix + ".json", obj)
-  with open(prefix + ".md", "w", encoding="utf-8") as f:
-    f.write(text + "\n")
+def write_results(prefix: str, obj, text: str, out: Optional[report_files.Report] = None) -> None:
+  """An experiment's results: `obj` as ``PREFIX.json`` (keys sorted) and the markdown `text` as ``PREFIX.md``,
+  staged in `out` (a `report_files.Report`: written with its other files) or each written atomically now."""
+  if out is None:
+    write_json(prefix + ".json", obj)
+    report_files.write_text(prefix + ".md", text + "\n")
+  else:
+    out.write_json(prefix + ".json", obj, sort_keys=True)
+    out.write_text(prefix + ".md", text + "\n")
