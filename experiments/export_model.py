@@ -81,8 +81,7 @@ def export(workdir: str, run: int, out: str, *, command: str = "", log=print) ->
   canvas = train.canvas_kwargs(config)
   unchecked = pretrained.TrainedModel(params=params, model=train.build_model(config), config=config,
                                       canvas=canvas, metrics={}, source={}, sha256="", path="")
-  canvases, labels, _ = unchecked.test_set(pretrained.NUM_CHECK_CANVASES)
-  check = pretrained.evaluate(unchecked, canvases, labels)
+  check = pretrained.evaluate(unchecked, *unchecked.test_set(pretrained.NUM_CHECK_CANVASES))
   train_command = ""
   if os.path.exists(os.path.join(workdir, "command.txt")):
     with open(os.path.join(workdir, "command.txt"), encoding="utf-8") as f:

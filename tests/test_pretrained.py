@@ -169,8 +169,7 @@ def test_the_shipped_model_reaches_its_recorded_test_error(shipped):
   """
   recorded = shipped.metrics["test_check"]
   n = recorded["num_canvases"]
-  canvases, labels, _ = shipped.test_set(n)
-  again = pretrained.evaluate(shipped, canvases, labels)
+  again = pretrained.evaluate(shipped, *shipped.test_set(n))
   assert again["num_canvases"] == n
   for key in ("error_sampled", "error_greedy"):
     assert abs(again[key] - recorded[key]) <= 2 * _binomial_se(recorded[key], n), (key, again, recorded)

@@ -49,10 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from wsram_jax import estimators
-from wsram_jax import proposals
-from wsram_jax.classifier import loss as loss_lib
 from wsram_jax.classifier import model as model_lib
+from wsram_jax.classifier import train
 from wsram_jax.data import canvas as canvas_lib
 from wsram_jax.data import mnist
 from wsram_jax.errors import ModelFileError
@@ -312,55 +310,25 @@ def test_set(config, canvas: dict, num: int, *, data_dir: Optional[PathLike] = N
                                    **{k: int(canvas[k]) for k in _CANVAS_KEYS})
 
 
-@functools.lru_cache(maxsize=8)
-def _eval_batch(model, num_glimpses: int, num_samples: int):
-  roll = functools.partial(loss_lib.batched_rollout, model=model, proposal=proposals.prior,
-                           num_glimpses=num_glimpses)
-
-  @jax.jit
-  def eval_batch(params, canvases, labels, mask, key):
-    canvases = canvas_lib.to_float(canvases)
-    greedy = roll(params, canvases, labels, key, num_samples=1, greedy=True)
-    sampled = roll(params, canvases, labels, key, num_samples=num_samples)
-    mean_probs = jnp.mean(jax.nn.softmax(sampled.logits), axis=1)  # [E, C]
-    wrong = lambda logits: (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
-    sums = {"error_greedy": wrong(greedy.logits[:, 0]), "error_sampled": wrong(mean_probs),
-            "log_p_y": estimators.log_marginal_bound(sampled.log_p_y)}  # prior proposal: log w = log p(y|a)
-    return {k: jnp.sum(v * mask) for k, v in sums.items()}
-
-  return eval_batch
-
-
-def evaluate(model: TrainedModel, canvases, labels, *, batch_size: Optional[int] = None) -> dict[str, float]:
-  """The test metrics of the training run's evaluator (`classifier.train`), on these canvases:
+def evaluate(model: TrainedModel, canvases, labels, boxes) -> dict[str, float]:
+  """The training run's evaluation on these canvases: `classifier.train.make_task_evaluator`, the function the
+  trainer evaluates with (its batches of ``config.data.eval_batch_size`` and keys), so on a prefix of the fixed
+  test set the numbers are those the trainer computes on it. Among them:
 
   * ``error_greedy``: one trajectory of the prior's most probable actions, classified after the last glimpse;
   * ``error_sampled``: M = ``num_samples`` trajectories from the prior, the class of highest mean probability;
-  * ``log_p_y``: the mean Eqn 9 bound with the prior as proposal (M samples), a lower bound on log p(y | I).
-
-  The same keys as the trainer's (``PRNGKey(test_seed + 1)`` folded with each batch's first index, batches of
-  ``config.data.eval_batch_size``), so on a prefix of the fixed test set the numbers are those the trainer
-  computes on it.
+  * ``log_p_y``: the mean Eqn 9 bound with the prior as proposal (M samples), a lower bound on log p(y | I);
+  * where the greedy glimpses go (``on_digit/g1``, ...; measured against `boxes`), glimpse ablations.
 
   Args:
     model: a `TrainedModel`.
-    canvases: uint8 ``[E, H, W, 1]`` (or float in [0, 1]).
+    canvases: uint8 ``[E, H, W, 1]``.
     labels: ``[E]`` int.
-    batch_size: canvases per call (default the config's ``data.eval_batch_size``).
+    boxes: ``[E, 4]`` int, the digits' boxes (`test_set`'s third array).
 
   Returns:
-    ``{'error_greedy', 'error_sampled', 'log_p_y', 'num_canvases'}``.
+    The evaluator's metrics without their ``eval/`` prefix, and ``num_canvases``.
   """
-  eval_batch = _eval_batch(model.model, model.num_glimpses, model.num_samples)
-  e = int(batch_size or model.config.data.eval_batch_size)
-  n = int(canvases.shape[0])
-  canvases, labels = np.asarray(canvases), np.asarray(labels, np.int32)
-  key = jax.random.PRNGKey(int(model.config.data.test_seed) + 1)
-  totals = {}
-  for start in range(0, n, e):
-    index = np.minimum(np.arange(start, start + e), n - 1)
-    mask = (np.arange(start, start + e) < n).astype(np.float32)
-    out = eval_batch(model.params, canvases[index], labels[index], mask, jax.random.fold_in(key, start))
-    for k, v in out.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  return {**{k: v / n for k, v in totals.items()}, "num_canvases": n}
+  test = train.Data(None, None, np.asarray(canvases), np.asarray(labels, np.int32), np.asarray(boxes, np.int32))
+  out = train.make_task_evaluator(model.config, model.model, test)(model.params, {})
+  return {**{k.removeprefix("eval/"): v for k, v in out.items()}, "num_canvases": int(canvases.shape[0])}
