@@ -72,6 +72,17 @@ class GradientVarianceTest(parameterized.TestCase):
     total = sum(sizes[g] * first[f"grad_var/{g}"] for g in sizes) / 19
     np.testing.assert_allclose(first["grad_var/all"], total, rtol=1e-5)
 
+  def test_summary_of_given_estimates_is_the_variance_of_those_estimates(self):
+    grads = {"theta": {"w": jnp.array([[1.0, 2.0], [3.0, 6.0]])}, "eta": {"v": jnp.array([[0.0], [2.0]])}}
+    metrics = diagnostics.gradient_summary(grads, labels=_group_of_top_key)
+    # Per parameter (ddof 1): w -> 2, 8; v -> 2. Means: w -> 2, 4; v -> 1.
+    np.testing.assert_allclose(metrics["grad_var/theta"], 5.0)
+    np.testing.assert_allclose(metrics["grad_var_normalized/theta"], 10.0 / 20.0)
+    np.testing.assert_allclose(metrics["grad_var/all"], 12.0 / 3)
+    np.testing.assert_allclose(metrics["grad_mean_sq_norm/eta"], 1.0)
+    with self.assertRaisesRegex(ValueError, "K >= 2"):
+      diagnostics.gradient_summary({"w": jnp.zeros((1, 3))})
+
   def test_zero_for_a_deterministic_estimator(self):
     metrics = _variance(noisy_grad_fn, PARAMS, 0.0, jax.random.PRNGKey(3), 16)
     self.assertEqual(set(metrics), {"grad_var/all", "grad_var_normalized/all", "grad_mean_sq_norm/all"})

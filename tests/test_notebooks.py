@@ -1,4 +1,5 @@
-"""Executes every notebook in notebooks/ headless, and checks that git holds them with outputs stripped."""
+"""Executes every notebook in notebooks/ headless (trained_model.ipynb against the shipped models/wsram_q_cv.npz
+and the offline MNIST copy of `make data`), and checks that git holds them with outputs stripped."""
 import json
 import pathlib
 

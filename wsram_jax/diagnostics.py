@@ -55,6 +55,25 @@ def gradient_variance(grad_fn: GradFn, params: Any, batch: Any, key: chex.PRNGKe
     raise ValueError(f"gradient_variance needs num_estimates >= 2; got {num_estimates}.")
   keys = jax.random.split(key, num_estimates)
   grads = jax.vmap(grad_fn, in_axes=(None, None, 0))(params, batch, keys)
+  return gradient_summary(grads, labels=labels, params=params)
+
+
+def gradient_summary(grads: Any, *, labels: Optional[Labels] = None, params: Any = None) -> dict[str, Array]:
+  """The summaries of `gradient_variance` (module docstring) of K gradient estimates made by any means.
+
+  Args:
+    grads: a pytree of arrays with a leading axis K >= 2 (estimate k of every parameter), e.g. from
+      `classifier.inspection.gradient_estimates`.
+    labels: group names, as for `gradient_variance`: a pytree (or prefix) of strings with the structure of one
+      estimate, or a callable of `params` that makes one.
+    params: what a callable `labels` is given (default: the first estimate).
+
+  Returns:
+    The flat dict of scalars of `gradient_variance`.
+  """
+  num_estimates = jax.tree.leaves(grads)[0].shape[0]
+  if num_estimates < 2:
+    raise ValueError(f"gradient_summary needs K >= 2 estimates; got {num_estimates}.")
 
   def sums(tree) -> tuple[Array, Array, int]:
     """(sum of per-parameter variances, squared norm of the mean, number of parameters) over a subtree."""
@@ -67,7 +86,7 @@ def gradient_variance(grad_fn: GradFn, params: Any, batch: Any, key: chex.PRNGKe
   groups = {"all": [grads]}
   if labels is not None:
     if callable(labels):
-      labels = labels(params)
+      labels = labels(jax.tree.map(lambda g: g[0], grads) if params is None else params)
     label_leaves, label_def = jax.tree.flatten(labels)
     for name, subtree in zip(label_leaves, label_def.flatten_up_to(grads)):
       groups.setdefault(str(name), []).append(subtree)

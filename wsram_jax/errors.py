@@ -34,6 +34,11 @@ class DataError(UserError):
   """A data source is missing, truncated or fails its integrity check."""
 
 
+class ModelFileError(DataError):
+  """A saved model file (`classifier.pretrained`) is missing, truncated or corrupt, or does not match its
+  recorded config, parameter shapes or sha256 hashes."""
+
+
 class CheckpointError(UserError):
   """No usable checkpoint could be restored."""
 
