@@ -1,14 +1,14 @@
 r"""How the test error falls with the budget: one setting trained to several budgets, a power law fitted on log axes,
 and where it would reach the paper's error.
 
-    python -m experiments.budget --root=runs/budget --variant=wsram_q_cv --candidate=decay \
+    python -m experiments.budget --root=runs/budget --variant=wsram_q_cv --candidate=warm_decay \
         --budgets=12500,25000,50000,100000,200000 --seeds=1,2 --jobs=2 [--search_root=runs/search] \
         [--results=results/budget]
 
 A candidate of `experiments.search.CANDIDATES` is a function of the budget (its schedule is fractions of it), so
 each budget is a run of its own: ``ROOT/VARIANT.CANDIDATE.bBUDGET.sSEEDS``, every seed in one program, evaluated
 ten times along the way (`eval_every` = budget / 10). A candidate whose values do not depend on the budget
-(``default``: a constant learning rate) trains once, to the largest budget, and each budget's error is read off
+(``constant``: Adam at a constant rate) trains once, to the largest budget, and each budget's error is read off
 that run's evaluations. Runs of `experiments.search` at a budget (``--search_root``) count too.
 
 The report fits ``log error = a + b log budget`` by least squares to every (budget, seed) point and solves it for
@@ -170,7 +170,8 @@ def markdown(pts, trend, variant: str, candidate: str, cmd: str) -> str:
 def define_flags() -> None:
   flags.DEFINE_string("root", "runs/budget", "Directory holding one workdir per budget.")
   flags.DEFINE_string("variant", "wsram_q_cv", "A variant of experiments/configs/mnist.py.")
-  flags.DEFINE_string("candidate", "default", "A candidate of experiments.search.CANDIDATES.")
+  flags.DEFINE_string("candidate", "warm_decay", "A candidate of experiments.search.CANDIDATES (warm_decay: the "
+                      "default schedule of wsram_q_cv).")
   flags.DEFINE_list("budgets", ["12500", "25000", "50000", "100000", "200000"], "Budgets in updates.")
   flags.DEFINE_list("seeds", ["1", "2"], "Seeds of every budget (one program).")
   flags.DEFINE_integer("jobs", 2, "Processes at a time (each single-threaded when > 1).")

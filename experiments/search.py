@@ -9,9 +9,12 @@ Each (variant, candidate) pair is one `python -m experiments.train` program trai
 --jobs processes at a time; started again with the same flags it resumes. A later call with other seeds
 (``--seeds=5,6,7,8``) adds a workdir beside it, and the report pools every seed of a pair.
 
-`CANDIDATES` are functions of the budget (the schedules are fractions of it, so that a candidate means the same at
-any budget); ``default`` is the variant's config as it is. The report (also with --report_only) compares each
-candidate with ``default`` per variant (exact one-sided permutation test of "the candidate errs less", on
+`CANDIDATES` are functions of the budget: each sets a learning-rate schedule of `experiments/configs/mnist.py`
+(`SCHEDULES`: fractions of the budget, so that a candidate means the same at any budget) and maybe a heuristic,
+whatever the variant's default is, so that a run's meaning does not change when the defaults do. ``constant``
+(Adam at 3e-4 throughout, every variant's default before this search) is the baseline: the report (also with
+--report_only) compares each candidate with it per variant (exact one-sided permutation test of "the candidate
+errs less", on
 `eval/error_sampled` at the budget), applies the attention test of a good default to each run (`run_verdict`),
 names each variant's best candidate (the lowest mean error among those with every seed finished), and tests the
 paper's two central comparisons at equal tuning: WS-RAM+q+c against VAR+c and against WS-RAM+c, each at its best
@@ -35,6 +38,7 @@ from absl import flags
 
 from experiments import sweep
 from experiments import report
+from experiments.configs import mnist
 from wsram_jax import errors
 from wsram_jax import report_files
 from wsram_jax.training import cli
@@ -44,33 +48,20 @@ FLAGS = flags.FLAGS
 
 SEARCHED = ("wsram_q_cv", "wsram_cv", "var_cv")
 
-
-def _decay(steps: int) -> dict[str, Any]:
-  """Adam at the config's rate for the first 40% of the budget, then falling linearly to 0 at its end."""
-  begin = int(0.4 * steps)
-  return {"decay.begin": begin, "decay.steps": steps - begin, "decay.end": 0.0}
-
-
-def _warm_decay(steps: int) -> dict[str, Any]:
-  """`make run`'s schedule stretched over the budget: 1e-3 times 0.3 for the first 4%, rising to 1e-3 by 8%, then
-  falling linearly to 0 at the end."""
-  hold = int(0.04 * steps)
-  return {"learning_rate": 1e-3, "warmup.start": 0.3, "warmup.hold_steps": hold, "warmup.ramp_steps": hold,
-          "decay.begin": 2 * hold, "decay.steps": steps - 2 * hold, "decay.end": 0.0}
-
-
 # The coverage bonus (heuristic 2) with its scale term alone: reward using every scale, not every location.
 COVERAGE_SCALES = {"heuristics.coverage_weight": 0.1, "heuristics.coverage_location_weight": 0.0}
 
-# name -> the config values it sets, given the budget in updates.
+# name -> the config values it sets, given the budget in updates: a schedule, and maybe the coverage bonus's scale
+# term.
 CANDIDATES: dict[str, Callable[[int], dict[str, Any]]] = {
-    "default": lambda steps: {},
-    "decay": _decay,
-    "warm_decay": _warm_decay,
-    "coverage_scales": lambda steps: dict(COVERAGE_SCALES),
-    "decay_coverage_scales": lambda steps: {**_decay(steps), **COVERAGE_SCALES},
-    "warm_decay_coverage_scales": lambda steps: {**_warm_decay(steps), **COVERAGE_SCALES},
+    "constant": lambda steps: mnist.schedule_values("constant", steps),
+    "decay": lambda steps: mnist.schedule_values("decay", steps),
+    "warm_decay": lambda steps: mnist.schedule_values("warm_decay", steps),
+    "coverage_scales": lambda steps: {**mnist.schedule_values("constant", steps), **COVERAGE_SCALES},
+    "decay_coverage_scales": lambda steps: {**mnist.schedule_values("decay", steps), **COVERAGE_SCALES},
+    "warm_decay_coverage_scales": lambda steps: {**mnist.schedule_values("warm_decay", steps), **COVERAGE_SCALES},
 }
+BASELINE = "constant"  # every candidate is tested against it
 
 # The paper's central comparisons (lower, higher, claim), each variant at its best candidate.
 CENTRAL = (("wsram_q_cv", "var_cv", "WS-RAM+q+c beats VAR+c"),
@@ -138,7 +129,7 @@ def run_verdict(run_dir: str, steps: int) -> dict[str, Any]:
 
 def evaluate(root: str, variants, candidates, steps: int) -> dict[str, Any]:
   """Every pair's runs (`run_verdict` by seed), its summary over the finished seeds, and its test against the
-  variant's default."""
+  variant's `BASELINE` run."""
   out = {}
   for v in variants:
     out[v] = {}
@@ -152,10 +143,10 @@ def evaluate(root: str, variants, candidates, steps: int) -> dict[str, Any]:
                    "greedy_mean": float(np.mean([r["error_greedy"] for r in done.values()])) if done else None,
                    "on_digit_mean": float(np.mean([r["on_digit_later"] for r in done.values()])) if done else None,
                    "all_pass": bool(done) and all(r["passes"] for r in done.values())}
-    base = out[v].get("default")
+    base = out[v].get(BASELINE)
     for c, s in out[v].items():
-      if c != "default" and base and len(base["errors"]) >= 2 and len(s["errors"]) >= 2:
-        s["p_below_default"] = report.permutation_p_value(s["errors"], base["errors"])
+      if c != BASELINE and base and len(base["errors"]) >= 2 and len(s["errors"]) >= 2:
+        s["p_below_baseline"] = report.permutation_p_value(s["errors"], base["errors"])
   return out
 
 
@@ -199,8 +190,8 @@ def markdown(results, chosen, rows, steps: int, search_seeds, cmd: str) -> str:
            "how many seeds pass the test of a good default (error at most "
            f"{MAX_ERROR:.0%}, glimpses 2-N on the digit at least {MIN_ON_DIGIT:.0%}, two scales each at least "
            f"{MIN_SCALE_SHARE:.0%} of all greedy glimpses, train/bound never below {MIN_BOUND:g} after update "
-           f"{BOUND_FROM:,}), and the one-sided exact permutation p of \"errs less than the default\".", "",
-           "| variant | candidate | error (sampled) | greedy | on digit | pass | p vs default |",
+           f"{BOUND_FROM:,}), and the one-sided exact permutation p of \"errs less than {BASELINE}\".", "",
+           f"| variant | candidate | error (sampled) | greedy | on digit | pass | p vs {BASELINE} |",
            "|---|---|---|---|---|---|---|"]
   for v, per in results.items():
     for c, s in per.items():
@@ -208,7 +199,7 @@ def markdown(results, chosen, rows, steps: int, search_seeds, cmd: str) -> str:
         continue
       cell = _pct(s["mean"]) + (f" ± {100 * s['std']:.2f}" if s["std"] is not None else "") + f" (n={len(s['errors'])})"
       passed = sum(1 for r in s["runs"].values() if r.get("passes"))
-      p = s.get("p_below_default")
+      p = s.get("p_below_baseline")
       mark = "**" if chosen.get(v) == c else ""
       lines.append(f"| {v} | {mark}{c}{mark} | {cell} | {_pct(s['greedy_mean'])} | {_pct(s['on_digit_mean'])} | "
                    f"{passed} of {len(s['errors'])} | {'-' if p is None else f'{p:.3f}'} |")
@@ -246,7 +237,7 @@ def define_flags() -> None:
   """This binary's flags; defined only when it runs as a program (tests import it beside other binaries)."""
   flags.DEFINE_string("root", "runs/search", "Directory holding one workdir per (variant, candidate, seeds).")
   flags.DEFINE_list("variants", list(SEARCHED), "Variants of experiments/configs/mnist.py.")
-  flags.DEFINE_list("candidates", [c for c in CANDIDATES if c != "default"], "Candidates to train (`CANDIDATES`).")
+  flags.DEFINE_list("candidates", list(CANDIDATES), "Candidates to train (`CANDIDATES`).")
   flags.DEFINE_list("seeds", ["1", "2", "3", "4"], "Seeds of every pair (one program).")
   flags.DEFINE_list("search_seeds", ["1", "2", "3", "4"], "The seeds the best candidate is chosen on.")
   flags.DEFINE_integer("steps", 50000, "Updates per run (the budget).")

@@ -1,7 +1,7 @@
 r"""Reproduces the paper's Table 1 and Figures 2-3 at a CPU budget: a resumable sweep, then the report.
 
     python -m experiments.table1 --root=runs/table1 --steps=50000 --seeds=0,1,2,3 --jobs=2 \
-        [--learning_rates=results/learning_rates.json]
+        [--learning_rates=results/learning_rates.json] [--schedule=constant]
 
 Runs: one `python -m experiments.train` per variant, each training all the seeds as one program
 (`--config.num_runs`, `training.runs`; seed s is ROOT/VARIANT/run_i, in --seeds order), --jobs processes at a time:
@@ -66,6 +66,9 @@ _RESULTS_MD = flags.DEFINE_string(
     "the section is written to RESULTS/table1.md instead.")
 _FORCE = flags.DEFINE_bool("force", False, report_files.FORCE_HELP)
 _EXTRA = flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for every run (e.g. for a test).")
+_SCHEDULE = flags.DEFINE_string(
+    "schedule", None, "Train every variant with this learning-rate schedule of experiments/configs/mnist.py "
+    "(SCHEDULES, e.g. constant); by default each variant's own (VARIANT_SCHEDULES).")
 _ONLY = flags.DEFINE_list("only", [], "Train only these workdirs (variants or Figure 3 runs), in this order; the "
                           "report still covers every workdir's runs so far.")
 
@@ -106,12 +109,18 @@ def read_learning_rates(path) -> dict[str, float]:
   return {v: float(chosen[v]) for v in TABLE_VARIANTS if chosen[v] is not None}
 
 
-def planned_runs(seeds, steps, extra, learning_rates=None) -> dict[str, list[str]]:
+def planned_runs(seeds, steps, extra, learning_rates=None, schedule=None) -> dict[str, list[str]]:
   """workdir name -> its `experiments.train` arguments (without --workdir), in the order they are run: every
-  seed of a variant in one program (its runs ROOT/NAME/run_i)."""
+  seed of a variant in one program (its runs ROOT/NAME/run_i); every variant with the learning-rate `schedule` of
+  `mnist.SCHEDULES` when one is named (else each its own), and its rate of `learning_rates` when listed."""
   learning_rates = learning_rates or {}
+  if schedule is not None and schedule not in mnist_configs.SCHEDULES:
+    raise errors.ConfigError(f"--schedule: no schedule named {schedule}; the names are "
+                             f"{', '.join(mnist_configs.SCHEDULES)}.")
+  fixed = mnist_configs.schedule_values(schedule, steps).items() if schedule else ()
   common = [f"--config.num_steps={steps}", f"--config.num_runs={len(seeds)}",
-            "--config.runs.seed=" + ",".join(str(s) for s in seeds), *extra]
+            "--config.runs.seed=" + ",".join(str(s) for s in seeds),
+            *(f"--config.{k}={v!r}" for k, v in fixed), *extra]
 
   def variant(v):
     lr = [f"--config.learning_rate={learning_rates[v]!r}"] if v in learning_rates else []
@@ -239,7 +248,8 @@ def main(argv):
   if _STEPS.value < 1 or _JOBS.value < 1:
     raise errors.ConfigError("--steps and --jobs must be at least 1.")
   seeds = [int(s) for s in _SEEDS.value]
-  runs = planned_runs(seeds, _STEPS.value, _EXTRA.value, read_learning_rates(_LEARNING_RATES.value))
+  runs = planned_runs(seeds, _STEPS.value, _EXTRA.value, read_learning_rates(_LEARNING_RATES.value),
+                      _SCHEDULE.value)
   command = "python -m experiments.table1 " + shlex.join(argv[0:0] + sys.argv[1:])
   if not _REPORT_ONLY.value:
     run_all(select(runs, _ONLY.value), _ROOT.value, seeds, _STEPS.value, _JOBS.value)

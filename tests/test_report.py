@@ -117,6 +117,16 @@ def test_planned_runs_train_every_seed_of_a_variant_as_one_program(tmp_path):
     table1.read_learning_rates(str(tmp_path / "lr.json"))
 
 
+def test_planned_runs_with_one_schedule_for_every_variant():
+  runs = table1.planned_runs([0], 50000, [], schedule="constant")
+  for name in ("wsram_q_cv", "var", "wsram_q_cv_heuroff"):  # wsram_q_cv's own schedule is not constant
+    assert "--config.learning_rate=0.0003" in runs[name] and "--config.warmup.start=1.0" in runs[name]
+  own = table1.planned_runs([0], 50000, [])
+  assert not any(a.startswith("--config.warmup") for a in own["wsram_q_cv"])  # its config's schedule
+  with pytest.raises(errors.ConfigError, match="no schedule named"):
+    table1.planned_runs([0], 500, [], schedule="cosine")
+
+
 def test_figure2_draws_each_method_as_its_seeds_mean_with_their_range(tmp_path):
   for seed, (error, late_step) in enumerate(((0.4, 300), (0.6, None))):  # seed 1 stopped before step 300
     writer = metric_writers.MetricWriter(str(tmp_path / f"s{seed}"), tensorboard=False)

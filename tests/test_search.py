@@ -7,7 +7,9 @@ import pytest
 
 from experiments import budget
 from experiments import search
+from experiments.configs import mnist
 from wsram_jax import errors
+from wsram_jax.training import config as config_lib
 from wsram_jax.training import metric_writers
 
 
@@ -34,6 +36,27 @@ def test_candidates_scale_with_the_budget_and_name_their_workdirs():
     search.planned_runs(["var_cv"], ["nope"], [1], 100)
 
 
+def test_a_candidate_means_the_same_whatever_the_variants_default():
+  # wsram_q_cv's default is the warm-decay schedule; its constant candidate still sets the constant 3e-4 in full.
+  constant = search.planned_runs(["wsram_q_cv"], ["constant"], [1], 50000)["wsram_q_cv.constant.s1"]
+  for flag in ("--config.learning_rate=0.0003", "--config.warmup.start=1.0", "--config.decay.end=1.0"):
+    assert flag in constant
+  config = config_lib.apply_overrides(mnist.get_config("wsram_q_cv"), search.CANDIDATES["constant"](50000))
+  assert config.learning_rate == 3e-4 and config.warmup.start == 1.0 and config.decay.end == 1.0
+
+
+@pytest.mark.parametrize("variant, schedule", [("wsram_q_cv", "warm_decay"), ("var_cv", "constant")])
+def test_the_default_schedule_is_fractions_of_the_budget(variant, schedule):
+  config = mnist.get_config(variant)
+  for steps in (50000, 200000, 7):  # as --config.num_steps=STEPS sets it, after get_config
+    config_lib.set_value(config, "num_steps", steps)
+    got = {k: config_lib.get_value(config, k) for k in mnist.schedule_values(schedule, steps)}
+    assert got == mnist.schedule_values(schedule, steps)
+  assert mnist.schedule_values("warm_decay", 50000) == {
+      "learning_rate": 1e-3, "warmup.start": 0.3, "warmup.hold_steps": 2000, "warmup.ramp_steps": 2000,
+      "decay.begin": 4000, "decay.steps": 46000, "decay.end": 0.0}
+
+
 def test_run_verdict_applies_each_test_of_a_good_default(tmp_path):
   _run(tmp_path / "good", 0.025)
   v = search.run_verdict(str(tmp_path / "good"), 50000)
@@ -47,20 +70,20 @@ def test_run_verdict_applies_each_test_of_a_good_default(tmp_path):
 
 def test_seeds_of_a_pair_pool_across_workdirs_and_the_comparisons_use_each_variants_best(tmp_path):
   root = str(tmp_path)
-  errs = {("wsram_q_cv", "default"): [0.045, 0.046, 0.042, 0.041], ("wsram_q_cv", "decay"): [0.03, 0.031, 0.029, 0.028],
-          ("var_cv", "default"): [0.05, 0.04, 0.05, 0.045], ("var_cv", "decay"): [0.06, 0.06, 0.07, 0.06]}
+  errs = {("wsram_q_cv", "constant"): [0.045, 0.046, 0.042, 0.041], ("wsram_q_cv", "decay"): [0.03, 0.031, 0.029, 0.028],
+          ("var_cv", "constant"): [0.05, 0.04, 0.05, 0.045], ("var_cv", "decay"): [0.06, 0.06, 0.07, 0.06]}
   for (v, c), values in errs.items():
     for i, e in enumerate(values):
       _run(os.path.join(root, search.workdir_name(v, c, [1, 2, 3, 4]), f"run_{i}"), e)
   for i, e in enumerate([0.027, 0.03]):  # two more seeds of the best WS-RAM+q+c, a workdir of their own
     _run(os.path.join(root, search.workdir_name("wsram_q_cv", "decay", [5, 6]), f"run_{i}"), e)
-  results = search.evaluate(root, ["wsram_q_cv", "var_cv"], ["default", "decay"], 50000)
+  results = search.evaluate(root, ["wsram_q_cv", "var_cv"], ["constant", "decay"], 50000)
   assert results["wsram_q_cv"]["decay"]["seeds"] == [1, 2, 3, 4, 5, 6]
-  assert np.isclose(results["wsram_q_cv"]["decay"]["p_below_default"], 1 / 210)  # C(10, 4)
+  assert np.isclose(results["wsram_q_cv"]["decay"]["p_below_baseline"], 1 / 210)  # C(10, 4)
   chosen = {v: search.best(per, 4) for v, per in results.items()}
-  assert chosen == {"wsram_q_cv": "decay", "var_cv": "default"}
+  assert chosen == {"wsram_q_cv": "decay", "var_cv": "constant"}
   rows = search.central(results, chosen)
-  assert rows[0]["settings"] == ["decay", "default"] and rows[0]["holds"] and rows[0]["runs"] == [6, 4]
+  assert rows[0]["settings"] == ["decay", "constant"] and rows[0]["holds"] and rows[0]["runs"] == [6, 4]
   assert "means" not in rows[1]  # WS-RAM+c has no runs here
   text = search.markdown(results, chosen, rows, 50000, [1, 2, 3, 4], "cmd")
   assert "| wsram_q_cv | **decay** |" in text and "not enough finished runs" in text
@@ -68,17 +91,17 @@ def test_seeds_of_a_pair_pool_across_workdirs_and_the_comparisons_use_each_varia
 
 def test_budget_reads_a_constant_rate_run_at_every_budget_and_fits_the_power_law(tmp_path):
   root = str(tmp_path)
-  assert budget.budget_free("default", [100, 200]) and not budget.budget_free("decay", [100, 200])
-  planned = budget.planned_runs("wsram_q_cv", "default", [100, 200, 400], [1, 2], ())
-  assert list(planned) == ["wsram_q_cv.default.b400.s1-2"]  # one run to the largest budget serves all three
-  assert "--config.eval_every=40" in planned["wsram_q_cv.default.b400.s1-2"][1]
+  assert budget.budget_free("constant", [100, 200]) and not budget.budget_free("decay", [100, 200])
+  planned = budget.planned_runs("wsram_q_cv", "constant", [100, 200, 400], [1, 2], ())
+  assert list(planned) == ["wsram_q_cv.constant.b400.s1-2"]  # one run to the largest budget serves all three
+  assert "--config.eval_every=40" in planned["wsram_q_cv.constant.b400.s1-2"][1]
   assert set(budget.planned_runs("wsram_q_cv", "decay", [100, 200], [1], ())) == {
       "wsram_q_cv.decay.b100.s1", "wsram_q_cv.decay.b200.s1"}
   law = lambda b: 2.0 * b ** -0.5  # error = 2 / sqrt(updates)
   for i in range(2):
-    _run(os.path.join(root, "wsram_q_cv.default.b400.s1-2", f"run_{i}"), law(400), step=400,
+    _run(os.path.join(root, "wsram_q_cv.constant.b400.s1-2", f"run_{i}"), law(400), step=400,
          extra_steps=[(100, law(100)), (200, law(200))])
-  pts = budget.points(root, "wsram_q_cv", "default", [100, 200, 400])
+  pts = budget.points(root, "wsram_q_cv", "constant", [100, 200, 400])
   assert [(p["budget"], p["seed"]) for p in pts] == [(100, 1), (100, 2), (200, 1), (200, 2), (400, 1), (400, 2)]
   trend = budget.fit(pts, 0.01)
   assert np.isclose(trend["slope"], -0.5) and np.isclose(trend["budget_at_target"], 40000)
