@@ -39,8 +39,11 @@ def tiny_mnist_dir(tmp_path_factory):
 
 
 def tiny_overrides(data_dir) -> dict:
-  """Config overrides that make the MNIST trainer small enough for a test: 40 px canvas, 2 scales, D=16."""
-  return {
+  """Config overrides that make the MNIST trainer small enough for a test: 40 px canvas, 2 scales, D=16; and Adam at
+  a constant 3e-4 (the tests of the core and the tasks do not depend on a variant's schedule; `test_search` checks
+  the defaults')."""
+  from experiments.configs import mnist as mnist_configs  # pylint: disable=g-import-not-at-top
+  return {**mnist_configs.schedule_values("constant", 0),
       "data.source": "idx", "data.data_dir": str(data_dir), "data.canvas_size": 40, "data.min_size": 14,
       "data.max_size": 24, "data.num_test": 32, "data.eval_batch_size": 16, "model.glimpse_size": 6,
       "model.num_scales": 2, "model.lowres_size": 4, "model.hidden_size": 16, "batch_size": 8,

@@ -16,6 +16,7 @@ from wsram_jax import glimpse as glimpse_lib
 from wsram_jax import proposals
 from wsram_jax.classifier import model as networks
 from wsram_jax.classifier import rollout as rollout_lib
+from wsram_jax.training import config as config_lib
 from wsram_jax.training import step as step_lib
 
 # A learned location std here (the rollout tests use the fixed one).
@@ -218,6 +219,11 @@ def test_param_labels_and_multi_transform(params):
   np.testing.assert_array_equal(updates["core1"]["kernel"], -1.0)
 
 
+def _constant_rate_config():
+  """The default config with Adam at a constant rate (its own schedule off)."""
+  return config_lib.apply_overrides(mnist.get_config("wsram_q_cv"), mnist.schedule_values("constant", 0))
+
+
 def test_policy_lr_scale_steps_only_the_policies(params):
   # make_optimizer with policy_lr_scale k: Adam's step times k for the prior's head and q, unchanged elsewhere.
   mask = attention.policy_mask(params)
@@ -225,7 +231,7 @@ def test_policy_lr_scale_steps_only_the_policies(params):
   assert all(jax.tree_util.tree_leaves(mask["prior"])) and all(jax.tree_util.tree_leaves(mask["inference"]))
   assert not any(jax.tree_util.tree_leaves({k: v for k, v in mask.items() if k not in ("prior", "inference")}))
   assert attention.policy_mask({"params": params})["params"] == mask
-  config = mnist.get_config("wsram_q_cv")
+  config = _constant_rate_config()
   config.update({"learning_rate": 1e-3, "grad_clip_norm": 0.0, "policy_lr_scale": 0.25})
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
 
@@ -257,7 +263,7 @@ def _first_steps_under_constant_gradients(config, params, n):
 def test_warmup_scales_the_first_updates_then_rises_to_the_full_rate(params):
   # Constant gradients make every Adam step -lr (bias-corrected m / sqrt(v) = 1), so each update shows the
   # multiplier: start for hold_steps updates, then linear to 1 over ramp_steps.
-  config = mnist.get_config("wsram_q_cv")
+  config = _constant_rate_config()
   config.update({"learning_rate": 1e-3, "grad_clip_norm": 0.0})
   config.warmup.update({"start": 0.25, "hold_steps": 2, "ramp_steps": 2})
   steps = _first_steps_under_constant_gradients(config, params, 6)
@@ -270,7 +276,7 @@ def test_warmup_scales_the_first_updates_then_rises_to_the_full_rate(params):
 def test_decay_lowers_the_rate_linearly_and_multiplies_the_warmup(params):
   # As above: each update is -lr times the multiplier. Warm-up from 0.5 rising to 1 by update 4 (0.5, 0.625, 0.75,
   # 0.875, 1, 1), decay from 1 at update 2 to 0.25 at update 4 (1, 1, 1, 0.625, 0.25, 0.25): their product.
-  config = mnist.get_config("wsram_q_cv")
+  config = _constant_rate_config()
   config.update({"learning_rate": 1e-3, "grad_clip_norm": 0.0})
   config.warmup.update({"start": 0.5, "hold_steps": 0, "ramp_steps": 4})
   config.decay.update({"begin": 2, "steps": 2, "end": 0.25})

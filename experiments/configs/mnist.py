@@ -41,17 +41,16 @@ def constant_schedule(num_steps) -> dict:
 
 def decay_schedule(num_steps) -> dict:
   """Adam at 3e-4 for the first 40% of the updates, then falling linearly to 0 at the last."""
-  begin = num_steps * 2 // 5
+  # Each value its own expression of num_steps: a reference shared by two keys would make a flag on one set both.
   return {"learning_rate": 3e-4, "warmup": dict(config_lib.NO_WARMUP),
-          "decay": {"begin": begin, "steps": num_steps - begin, "end": 0.0}}
+          "decay": {"begin": num_steps * 2 // 5, "steps": num_steps - num_steps * 2 // 5, "end": 0.0}}
 
 
 def warm_decay_schedule(num_steps) -> dict:
   """`make run`'s schedule stretched over the budget: Adam at 1e-3 times 0.3 for the first 4% of the updates,
   rising linearly to 1e-3 by 8%, then falling linearly to 0 at the last."""
-  hold = num_steps // 25
-  return {"learning_rate": 1e-3, "warmup": {"start": 0.3, "hold_steps": hold, "ramp_steps": hold},
-          "decay": {"begin": 2 * hold, "steps": num_steps - 2 * hold, "end": 0.0}}
+  return {"learning_rate": 1e-3, "warmup": {"start": 0.3, "hold_steps": num_steps // 25, "ramp_steps": num_steps // 25},
+          "decay": {"begin": num_steps // 25 * 2, "steps": num_steps - num_steps // 25 * 2, "end": 0.0}}
 
 
 SCHEDULES = {"constant": constant_schedule, "decay": decay_schedule, "warm_decay": warm_decay_schedule}
