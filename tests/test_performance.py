@@ -140,7 +140,8 @@ def _check_peer_against_jax(torch_peer, config, model, params, compile_mode=None
   (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, key, 0.0)
   traj = loss_lib.batched_rollout(
       params, *batch, jax.random.split(key)[0], model=model,
-      proposal=objectives.make_proposal(train.objective_config(config)), num_glimpses=config.num_glimpses,
+      proposal=objectives.make_proposal(objectives.ObjectiveConfig.from_config(config)),
+      num_glimpses=config.num_glimpses,
       num_samples=config.num_samples)
   peer = torch_peer.TorchPeer(torch_peer.PeerConfig.from_config(config, train.canvas_kwargs(config)), params,
                               np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.int32), compile_mode=compile_mode)
