@@ -70,7 +70,8 @@ def test_run_verdict_applies_each_test_of_a_good_default(tmp_path):
 
 def test_seeds_of_a_pair_pool_across_workdirs_and_the_comparisons_use_each_variants_best(tmp_path):
   root = str(tmp_path)
-  errs = {("wsram_q_cv", "constant"): [0.045, 0.046, 0.042, 0.041], ("wsram_q_cv", "decay"): [0.03, 0.031, 0.029, 0.028],
+  errs = {("wsram_q_cv", "constant"): [0.045, 0.046, 0.042, 0.041],
+          ("wsram_q_cv", "decay"): [0.03, 0.031, 0.029, 0.028],
           ("var_cv", "constant"): [0.05, 0.04, 0.05, 0.045], ("var_cv", "decay"): [0.06, 0.06, 0.07, 0.06]}
   for (v, c), values in errs.items():
     for i, e in enumerate(values):
