@@ -61,14 +61,14 @@ MIN_LOC_STD = 1e-4
 def require_loc_std(name: str, value) -> None:
   """Raises `errors.ConfigError` unless ``--config.<name>`` (a location std) is finite and >= `MIN_LOC_STD`.
 
-  Why refuse rather than warn: below that the log-densities every estimator weighs are meaningless, whatever
-  else the run does. A location is sampled as mu + std * eps in float32, which resolves locations near 1 to
-  6e-8, so the eps that log N(a; mu, std) recovers is off by about 6e-8 / std: 0.06% at 1e-4, but many units at
-  1e-8, where log p(a) and log q(a) become noise scaled by (Delta / std)^2 -- losses near 1e16 and an ESS of 1
-  (measured when such stds were still accepted; `tests/test_loop.py` imitates it). 1e-4 is also 1/200 of a pixel
-  of a 100 px canvas: a policy that precise is deterministic for every purpose. What is left (a std that is valid but still makes the weights degenerate, a learning rate that
-  diverges) is caught at run time: the loop warns once when the loss or the bound leaves a sane range
-  (`training.progress.SANE_LIMIT`).
+  Why refuse rather than warn: below that the log-densities every estimator weighs are meaningless, whatever else the
+  run does. A location is sampled as mu + std * eps in float32, which resolves locations near 1 to 6e-8, so the eps
+  that log N(a; mu, std) recovers is off by about 6e-8 / std: 0.06% at 1e-4, but many units at 1e-8, where log p(a)
+  and log q(a) become noise scaled by (Delta / std)^2 -- losses near 1e16 and an ESS of 1 (measured when such stds
+  were still accepted; `tests/test_loop.py` imitates it). 1e-4 is also 1/200 of a pixel of a 100 px canvas: a policy
+  that precise is deterministic for every purpose. What is left (a std that is valid but still makes the weights
+  degenerate, a learning rate that diverges) is caught at run time: the loop warns once when the loss or the bound
+  leaves a sane range (`training.progress.SANE_LIMIT`).
   """
   require(MIN_LOC_STD <= float(value) < math.inf,
           f"--config.{name} must be at least {MIN_LOC_STD} (and finite), got {value}: a smaller location std "
