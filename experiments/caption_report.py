@@ -4,7 +4,8 @@ r"""Tables and figures of finished caption runs (paper Table 2 and Figure 4): BL
         --run=VAR:var_cv:runs/captions/var_cv --run=WS-RAM+q:wsram_q_cv:runs/captions/wsram_q_cv
 
 Each ``--run`` is ``LABEL:VARIANT:WORKDIR`` (VARIANT of experiments/configs/captions.py; the run's recorded
-config.json is what is restored). Writes to ``--out``:
+config.json is what is restored); a WORKDIR of several runs (``--config.num_runs``) gives one entry per run,
+``LABEL run R``. Writes to ``--out``:
 
 * ``results.json``: per run, the last test BLEU-1..4 and NLL, the series against updates
   (``train/nll``, ``train/bound``, ``train/ess``, ``eval/bleu1..4``, ``eval/nll``) and, for the digit task,
@@ -141,10 +142,18 @@ def write_report(runs, out_dir: str, *, force: bool = False, default_out: bool =
     missing = report_lib.no_run(workdir)
     if missing:
       raise errors.ReportRefused(f"{missing}: each --run must name a trained caption run; nothing written.")
-  report = {}
+  # A workdir of several runs (--config.num_runs) is one report entry per run: its metrics in WORKDIR/run_r, its
+  # own model from the stacked checkpoint.
+  items = []  # (label, variant, workdir, the directory of its metrics, its run in a sweep or None)
   for label, variant, workdir in runs:
-    records = metric_writers.read_metrics(workdir)
-    entry = {"variant": variant, "workdir": workdir, "series": {}}
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      num_runs = int(json.load(f).get("num_runs", 1))
+    items += ([(f"{label} run {r}", variant, workdir, os.path.join(workdir, f"run_{r}"), r) for r in range(num_runs)]
+              if num_runs > 1 else [(label, variant, workdir, workdir, None)])
+  report = {}
+  for label, variant, workdir, metrics_dir, _ in items:
+    records = metric_writers.read_metrics(metrics_dir)
+    entry = {"variant": variant, "workdir": metrics_dir, "series": {}}
     for name in SERIES:
       steps, values = metric_writers.series(records, name)
       if steps.size:
@@ -159,22 +168,22 @@ def write_report(runs, out_dir: str, *, force: bool = False, default_out: bool =
     out.guard(results_json, counts, lambda p: caption_counts(report_files.read_json(p)),
               default_destination=default_out)
     reference_row = None
-    for label, variant, workdir in runs:
+    for label, variant, workdir, _, run in items:
       entry = report[label]
       config = _recorded_config(workdir)
-      restored = train.restore(config, workdir)
+      restored = train.restore(config, workdir, run=run)
       if config.data.task == "digits":
         entry["words"] = word_analysis(restored)
         reference_row = layout_only_bleu(restored.task)
       if figures:
         names = [f"examples_{_slug(label)}.png"]
-        if label == (examples_run or runs[-1][0]):
+        if label == (examples_run or items[-1][0]):
           names.append("examples.png")
         for name in names:
           plots.caption_examples(restored, out.path(os.path.join(out_dir, name)), num=examples,
                                  title=f"{label} ({variant}), step {restored.step}")
     if figures:
-      plots.training_curves({label: wd for label, _, wd in runs}, out.path(os.path.join(out_dir, "curves.png")),
+      plots.training_curves({item[0]: item[3] for item in items}, out.path(os.path.join(out_dir, "curves.png")),
                             title="Digit captions: training NLL and test BLEU against updates")
     out.write_json(results_json, report, indent=1)
     text = markdown(report, reference_row)

@@ -61,17 +61,12 @@ def export(workdir: str, run: int, out: str, *, command: str = "", log=print) ->
   from wsram_jax.classifier import train  # pylint: disable=g-import-not-at-top
   from wsram_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from wsram_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top
+  from wsram_jax.training import trainer  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load_config(workdir)
-  runs = runs_lib.from_config(config)
-  if not 0 <= run < runs.num_runs:
-    raise errors.ConfigError(f"--run={run}, but {workdir} holds {runs.num_runs} run(s): use 0..{runs.num_runs - 1}.")
-  state = train.restore_state(config, workdir)
-  if runs.num_runs > 1:
-    state, config = runs_lib.unstack(state, run), runs.config_for(config, run)
-    run_dir = os.path.join(workdir, f"run_{run}")
-  else:
-    run_dir = workdir
+  several = runs_lib.from_config(config).num_runs > 1
+  _, state, _, config = trainer.restore_run(train.TASK, config, workdir, run)
+  run_dir = os.path.join(workdir, f"run_{run}") if several else workdir
   step = int(state.step)
   params = jax.device_get(state.params)
   training = {"step": step, **logged_at(run_dir, step)}

@@ -49,7 +49,7 @@ from wsram_jax import report_files
 from wsram_jax.classifier import train
 from wsram_jax.training import cli
 from wsram_jax.training import config as config_lib
-from wsram_jax.training import runs as runs_lib
+from wsram_jax.training import trainer
 
 
 _ROOT = flags.DEFINE_string("root", "runs/table1", "Directory holding one workdir per variant.")
@@ -185,15 +185,12 @@ def write_report(runs: dict[str, list[str]], root: str, seeds, results: str, com
     state = None
     if os.path.exists(os.path.join(glimpse_run, "config.json")):
       config = config_lib.load_config(glimpse_run)
-      try:
-        state = train.restore_state(config, glimpse_run)
+      try:  # the first seed's model
+        _, state, _, config = trainer.restore_run(train.TASK, config, glimpse_run, 0)
       except errors.CheckpointError:  # an archive of the metrics alone (results/table1_runs): no figure
         logging.warning("%s holds no checkpoint; %s is left as it is.", glimpse_run,
                         os.path.join(results, "glimpses.png"))
     if state is not None:
-      first = runs_lib.from_config(config)
-      if first.num_runs > 1:  # the first seed's model
-        state, config = runs_lib.unstack(state, 0), first.config_for(config, 0)
       config.data.num_test = 16
       data = train.load_data(config)
       train.glimpse_figure(config, state.params, data.test_canvases, data.test_labels,

@@ -1,4 +1,5 @@
 """The caption trainer: a whole run on a tiny config, resume, Flickr8k end to end, bad configs."""
+import json
 import os
 import signal
 import subprocess
@@ -191,7 +192,21 @@ def test_each_captioner_run_equals_its_single_run_twin(tiny_caption_config, tmp_
     np.testing.assert_array_equal(steps, [2, 4])
   lines = train.summary(result).splitlines()
   assert len(lines) == 2 and lines[1].startswith("run 1 (seed 5, ") and "test BLEU-1..4" in lines[1]
-  assert np.asarray(train.restore(config, str(tmp_path)).state.step).tolist() == [4, 4]
+  stacked = train.restore(config, str(tmp_path))
+  assert np.asarray(stacked.state.step).tolist() == [4, 4]
+  # One run of the sweep alone (trainer.restore_run), and the caption report's one entry per run.
+  one = train.restore(config, str(tmp_path), run=1)
+  assert int(one.state.step) == 4
+  for a, b in zip(jax.tree_util.tree_leaves(one.state.params),
+                  jax.tree_util.tree_leaves(runs_lib.unstack(stacked.state, 1).params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(errors.ConfigError, match="holds 2 run"):
+    train.restore(config, str(tmp_path), run=2)
+  from experiments import caption_report  # pylint: disable=g-import-not-at-top
+  caption_report.write_report([("WS", "wsram_q_cv", str(tmp_path))], str(tmp_path / "report"), figures=False)
+  got = json.loads((tmp_path / "report" / "results.json").read_text())
+  assert list(got) == ["WS run 0", "WS run 1"] and got["WS run 1"]["workdir"].endswith("run_1")
+  assert got["WS run 1"]["last/eval/bleu1"] == pytest.approx(float(result["runs"][1]["eval/bleu1"]), rel=1e-6)
 
 
 _MESH_SCRIPT = r"""

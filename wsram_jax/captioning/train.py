@@ -337,11 +337,15 @@ class Restored:
   step: int
 
 
-def restore(config, workdir: str, task: Optional[TaskData] = None) -> Restored:
-  """The newest readable checkpoint of `workdir` (`errors.CheckpointError` if none)."""
+def restore(config, workdir: str, task: Optional[TaskData] = None, run: Optional[int] = None) -> Restored:
+  """The newest readable checkpoint of `workdir` (`errors.CheckpointError` if none): every run of a sweep stacked,
+  or with `run` that run alone, its own model and state (`trainer.restore_run`)."""
   validate_config(config)
   task = task or load_task(config)
-  model, state, step = trainer.restore_latest(TASK, config, workdir, task)
+  if run is None:
+    model, state, step = trainer.restore_latest(TASK, config, workdir, task)
+  else:
+    model, state, step, _ = trainer.restore_run(TASK, config, workdir, run, task)
   return Restored(model=model, state=state, task=task, decode=make_decoder(model, task.caption_length),
                   step=int(step))
 

@@ -14,6 +14,7 @@ What it assembles, each also usable alone (the tasks' modules and the tests call
                                                            run or R runs (`training.runs.bind`)
     make_evaluate / make_diagnose(task, config, model, data, ...)   what the loop calls per run
     restore_latest(task, config, workdir, data)            the newest readable checkpoint of a run
+    restore_run(task, config, workdir, run, data)          one run of it, unstacked from a sweep
 
 Compiled functions are cached per task and configuration (`cached`): a resumed run, a restore or a second
 evaluation in the same process reuses them instead of compiling fresh closures (jit caches per function object).
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from wsram_jax import baselines
+from wsram_jax import errors
 from wsram_jax import objectives
 from wsram_jax.training import config as config_lib
 from wsram_jax.training import loop
@@ -40,8 +42,8 @@ from wsram_jax.training import step as step_lib
 from wsram_jax.training.task import Task
 
 __all__ = ["validate_config", "baseline_transform", "create_train_state", "make_loss_and_grads", "make_train_step",
-           "make_evaluate", "diagnostic_batch", "make_diagnose", "train_and_evaluate", "restore_latest", "summary",
-           "cached"]
+           "make_evaluate", "diagnostic_batch", "make_diagnose", "train_and_evaluate", "restore_latest", "restore_run",
+           "summary", "cached"]
 
 require, require_int = config_lib.require, config_lib.require_int
 
@@ -199,6 +201,22 @@ def restore_latest(task: Task, config, workdir: str, data=None) -> tuple[Any, st
   target = create_train_state(task, config, model, step_lib.make_optimizer(config))
   state, step = step_lib.restore_latest(target, workdir)
   return model, state, step
+
+
+def restore_run(task: Task, config, workdir: str, run: int, data=None) -> tuple[Any, state_lib.TrainState, int, Any]:
+  """``(model, state, step, config)`` of run `run` of the job checkpointed in `workdir`: for a sweep
+  (``config.num_runs`` > 1) that run's state unstacked, with its own config (`runs.Runs.config_for`) and model; for
+  a single run (`run` 0) the run as it is. `errors.ConfigError` for a run the job does not hold,
+  `errors.CheckpointError` if there is no checkpoint."""
+  runs = runs_lib.from_config(config)
+  if not 0 <= run < runs.num_runs:
+    raise errors.ConfigError(f"Run {run} was asked for, but {workdir} holds {runs.num_runs} run(s): use 0 to "
+                             f"{runs.num_runs - 1}.")
+  model, state, step = restore_latest(task, config, workdir, data)
+  if runs.num_runs > 1:
+    config = runs.config_for(config, run)
+    state, model = runs_lib.unstack(state, run), task.build_model(config, data)
+  return model, state, step, config
 
 
 def summary(task: Task, last: dict[str, Any]) -> str:
