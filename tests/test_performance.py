@@ -301,7 +301,8 @@ def test_benchmark_runs_on_a_tiny_config(tmp_path):
   # Cold compile by the one definition (fresh processes), then a second run that loads the step from the cache.
   cold, second = entry["jax"]["compile_time"]["cold"], entry["jax"]["compile_time"]["second_run"]
   assert cold["total_s"] == pytest.approx(cold["lower_s"] + cold["compile_s"], abs=2e-3) and cold["compile_s"] > 0
-  assert second["compile_s"] < cold["compile_s"]
+  # (No timing is asserted: on a tiny step loading from the cache can take as long as compiling it.)
+  assert second["total_s"] == pytest.approx(second["lower_s"] + second["compile_s"], abs=2e-3)
   assert "| JAX ms/step" in text and "JAX cold compile" in text
   assert json.loads((tmp_path / "out.json").read_text())["batch_sizes"]["4"]
   if torch_timing.torch_installed():
