@@ -11,14 +11,13 @@ Each (variant, candidate) pair is one `python -m experiments.train` program trai
 
 `CANDIDATES` are functions of the budget: each sets a learning-rate schedule of `experiments/configs/mnist.py`
 (`SCHEDULES`: fractions of the budget, so that a candidate means the same at any budget) and maybe a heuristic,
-whatever the variant's default is, so that a run's meaning does not change when the defaults do. ``constant``
-(Adam at 3e-4 throughout, every variant's default before this search) is the baseline: the report (also with
---report_only) compares each candidate with it per variant (exact one-sided permutation test of "the candidate
-errs less", on
-`eval/error_sampled` at the budget), applies the attention test of a good default to each run (`run_verdict`),
-names each variant's best candidate (the lowest mean error among those with every seed finished), and tests the
-paper's two central comparisons at equal tuning: WS-RAM+q+c against VAR+c and against WS-RAM+c, each at its best
-candidate, over every seed found. Writes RESULTS.json and RESULTS.md.
+whatever the variant's default is, so that a run's meaning does not change when the defaults do. ``constant`` (Adam
+at 3e-4 throughout, every variant's default before this search) is the baseline: the report (also with --report_only)
+compares each candidate with it per variant (exact one-sided permutation test of "the candidate errs less", on
+`eval/error_sampled` at the budget), applies the attention test of a good default to each run (`run_verdict`), names
+each variant's best candidate (the lowest mean error among those with every seed finished), and tests the paper's two
+central comparisons at equal tuning: WS-RAM+q+c against VAR+c and against WS-RAM+c, each at its best candidate, over
+every seed found. Writes RESULTS.json and RESULTS.md.
 
 The report never destroys a result (`wsram_jax.report_files`): with no run finished at the budget it writes
 nothing and exits with 2, in one line; nor does it replace a RESULTS.json with more finished runs
