@@ -15,9 +15,10 @@ whatever the variant's default is, so that a run's meaning does not change when 
 at 3e-4 throughout, every variant's default before this search) is the baseline: the report (also with --report_only)
 compares each candidate with it per variant (exact one-sided permutation test of "the candidate errs less", on
 `eval/error_sampled` at the budget), applies the attention test of a good default to each run (`run_verdict`), names
-each variant's best candidate (the lowest mean error among those with every seed finished), and tests the paper's two
-central comparisons at equal tuning: WS-RAM+q+c against VAR+c and against WS-RAM+c, each at its best candidate, over
-every seed found. Writes RESULTS.json and RESULTS.md.
+each variant's best candidate under the equal search (`choose`: the lowest mean error on the search seeds among the
+candidates finished on those seeds for every variant, so that no method is chosen from settings another was not
+tried with), and tests the paper's two central comparisons at equal tuning: WS-RAM+q+c against VAR+c and against
+WS-RAM+c, each at its best candidate, over every seed found. Writes RESULTS.json and RESULTS.md.
 
 The report never destroys a result (`wsram_jax.report_files`): with no run finished at the budget it writes
 nothing and exits with 2, in one line; nor does it replace a RESULTS.json with more finished runs
@@ -155,10 +156,26 @@ def search_counts(obj: Mapping[str, Any]) -> dict[str, int]:
   return {"finished runs": sum(len(s["errors"]) for per in obj["results"].values() for s in per.values())}
 
 
-def best(per_candidate: Mapping[str, dict], num_seeds: int) -> str | None:
-  """The candidate with the lowest mean error among those with at least `num_seeds` seeds finished."""
-  ready = {c: s for c, s in per_candidate.items() if len(s["errors"]) >= num_seeds}
+def best(per_candidate: Mapping[str, dict], num_seeds: int, among=None) -> str | None:
+  """The candidate with the lowest mean error among those with at least `num_seeds` seeds finished (and in
+  `among`, when given)."""
+  ready = {c: s for c, s in per_candidate.items()
+           if len(s["errors"]) >= num_seeds and (among is None or c in among)}
   return min(ready, key=lambda c: ready[c]["mean"]) if ready else None
+
+
+def choose(results: Mapping[str, Mapping[str, dict]], search_seeds: Sequence[int]):
+  """Each variant's best candidate under the equal search: the candidates with every search seed finished for
+  every variant that has any (the same list and seeds for all methods), each judged on the search seeds only.
+  Returns (variant -> its best or None, the candidates of the equal search in `CANDIDATES` order)."""
+  on_search_seeds = {v: {c: dict(s, errors=[r["error"] for seed, r in s["runs"].items()
+                                            if r["finished"] and seed in search_seeds])
+                         for c, s in per.items()} for v, per in results.items()}
+  complete = {v: {c for c, s in per.items() if len(s["errors"]) >= len(search_seeds)}
+              for v, per in on_search_seeds.items()}
+  started = [done for done in complete.values() if done]
+  equal = [c for c in CANDIDATES if started and all(c in done for done in started)]
+  return {v: best(per, len(search_seeds), equal) for v, per in on_search_seeds.items()}, equal
 
 
 def central(results: Mapping[str, Mapping[str, dict]], chosen: Mapping[str, str | None]) -> list[dict]:
@@ -182,7 +199,7 @@ def _pct(x) -> str:
   return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def markdown(results, chosen, rows, steps: int, search_seeds, cmd: str) -> str:
+def markdown(results, chosen, rows, steps: int, search_seeds, cmd: str, equal=None) -> str:
   lines = [f"Command: `{cmd}`", "",
            f"Each cell: `eval/error_sampled` on the 10,000 fixed test canvases after {steps:,} updates, mean ± sd "
            "over the seeds finished (n), the greedy error, the mean share of greedy glimpses 2-N on the digit, "
@@ -202,8 +219,14 @@ def markdown(results, chosen, rows, steps: int, search_seeds, cmd: str) -> str:
       mark = "**" if chosen.get(v) == c else ""
       lines.append(f"| {v} | {mark}{c}{mark} | {cell} | {_pct(s['greedy_mean'])} | {_pct(s['on_digit_mean'])} | "
                    f"{passed} of {len(s['errors'])} | {'-' if p is None else f'{p:.3f}'} |")
-  lines += ["", f"Bold: the variant's best candidate (the lowest mean error among candidates with all "
-                f"{len(search_seeds)} search seeds {','.join(map(str, search_seeds))} finished).", "",
+  seeds_text = f"all {len(search_seeds)} search seeds {','.join(map(str, search_seeds))} finished"
+  if equal is None:
+    bold = f"the lowest mean error among candidates with {seeds_text}"
+  else:
+    bold = (f"the lowest mean error on the search seeds among the candidates of the equal search, those with "
+            f"{seeds_text} for every variant: {', '.join(equal) or 'none yet'}; a candidate outside it was not "
+            f"tried on every method and is not chosen")
+  lines += ["", f"Bold: the variant's best candidate ({bold}).", "",
             "Per seed (sampled error / greedy glimpses 2-N on the digit / share of each scale / lowest bound):", ""]
   for v, per in results.items():
     for c, s in per.items():
@@ -273,14 +296,13 @@ def main(argv):
   out.refuse_empty(counts["finished runs"], f"No run under {FLAGS.root} has finished {FLAGS.steps} updates")
   out.guard(FLAGS.results + ".json", counts, lambda p: search_counts(report_files.read_json(p)),
             default_destination=report_files.is_default(FLAGS.results, FLAGS["results"].default))
-  chosen = {v: best({c: dict(s, errors=[r["error"] for seed, r in s["runs"].items()
-                                        if r["finished"] and seed in search_seeds])
-                     for c, s in per.items()}, len(search_seeds)) for v, per in results.items()}
+  chosen, equal = choose(results, search_seeds)
   rows = central(results, chosen)
-  text = markdown(results, chosen, rows, FLAGS.steps, search_seeds, cmd)
+  text = markdown(results, chosen, rows, FLAGS.steps, search_seeds, cmd, equal)
   with out:
     report.write_results(FLAGS.results, {"command": cmd, "steps": FLAGS.steps, "search_seeds": search_seeds,
-                                         "chosen": chosen, "central": rows, "results": results}, text, out)
+                                         "equal_search": equal, "chosen": chosen, "central": rows,
+                                         "results": results}, text, out)
   print(text)
 
 

@@ -81,13 +81,29 @@ def test_seeds_of_a_pair_pool_across_workdirs_and_the_comparisons_use_each_varia
   results = search.evaluate(root, ["wsram_q_cv", "var_cv"], ["constant", "decay"], 50000)
   assert results["wsram_q_cv"]["decay"]["seeds"] == [1, 2, 3, 4, 5, 6]
   assert np.isclose(results["wsram_q_cv"]["decay"]["p_below_baseline"], 1 / 210)  # C(10, 4)
-  chosen = {v: search.best(per, 4) for v, per in results.items()}
-  assert chosen == {"wsram_q_cv": "decay", "var_cv": "constant"}
+  chosen, equal = search.choose(results, [1, 2, 3, 4])
+  assert chosen == {"wsram_q_cv": "decay", "var_cv": "constant"} and equal == ["constant", "decay"]
   rows = search.central(results, chosen)
   assert rows[0]["settings"] == ["decay", "constant"] and rows[0]["holds"] and rows[0]["runs"] == [6, 4]
   assert "means" not in rows[1]  # WS-RAM+c has no runs here
-  text = search.markdown(results, chosen, rows, 50000, [1, 2, 3, 4], "cmd")
+  text = search.markdown(results, chosen, rows, 50000, [1, 2, 3, 4], "cmd", equal)
   assert "| wsram_q_cv | **decay** |" in text and "not enough finished runs" in text
+
+
+def test_the_best_candidate_is_chosen_only_among_settings_every_method_was_tried_with(tmp_path):
+  root = str(tmp_path)
+  errs = {("wsram_q_cv", "constant"): [0.045] * 4, ("wsram_q_cv", "decay"): [0.04] * 4,
+          ("var_cv", "constant"): [0.05] * 4, ("var_cv", "decay"): [0.048] * 4,
+          ("var_cv", "coverage_scales"): [0.03] * 4,  # tried on VAR+c only: outside the equal search
+          ("wsram_q_cv", "coverage_scales"): [0.02, 0.02]}  # two seeds of four: not finished on the search seeds
+  for (v, c), values in errs.items():
+    for i, e in enumerate(values):
+      _run(os.path.join(root, search.workdir_name(v, c, [1, 2, 3, 4]), f"run_{i}"), e)
+  results = search.evaluate(root, ["wsram_q_cv", "var_cv"], list(search.CANDIDATES), 50000)
+  chosen, equal = search.choose(results, [1, 2, 3, 4])
+  assert equal == ["constant", "decay"] and chosen == {"wsram_q_cv": "decay", "var_cv": "decay"}
+  text = search.markdown(results, chosen, search.central(results, chosen), 50000, [1, 2, 3, 4], "cmd", equal)
+  assert "| var_cv | coverage_scales |" in text and "equal search" in text
 
 
 def test_budget_reads_a_constant_rate_run_at_every_budget_and_fits_the_power_law(tmp_path):
