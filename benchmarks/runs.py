@@ -6,7 +6,9 @@ r"""Benchmarks R runs as one program (`wsram_jax.training.runs`) against R singl
 For each R: the R-run step (`--config.num_runs=R`, seeds 0..R-1; on a CPU its run axis split over one XLA device
 per core, as the training binary does) and R separate single-run steps (the standard one-device step, the same
 seeds), interleaved in rounds. Reported: updates per second summed over the runs for both and their ratio,
-compile time (lower + compile) and XLA's memory analysis of the R-run step, and the process's peak RSS.
+the in-process time to lower and compile the R-run step (in a process that has traced and compiled other steps
+before: not the cold compile of `benchmarks.coldcompile`'s one definition, which `python -m benchmarks.compile
+--num_runs=R` measures), XLA's memory analysis of it, and the process's peak RSS.
 Writes OUT.json and OUT.md when --out is given (atomically; inside this checkout never over results with more
 run counts unless --force: `benchmarks.report.write_files`). BENCHMARKS.md has the numbers and how to read them.
 """
@@ -115,7 +117,8 @@ def markdown(results: dict) -> str:
   lines = [f"{env['cpu']}, {env['cores']} cores, {results['devices']} XLA device(s) for the runs; jax {env['jax']} "
            f"({env['backend']}); B = {results['batch_size']}, {results['variant']}; load average "
            f"{env['loadavg']} at the start, {env.get('loadavg_end')} at the end.", "",
-           "| R | updates/s, R runs in one program | updates/s, R single-run steps | ratio | lower + compile s | "
+           "| R | updates/s, R runs in one program | updates/s, R single-run steps | ratio | "
+           "lower + compile s, in this process (not cold) | "
            "XLA temporaries MB | peak RSS MB |", "|---|---|---|---|---|---|---|"]
   for row in results["rows"]:
     lines.append(f"| {row['runs']} | {row['updates_per_s']} | {row['single_updates_per_s']} | **{row['ratio']}x** | "
