@@ -9,7 +9,8 @@ A candidate of `experiments.search.CANDIDATES` is a function of the budget (its 
 each budget is a run of its own: ``ROOT/VARIANT.CANDIDATE.bBUDGET.sSEEDS``, every seed in one program, evaluated
 ten times along the way (`eval_every` = budget / 10). A candidate whose values do not depend on the budget
 (``constant``: Adam at a constant rate) trains once, to the largest budget, and each budget's error is read off
-that run's evaluations. Runs of `experiments.search` at a budget (``--search_root``) count too.
+that run's evaluations. Runs of `experiments.search` at a budget (``--search_root``) count too, and a budget they
+finished for every seed is not trained again.
 
 The report fits ``log error = a + b log budget`` by least squares to every (budget, seed) point and solves it for
 the paper's error of the variant (Table 1: 10 million updates); it draws the points, each run's error along its
@@ -55,14 +56,17 @@ def workdir_name(variant: str, candidate: str, budget: int, seeds: Sequence[int]
 
 
 def planned_runs(variant: str, candidate: str, budgets: Sequence[int], seeds: Sequence[int],
-                 extra=()) -> dict[str, tuple[int, list[str]]]:
-  """workdir name -> (its budget, its `experiments.train` arguments without --workdir)."""
+                 extra=(), search_root: str | None = None) -> dict[str, tuple[int, list[str]]]:
+  """workdir name -> (its budget, its `experiments.train` arguments without --workdir); a budget that
+  `experiments.search` runs under `search_root` trained for every seed is not planned again."""
   if candidate not in search.CANDIDATES:
     raise errors.ConfigError(f"--candidate: no candidate named {candidate}; the names are "
                              f"{', '.join(search.CANDIDATES)}.")
   trained = [max(budgets)] if budget_free(candidate, budgets) else sorted(budgets)
   runs = {}
   for b in trained:
+    if search_root and set(seeds) <= {p["seed"] for p in search_points(search_root, variant, candidate, [b])}:
+      continue
     args = search.planned_runs([variant], [candidate], seeds, b, extra)[search.workdir_name(variant, candidate, seeds)]
     every = max(b // 10, 1)
     runs[workdir_name(variant, candidate, b, seeds)] = (b, [*args, f"--config.eval_every={every}",
@@ -89,14 +93,21 @@ def points(root: str, variant: str, candidate: str, budgets: Sequence[int],
         if b in at and b <= int(trained):
           out.append({"budget": b, "seed": seed, "error": at[b], "run": run_dir})
   if search_root:
-    for b in budgets:
-      for seed, run_dir in search.pair_runs(search_root, variant, candidate):
-        v = search.run_verdict(run_dir, b)
-        final = metric_writers.final_metrics(run_dir)
-        if v["finished"] and final.get("step", 0) == b and not any(
-            p["budget"] == b and p["seed"] == seed for p in out):
-          out.append({"budget": b, "seed": seed, "error": v["error"], "run": run_dir})
+    out += [p for p in search_points(search_root, variant, candidate, budgets)
+            if not any(q["budget"] == p["budget"] and q["seed"] == p["seed"] for q in out)]
   return sorted(out, key=lambda p: (p["budget"], p["seed"]))
+
+
+def search_points(search_root: str, variant: str, candidate: str, budgets: Sequence[int]) -> list[dict]:
+  """The (budget, seed) errors of `experiments.search` runs of the pair that trained exactly a budget of `budgets`."""
+  out = []
+  for seed, run_dir in search.pair_runs(search_root, variant, candidate):
+    final = metric_writers.final_metrics(run_dir)
+    for b in budgets:
+      v = search.run_verdict(run_dir, b)
+      if v["finished"] and final.get("step", 0) == b:
+        out.append({"budget": b, "seed": seed, "error": v["error"], "run": run_dir})
+  return out
 
 
 def budget_counts(obj) -> dict[str, int]:
@@ -193,7 +204,7 @@ def main(argv):
   if not budgets or min(budgets) < 1 or not seeds or FLAGS.jobs < 1:
     raise errors.ConfigError("--budgets must be positive, --seeds non-empty and --jobs at least 1.")
   cmd = "python -m experiments.budget " + shlex.join(sys.argv[1:])
-  planned = planned_runs(FLAGS.variant, FLAGS.candidate, budgets, seeds, FLAGS.override)
+  planned = planned_runs(FLAGS.variant, FLAGS.candidate, budgets, seeds, FLAGS.override, FLAGS.search_root)
   if not FLAGS.report_only:  # the largest budget first: it takes longest, the smaller ones fill the other slots
     order = sorted(planned, key=lambda n: -planned[n][0])
     sweep.run_all({n: planned[n][1] for n in order}, FLAGS.root, seeds, {n: planned[n][0] for n in order},

@@ -125,3 +125,14 @@ def test_budget_reads_a_constant_rate_run_at_every_budget_and_fits_the_power_law
   assert budget.fit(pts[:2], 0.01) is None  # one budget: no trend
   path = budget.figure(pts, trend, "WS-RAM+q+c", str(tmp_path / "budget.png"), [p["run"] for p in pts])
   assert os.path.getsize(path) > 0
+
+
+def test_budget_does_not_train_again_a_budget_the_search_finished_and_counts_its_runs(tmp_path):
+  search_root, root = str(tmp_path / "search"), str(tmp_path / "budget")
+  for i, e in enumerate([0.033, 0.034]):
+    _run(os.path.join(search_root, search.workdir_name("wsram_q_cv", "warm_decay", [1, 2]), f"run_{i}"), e)
+  planned = budget.planned_runs("wsram_q_cv", "warm_decay", [25000, 50000], [1, 2], (), search_root)
+  assert list(planned) == ["wsram_q_cv.warm_decay.b25000.s1-2"]
+  assert len(budget.planned_runs("wsram_q_cv", "warm_decay", [25000, 50000], [1, 2, 3], (), search_root)) == 2
+  pts = budget.points(root, "wsram_q_cv", "warm_decay", [25000, 50000], search_root)
+  assert [(p["budget"], p["seed"], p["error"]) for p in pts] == [(50000, 1, 0.033), (50000, 2, 0.034)]
