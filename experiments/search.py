@@ -18,12 +18,13 @@ compares each candidate with it per variant (exact one-sided permutation test of
 each variant's best candidate under the equal search (`choose`: the lowest mean error on the search seeds among the
 candidates finished on those seeds for every variant, so that no method is chosen from settings another was not
 tried with), and tests the paper's two central comparisons at equal tuning: WS-RAM+q+c against VAR+c and against
-WS-RAM+c, each at its best candidate, over every seed found. Writes RESULTS.json and RESULTS.md.
+WS-RAM+c, each at its best candidate, over every seed found. Writes RESULTS.json, RESULTS.md and RESULTS.png
+(`figure`: each seed's error and attention by pair).
 
 The report never destroys a result (`wsram_jax.report_files`): with no run finished at the budget it writes
 nothing and exits with 2, in one line; nor does it replace a RESULTS.json with more finished runs
-(`search_counts`) at the default --results or anywhere in this checkout, unless --force. Both files are written
-atomically, together.
+(`search_counts`) at the default --results or anywhere in this checkout, unless --force. The three files are
+written atomically, together.
 """
 from __future__ import annotations
 
@@ -195,6 +196,31 @@ def central(results: Mapping[str, Mapping[str, dict]], chosen: Mapping[str, str 
   return rows
 
 
+def figure(results: Mapping[str, Mapping[str, dict]], chosen: Mapping[str, str | None], path: str) -> str:
+  """Every finished (variant, candidate) pair: each seed's test error and share of later greedy glimpses on the
+  digit (dots), their mean (bar), the thresholds of the test of a good default (dashed); the variant's best
+  candidate under the equal search starred."""
+  pairs = [(v, c) for v, per in results.items() for c, s in per.items() if s["errors"]]
+  fig, axes = report.subplots(1, 2, figsize=(11, 0.42 * len(pairs) + 1.6), sharey=True)
+  for ax, key, scale, limit, title in ((axes[0], "error", 100, MAX_ERROR, "test error, M samples (%)"),
+                                       (axes[1], "on_digit_later", 100, MIN_ON_DIGIT,
+                                        "greedy glimpses 2-N on the digit (%)")):
+    for y, (v, c) in enumerate(pairs):
+      values = [scale * r[key] for r in results[v][c]["runs"].values() if r["finished"]]
+      color = f"C{list(results).index(v)}"
+      ax.scatter(values, [y] * len(values), color=color, s=18, zorder=3)
+      ax.plot([np.mean(values)] * 2, [y - 0.3, y + 0.3], color=color, linewidth=2)
+    ax.axvline(scale * limit, color="0.4", linestyle="--", linewidth=0.8)
+    ax.set_xlabel(title)
+    ax.grid(alpha=0.3, axis="x")
+  axes[0].set_yticks(range(len(pairs)))
+  axes[0].set_yticklabels([f"{report.LABELS.get(v, v)}, {c}" + (" *" if chosen.get(v) == c else "")
+                           for v, c in pairs], fontsize=8)
+  axes[0].invert_yaxis()
+  axes[0].set_title("* best of the equal search; dashed: the test of a good default", fontsize=8)
+  return report.save(fig, path, dpi=110)
+
+
 def _pct(x) -> str:
   return "-" if x is None else f"{100 * x:.2f}%"
 
@@ -300,6 +326,7 @@ def main(argv):
   rows = central(results, chosen)
   text = markdown(results, chosen, rows, FLAGS.steps, search_seeds, cmd, equal)
   with out:
+    figure(results, chosen, out.path(FLAGS.results + ".png"))
     report.write_results(FLAGS.results, {"command": cmd, "steps": FLAGS.steps, "search_seeds": search_seeds,
                                          "equal_search": equal, "chosen": chosen, "central": rows,
                                          "results": results}, text, out)

@@ -104,6 +104,7 @@ def test_the_best_candidate_is_chosen_only_among_settings_every_method_was_tried
   assert equal == ["constant", "decay"] and chosen == {"wsram_q_cv": "decay", "var_cv": "decay"}
   text = search.markdown(results, chosen, search.central(results, chosen), 50000, [1, 2, 3, 4], "cmd", equal)
   assert "| var_cv | coverage_scales |" in text and "equal search" in text
+  assert os.path.getsize(search.figure(results, chosen, str(tmp_path / "search.png"))) > 0
 
 
 def test_budget_reads_a_constant_rate_run_at_every_budget_and_fits_the_power_law(tmp_path):
