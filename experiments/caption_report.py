@@ -168,9 +168,12 @@ def write_report(runs, out_dir: str, *, force: bool = False, default_out: bool =
     out.guard(results_json, counts, lambda p: caption_counts(report_files.read_json(p)),
               default_destination=default_out)
     reference_row = None
+    configs = {}  # workdir -> its recorded config, read once for all its runs
     for label, variant, workdir, _, run in items:
       entry = report[label]
-      config = _recorded_config(workdir)
+      if workdir not in configs:
+        configs[workdir] = _recorded_config(workdir)
+      config = configs[workdir]
       restored = train.restore(config, workdir, run=run)
       if config.data.task == "digits":
         entry["words"] = word_analysis(restored)
