@@ -15,11 +15,12 @@ whatever the variant's default is, so that a run's meaning does not change when 
 at 3e-4 throughout, every variant's default before this search) is the baseline: the report (also with --report_only)
 compares each candidate with it per variant (exact one-sided permutation test of "the candidate errs less", on
 `eval/error_sampled` at the budget), applies the attention test of a good default to each run (`run_verdict`), names
-each variant's best candidate under the equal search (`choose`: the lowest mean error on the search seeds among the
-candidates finished on those seeds for every variant, so that no method is chosen from settings another was not
-tried with), and tests the paper's two central comparisons at equal tuning: WS-RAM+q+c against VAR+c and against
-WS-RAM+c, each at its best candidate, over every seed found. Writes RESULTS.json, RESULTS.md and RESULTS.png
-(`figure`: each seed's error and attention by pair).
+each variant's best candidate (the lowest mean error on the search seeds), and tests the paper's two central
+comparisons at equal tuning (`central`): WS-RAM+q+c against VAR+c and against WS-RAM+c, both methods of each at
+their best among the candidates finished on the search seeds for both (`choose`: the same list and seeds, so that
+neither is chosen from a setting the other was not tried with), over every seed found and over the seeds the choice
+did not see. Writes RESULTS.json, RESULTS.md and RESULTS.png (`figure`: each seed's error and attention by
+pair).
 
 The report never destroys a result (`wsram_jax.report_files`): with no run finished at the budget it writes
 nothing and exits with 2, in one line; nor does it replace a RESULTS.json with more finished runs
@@ -165,33 +166,47 @@ def best(per_candidate: Mapping[str, dict], num_seeds: int, among=None) -> str |
   return min(ready, key=lambda c: ready[c]["mean"]) if ready else None
 
 
-def choose(results: Mapping[str, Mapping[str, dict]], search_seeds: Sequence[int]):
-  """Each variant's best candidate under the equal search: the candidates with every search seed finished for
-  every variant that has any (the same list and seeds for all methods), each judged on the search seeds only.
-  Returns (variant -> its best or None, the candidates of the equal search in `CANDIDATES` order)."""
-  on_search_seeds = {v: {c: dict(s, errors=[r["error"] for seed, r in s["runs"].items()
-                                            if r["finished"] and seed in search_seeds])
-                         for c, s in per.items()} for v, per in results.items()}
-  complete = {v: {c for c, s in per.items() if len(s["errors"]) >= len(search_seeds)}
-              for v, per in on_search_seeds.items()}
-  started = [done for done in complete.values() if done]
-  equal = [c for c in CANDIDATES if started and all(c in done for done in started)]
-  return {v: best(per, len(search_seeds), equal) for v, per in on_search_seeds.items()}, equal
+def _errors_on(s: Mapping[str, Any], seeds, *, inside: bool = True) -> list[float]:
+  """The finished runs' errors of one pair on `seeds` (or, with inside=False, on the seeds not in `seeds`)."""
+  return [r["error"] for seed, r in s["runs"].items() if r["finished"] and (seed in seeds) == inside]
 
 
-def central(results: Mapping[str, Mapping[str, dict]], chosen: Mapping[str, str | None]) -> list[dict]:
-  """The paper's two central comparisons, each variant at its chosen candidate, over every seed finished; with
-  the test repeated on the seeds the choice was not made on (`held_out`, seeds above the search's) when both have
-  at least two."""
+def choose(results: Mapping[str, Mapping[str, dict]], search_seeds: Sequence[int], variants=None):
+  """Each of `variants` (default: all) at its best candidate under their equal search: the candidates with every
+  search seed finished for each of them (the same list and seeds for all), judged on the search seeds only.
+  Returns (variant -> its best or None, the equal search's candidates in `CANDIDATES` order). With one variant it
+  is that variant's own best over every candidate it finished."""
+  variants = [v for v in (results if variants is None else variants) if v in results]
+  on = {v: {c: dict(s, errors=_errors_on(s, search_seeds)) for c, s in results[v].items()} for v in variants}
+  complete = [{c for c, s in per.items() if len(s["errors"]) >= len(search_seeds)} for per in on.values()]
+  equal = [c for c in CANDIDATES if complete and all(c in done for done in complete)]
+  return {v: best(per, len(search_seeds), equal) for v, per in on.items()}, equal
+
+
+def _test(a: Sequence[float], b: Sequence[float]) -> dict | None:
+  """Means, counts, whether a's mean is the lower and the one-sided exact permutation p of "a errs less"."""
+  if len(a) < 2 or len(b) < 2:
+    return None
+  return {"means": [float(np.mean(a)), float(np.mean(b))], "runs": [len(a), len(b)],
+          "holds": bool(np.mean(a) < np.mean(b)), "p_value": report.permutation_p_value(a, b)}
+
+
+def central(results: Mapping[str, Mapping[str, dict]], search_seeds: Sequence[int]) -> list[dict]:
+  """The paper's two central comparisons at equal tuning: for each, both variants at their best under the equal
+  search of the two (`choose`), compared over every seed finished (``means``, ``runs``, ``holds``, ``p_value``),
+  and again on the seeds the choice did not see (``held_out``: seeds outside `search_seeds`) when both have at
+  least two."""
   rows = []
   for lower, higher, claim in CENTRAL:
-    row = {"claim": claim, "lower": lower, "higher": higher,
+    chosen, equal = choose(results, search_seeds, [lower, higher])
+    row = {"claim": claim, "lower": lower, "higher": higher, "equal_search": equal,
            "settings": [chosen.get(lower), chosen.get(higher)]}
-    if None not in row["settings"] and lower in results and higher in results:
+    if None not in row["settings"]:
       a, b = results[lower][chosen[lower]], results[higher][chosen[higher]]
-      if len(a["errors"]) >= 2 and len(b["errors"]) >= 2:
-        row.update(means=[a["mean"], b["mean"]], runs=[len(a["errors"]), len(b["errors"])],
-                   holds=bool(a["mean"] < b["mean"]), p_value=report.permutation_p_value(a["errors"], b["errors"]))
+      row.update(_test(a["errors"], b["errors"]) or {})
+      held_out = _test(_errors_on(a, search_seeds, inside=False), _errors_on(b, search_seeds, inside=False))
+      if held_out:
+        row["held_out"] = held_out
     rows.append(row)
   return rows
 
@@ -199,7 +214,7 @@ def central(results: Mapping[str, Mapping[str, dict]], chosen: Mapping[str, str 
 def figure(results: Mapping[str, Mapping[str, dict]], chosen: Mapping[str, str | None], path: str) -> str:
   """Every finished (variant, candidate) pair: each seed's test error and share of later greedy glimpses on the
   digit (dots), their mean (bar), the thresholds of the test of a good default (dashed); the variant's best
-  candidate under the equal search starred."""
+  candidate (its own best on the search seeds) starred."""
   pairs = [(v, c) for v, per in results.items() for c, s in per.items() if s["errors"]]
   fig, axes = report.subplots(1, 2, figsize=(11, 0.42 * len(pairs) + 1.6), sharey=True)
   for ax, key, scale, limit, title in ((axes[0], "error", 100, MAX_ERROR, "test error, M samples (%)"),
@@ -217,7 +232,7 @@ def figure(results: Mapping[str, Mapping[str, dict]], chosen: Mapping[str, str |
   axes[0].set_yticklabels([f"{report.LABELS.get(v, v)}, {c}" + (" *" if chosen.get(v) == c else "")
                            for v, c in pairs], fontsize=8)
   axes[0].invert_yaxis()
-  axes[0].set_title("* best of the equal search; dashed: the test of a good default", fontsize=8)
+  axes[0].set_title("* the variant's best; dashed: the test of a good default", fontsize=8)
   return report.save(fig, path, dpi=110)
 
 
@@ -225,7 +240,7 @@ def _pct(x) -> str:
   return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def markdown(results, chosen, rows, steps: int, search_seeds, cmd: str, equal=None) -> str:
+def markdown(results, chosen, rows, steps: int, search_seeds, cmd: str) -> str:
   lines = [f"Command: `{cmd}`", "",
            f"Each cell: `eval/error_sampled` on the 10,000 fixed test canvases after {steps:,} updates, mean ± sd "
            "over the seeds finished (n), the greedy error, the mean share of greedy glimpses 2-N on the digit, "
@@ -245,14 +260,8 @@ def markdown(results, chosen, rows, steps: int, search_seeds, cmd: str, equal=No
       mark = "**" if chosen.get(v) == c else ""
       lines.append(f"| {v} | {mark}{c}{mark} | {cell} | {_pct(s['greedy_mean'])} | {_pct(s['on_digit_mean'])} | "
                    f"{passed} of {len(s['errors'])} | {'-' if p is None else f'{p:.3f}'} |")
-  seeds_text = f"all {len(search_seeds)} search seeds {','.join(map(str, search_seeds))} finished"
-  if equal is None:
-    bold = f"the lowest mean error among candidates with {seeds_text}"
-  else:
-    bold = (f"the lowest mean error on the search seeds among the candidates of the equal search, those with "
-            f"{seeds_text} for every variant: {', '.join(equal) or 'none yet'}; a candidate outside it was not "
-            f"tried on every method and is not chosen")
-  lines += ["", f"Bold: the variant's best candidate ({bold}).", "",
+  lines += ["", f"Bold: the variant's own best candidate (the lowest mean error on the search seeds "
+                f"{','.join(map(str, search_seeds))} among its candidates with all of them finished).", "",
             "Per seed (sampled error / greedy glimpses 2-N on the digit / share of each scale / lowest bound):", ""]
   for v, per in results.items():
     for c, s in per.items():
@@ -267,17 +276,26 @@ def markdown(results, chosen, rows, steps: int, search_seeds, cmd: str, equal=No
           parts.append(f"seed {seed}: at update {r['step']:,}")
       if parts:
         lines.append(f"- {v}, {c}: " + "; ".join(parts))
-  lines += ["", "The paper's central comparisons, each variant at its best candidate:", "",
-            "| the paper's claim | ordering | settings | ours (mean over seeds) | in the paper's order | "
-            "one-sided permutation p |", "|---|---|---|---|---|---|"]
+  lines += ["", "The paper's central comparisons at equal tuning: both variants at their best among the candidates "
+                "finished on the search seeds for both (the equal search), over every seed finished, and on the "
+                "seeds the choice did not see (held out):", "",
+            "| the paper's claim | ordering | equal search | settings | ours (mean over seeds) | in the paper's order "
+            "| one-sided permutation p | held out: means, p |", "|---|---|---|---|---|---|---|---|"]
+
+  def cell(t):
+    return (f"{100 * t['means'][0]:.2f} vs {100 * t['means'][1]:.2f}% (n={t['runs'][0]}, {t['runs'][1]})", t)
+
   for r in rows:
     order = f"{report.LABELS[r['lower']]} < {report.LABELS[r['higher']]}"
     settings = " vs ".join(str(s) for s in r["settings"])
+    equal = ", ".join(r["equal_search"]) or "none yet"
     if "p_value" in r:
-      lines.append(f"| {r['claim']} | {order} | {settings} | {100 * r['means'][0]:.2f} vs {100 * r['means'][1]:.2f}% "
-                   f"(n={r['runs'][0]}, {r['runs'][1]}) | {'yes' if r['holds'] else 'no'} | {r['p_value']:.4f} |")
+      held = r.get("held_out")
+      held_text = f"{cell(held)[0]}, p = {held['p_value']:.4f}" if held else "-"
+      lines.append(f"| {r['claim']} | {order} | {equal} | {settings} | {cell(r)[0]} | "
+                   f"{'yes' if r['holds'] else 'no'} | {r['p_value']:.4f} | {held_text} |")
     else:
-      lines.append(f"| {r['claim']} | {order} | {settings} | not enough finished runs | | |")
+      lines.append(f"| {r['claim']} | {order} | {equal} | {settings} | not enough finished runs | | | |")
   return "\n".join(lines)
 
 
@@ -322,13 +340,13 @@ def main(argv):
   out.refuse_empty(counts["finished runs"], f"No run under {FLAGS.root} has finished {FLAGS.steps} updates")
   out.guard(FLAGS.results + ".json", counts, lambda p: search_counts(report_files.read_json(p)),
             default_destination=report_files.is_default(FLAGS.results, FLAGS["results"].default))
-  chosen, equal = choose(results, search_seeds)
-  rows = central(results, chosen)
-  text = markdown(results, chosen, rows, FLAGS.steps, search_seeds, cmd, equal)
+  chosen = {v: choose(results, search_seeds, [v])[0][v] for v in results}
+  rows = central(results, search_seeds)
+  text = markdown(results, chosen, rows, FLAGS.steps, search_seeds, cmd)
   with out:
     figure(results, chosen, out.path(FLAGS.results + ".png"))
     report.write_results(FLAGS.results, {"command": cmd, "steps": FLAGS.steps, "search_seeds": search_seeds,
-                                         "equal_search": equal, "chosen": chosen, "central": rows,
+                                         "chosen": chosen, "central": rows,
                                          "results": results}, text, out)
   print(text)
 

@@ -83,11 +83,18 @@ def test_seeds_of_a_pair_pool_across_workdirs_and_the_comparisons_use_each_varia
   assert np.isclose(results["wsram_q_cv"]["decay"]["p_below_baseline"], 1 / 210)  # C(10, 4)
   chosen, equal = search.choose(results, [1, 2, 3, 4])
   assert chosen == {"wsram_q_cv": "decay", "var_cv": "constant"} and equal == ["constant", "decay"]
-  rows = search.central(results, chosen)
+  rows = search.central(results, [1, 2, 3, 4])
   assert rows[0]["settings"] == ["decay", "constant"] and rows[0]["holds"] and rows[0]["runs"] == [6, 4]
+  assert "held_out" not in rows[0]  # VAR+c has no seed outside the search's
   assert "means" not in rows[1]  # WS-RAM+c has no runs here
-  text = search.markdown(results, chosen, rows, 50000, [1, 2, 3, 4], "cmd", equal)
+  text = search.markdown(results, chosen, rows, 50000, [1, 2, 3, 4], "cmd")
   assert "| wsram_q_cv | **decay** |" in text and "not enough finished runs" in text
+  for i, e in enumerate([0.05, 0.052]):  # two held-out seeds of VAR+c's best
+    _run(os.path.join(root, search.workdir_name("var_cv", "constant", [5, 6]), f"run_{i}"), e)
+  rows = search.central(search.evaluate(root, ["wsram_q_cv", "var_cv"], ["constant", "decay"], 50000), [1, 2, 3, 4])
+  held = rows[0]["held_out"]
+  assert held["runs"] == [2, 2] and held["holds"] and np.isclose(held["p_value"], 1 / 6)  # C(4, 2)
+  assert rows[0]["runs"] == [6, 6]
 
 
 def test_the_best_candidate_is_chosen_only_among_settings_every_method_was_tried_with(tmp_path):
@@ -102,8 +109,12 @@ def test_the_best_candidate_is_chosen_only_among_settings_every_method_was_tried
   results = search.evaluate(root, ["wsram_q_cv", "var_cv"], list(search.CANDIDATES), 50000)
   chosen, equal = search.choose(results, [1, 2, 3, 4])
   assert equal == ["constant", "decay"] and chosen == {"wsram_q_cv": "decay", "var_cv": "decay"}
-  text = search.markdown(results, chosen, search.central(results, chosen), 50000, [1, 2, 3, 4], "cmd", equal)
-  assert "| var_cv | coverage_scales |" in text and "equal search" in text
+  assert search.choose(results, [1, 2, 3, 4], ["var_cv"])[0] == {"var_cv": "coverage_scales"}  # its own best
+  rows = search.central(results, [1, 2, 3, 4])
+  assert rows[0]["equal_search"] == ["constant", "decay"] and rows[0]["settings"] == ["decay", "decay"]
+  text = search.markdown(results, {"wsram_q_cv": "decay", "var_cv": "coverage_scales"}, rows, 50000, [1, 2, 3, 4],
+                         "cmd")
+  assert "| var_cv | **coverage_scales** |" in text and "| constant, decay | decay vs decay |" in text
   assert os.path.getsize(search.figure(results, chosen, str(tmp_path / "search.png"))) > 0
 
 
